@@ -1,0 +1,1 @@
+"""HDF5 data: schema and validation, shard plan, reader; tools in ``python -m mpicnn.data``."""

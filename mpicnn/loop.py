@@ -1,0 +1,97 @@
+"""One epoch of training and one evaluation pass; no mode-specific branches."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import Meter, PhaseTimer, reduce_sums
+
+WARMUP_STEPS_UNTIMED = 5
+
+
+@dataclass
+class RunState:
+    """Where the run is: the next epoch to run, and steps already done in it."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class Throughput:
+    """Training images per second over the timed steps (data loading included)."""
+
+    seconds: float = 0.0
+    images: int = 0
+    steps: int = 0
+
+    def add(self, seconds: float, images: int, global_step: int) -> None:
+        if global_step >= WARMUP_STEPS_UNTIMED:
+            self.seconds += seconds
+            self.images += images
+            self.steps += 1
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class EpochResult:
+    train_loss: float
+    steps: int
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+
+
+def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global_batch: int,
+                throughput: Throughput, on_step=None) -> EpochResult:
+    """Run the remaining steps of ``state.epoch``; returns the mean loss over all ranks."""
+    model.train()
+    timer, loss_meter = PhaseTimer(), Meter()
+    batches = loader.epoch(state.epoch, start_step=state.step_in_epoch)
+    last = time.perf_counter()
+    while state.global_step < run_steps:
+        with timer.phase("data"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        images, labels = batch
+        with timer.phase("forward"):
+            loss = F.cross_entropy(model(images), labels)
+        with timer.phase("backward"):
+            strategy.zero_grad()
+            loss.backward()
+        with timer.phase("comm"):
+            strategy.after_backward()
+        with timer.phase("optimizer"):
+            strategy.step()
+        loss_value = loss.item()
+        loss_meter.add(loss_value * len(labels), len(labels))
+        state.step_in_epoch += 1
+        state.global_step += 1
+        timer.steps += 1
+        now = time.perf_counter()
+        throughput.add(now - last, global_batch, state.global_step - 1)
+        last = now
+        if on_step is not None:
+            on_step(state, loss_value, timer)
+    total, count = reduce_sums(strategy.world.comm, [loss_meter.sum, loss_meter.count])
+    return EpochResult(train_loss=total / max(count, 1), steps=timer.steps, timer=timer)
+
+
+@torch.no_grad()
+def evaluate(model, loader, comm) -> tuple[float, float]:
+    """(loss, accuracy) on the whole split, equal to a single-process evaluation."""
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for images, labels in loader.eval_batches():
+        logits = model(images)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    loss_sum, correct, count = reduce_sums(comm, [loss_sum, correct, count])
+    return loss_sum / count, correct / count

@@ -1,0 +1,149 @@
+"""The CNN zoo: every model is built from the data's (C, H, W) and class count."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+from .errors import MpicnnError
+
+
+def _flat_features(body: nn.Module, input_shape) -> int:
+    with torch.no_grad():
+        return body(torch.zeros(1, *input_shape)).flatten(1).shape[1]
+
+
+class ConvClassifier(nn.Module):
+    """A convolutional body followed by a fully connected head."""
+
+    def __init__(self, body: nn.Module, head_sizes, input_shape, num_classes: int):
+        super().__init__()
+        self.body = body
+        sizes = [_flat_features(body, input_shape), *head_sizes]
+        layers = []
+        for a, b in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(sizes[-1], num_classes))
+        self.head = nn.Sequential(nn.Flatten(), *layers)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def digitnet(input_shape, num_classes):
+    """Small default net for 8x8 digits: conv32-conv64-pool-fc128."""
+    c = input_shape[0]
+    body = nn.Sequential(nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+    return ConvClassifier(body, [128], input_shape, num_classes)
+
+
+def seednet(input_shape, num_classes):
+    """The seed article's Net: conv64-pool-conv64-pool-fc512-fc10 (2.14 M params on 3x32x32)."""
+    c = input_shape[0]
+    body = nn.Sequential(nn.Conv2d(c, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+    return ConvClassifier(body, [512], input_shape, num_classes)
+
+
+def kerasnet(input_shape, num_classes):
+    """The Keras example: Conv 32 3x3 ReLU -> MaxPool 2 -> Flatten -> Dense."""
+    body = nn.Sequential(nn.Conv2d(input_shape[0], 32, 3), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+    return ConvClassifier(body, [], input_shape, num_classes)
+
+
+def lenet(input_shape, num_classes):
+    """LeNet-5 (padded so that 8x8 inputs fit too): conv6-pool-conv16-pool-fc120-fc84."""
+    body = nn.Sequential(nn.Conv2d(input_shape[0], 6, 5, padding=2), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2),
+                         nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2))
+    return ConvClassifier(body, [120, 84], input_shape, num_classes)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: 3x3 stem, no max-pool, four stages of two basic blocks."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], 64, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        stages, cin = [], 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            stages += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+MODELS = {"digitnet": digitnet, "seednet": seednet, "kerasnet": kerasnet, "lenet": lenet,
+          "resnet18": ResNet18}
+
+
+def _import_model(spec: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise MpicnnError(f"cannot import model {spec!r}: {exc}", collective=True) from None
+
+
+def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
+    """Build a zoo model, or ``package.module:Class`` called with (input_shape, num_classes)."""
+    if ":" in name:
+        factory = _import_model(name)
+    elif name in MODELS:
+        factory = MODELS[name]
+    else:
+        raise MpicnnError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or give "
+                          f"package.module:Class", collective=True)
+    try:
+        model = factory(tuple(input_shape), num_classes)
+    except (RuntimeError, ValueError) as exc:
+        raise MpicnnError(f"model {name!r} cannot be built for inputs {tuple(input_shape)}: "
+                          f"{exc}", collective=True) from None
+    check_model_accepts(model, name, input_shape, num_classes)
+    return model
+
+
+def check_model_accepts(model: nn.Module, name: str, input_shape, num_classes: int) -> None:
+    """Run two dummy samples through the model; fail clearly when shapes do not fit."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except RuntimeError as exc:
+        raise MpicnnError(f"model {name!r} does not accept inputs of shape "
+                          f"{tuple(input_shape)}: {str(exc).splitlines()[0]}",
+                          collective=True) from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (2, num_classes):
+        raise MpicnnError(f"model {name!r} outputs shape {tuple(out.shape[1:])} per sample; "
+                          f"the data has {num_classes} classes", collective=True)

@@ -1,0 +1,70 @@
+"""Save and restore the full training state so a resumed run continues exactly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .errors import MpicnnError
+from .loop import RunState
+
+
+def training_state(cfg, model, optimizer, scheduler, state: RunState) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
+            "rng": torch.get_rng_state(), "model_name": cfg.model, "mode": cfg.mode,
+            "config": cfg.to_dict()}
+
+
+def save(cfg, model, optimizer, scheduler, state: RunState, name: str) -> Path:
+    """Write the training state atomically into ``cfg.checkpoint_dir`` (rank 0 only)."""
+    path = Path(cfg.checkpoint_dir) / name
+    checkpoint.atomic_save(training_state(cfg, model, optimizer, scheduler, state), path)
+    return path
+
+
+def save_config(cfg) -> None:
+    """Keep the effective config next to the checkpoints (readable with ``--config``)."""
+    (Path(cfg.checkpoint_dir) / "config.toml").write_text(cfg.dump())
+
+
+def check_compatible(saved: dict, cfg, path) -> None:
+    for key, ours in (("model_name", cfg.model), ("mode", cfg.mode)):
+        if saved.get(key) != ours:
+            raise MpicnnError(f"cannot resume from {str(path)!r}: it was written with "
+                              f"{key.replace('_name', '')} {saved.get(key)!r}, this run uses "
+                              f"{ours!r}")
+
+
+def restore(world, cfg, model, optimizer, scheduler) -> RunState:
+    """Load ``--resume`` on rank 0, check it, and broadcast it to every rank."""
+    def load_on_root():
+        if not world.is_root:
+            return None
+        path = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+        if path is None:
+            return None
+        saved = checkpoint.load(path)
+        check_compatible(saved, cfg, path)
+        return str(path)
+
+    path = world.agree(load_on_root)
+    path = world.comm.bcast(path, root=0)
+    if path is None:
+        if cfg.resume:
+            world.log.info("resume: no checkpoint found, starting fresh")
+        return RunState()
+    saved = world.comm.bcast(checkpoint.load(path) if world.is_root else None, root=0)
+    try:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise MpicnnError(f"checkpoint {path!r} does not fit this model/optimizer: "
+                          f"{str(exc).splitlines()[0]}", collective=True) from None
+    torch.set_rng_state(saved["rng"])
+    world.log.info(f"resumed from {path} at epoch {saved['epoch']}, "
+                   f"step {saved['global_step']}")
+    return RunState(saved["epoch"], saved["step_in_epoch"], saved["global_step"])

@@ -1,0 +1,39 @@
+"""The small interface every gradient synchronisation strategy offers the training loop."""
+from __future__ import annotations
+
+
+class Strategy:
+    """attach -> (forward, backward, after_backward, step)* -> finish."""
+
+    name = "base"
+
+    def __init__(self, world, cfg):
+        self.world, self.cfg = world, cfg
+        self.model = self.optimizer = self.scheduler = None
+
+    @property
+    def trains(self) -> bool:
+        """Whether this rank runs the training loop (parameter servers do not)."""
+        return True
+
+    def attach(self, model, optimizer, scheduler) -> None:
+        """Take the model and its optimizer; make all ranks start from the same state."""
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def zero_grad(self) -> None:
+        """Clear gradients before backward."""
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def after_backward(self) -> None:
+        """Make every rank's ``.grad`` the average over ranks (may wait for communication)."""
+
+    def step(self) -> None:
+        """Apply the averaged gradients and advance the schedule."""
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def sync_buffers(self) -> None:
+        """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
+
+    def finish(self) -> None:
+        """Release communication resources; called once, also after errors."""

@@ -1,0 +1,107 @@
+"""``mpirun -n N python -m mpicnn.train``: config -> world -> data -> model -> sync -> loop."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from . import checkpoint
+from .config import parse_config
+from .data import shard
+from .data.loader import Loader
+from .data.schema import open_dataset
+from .loop import RunState, Throughput, evaluate, train_epoch
+from .metrics import MetricsWriter, Progress
+from .models import build_model
+from .optim import build_optimizer, build_scheduler, total_steps
+from .resume import restore, save, save_config
+from .sync import make_strategy
+from .world import bind_device, describe, run_guarded
+
+
+def main(argv=None) -> int:
+    return run_guarded(train, sys.argv[1:] if argv is None else argv)
+
+
+def train(world, argv) -> int:
+    started = time.perf_counter()
+    cfg = parse_config(argv)
+    log = world.log
+    device = bind_device(world, cfg.device, cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    log.info(describe(world))
+    log.info(f"config: {cfg.summary()}")
+
+    data = world.agree(lambda: open_dataset(cfg.data, cfg.images_key, cfg.labels_key,
+                                            cfg.layout, cfg.val_fraction))
+    steps_per_epoch = world.agree(lambda: shard.check_fits(
+        len(data.train), cfg.batch_size, world.size, cfg.shuffle))
+    if cfg.checkpoint_dir:
+        world.agree(lambda: world.is_root and checkpoint.ensure_writable(cfg.checkpoint_dir)
+                    and save_config(cfg))
+    global_batch = cfg.batch_size * world.size
+    run_steps = total_steps(cfg, steps_per_epoch)
+
+    torch.manual_seed(cfg.seed)
+    model = world.agree(lambda: build_model(cfg.model, data.input_shape,
+                                            data.num_classes)).to(device)
+    optimizer = build_optimizer(cfg, model.parameters(), global_batch)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
+    strategy = make_strategy(cfg, world)
+    state = restore(world, cfg, model, optimizer, scheduler)
+    strategy.attach(model, optimizer, scheduler)
+
+    train_loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
+                          cfg.seed, cfg.shuffle)
+    val_loader = Loader(data, data.val, device, cfg.batch_size, world.size, world.rank)
+    metrics = MetricsWriter(cfg.metrics if world.is_root else "")
+    metrics.write("config", **cfg.to_dict(), world_size=world.size)
+    log.info(f"{data.path}: {len(data.train)} train / {len(data.val)} val samples of "
+             f"{data.input_shape}, {data.num_classes} classes; {cfg.model}, "
+             f"{steps_per_epoch} steps/epoch at global batch {global_batch}")
+    bar = Progress(world.is_root, cfg.progress)
+    throughput = Throughput()
+    val_loss = val_acc = train_loss = float("nan")
+    try:
+        while state.epoch < cfg.epochs and state.global_step < run_steps:
+            bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")
+            result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
+                                 throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"))
+            bar.close()
+            strategy.sync_buffers()
+            val_loss, val_acc = evaluate(model, val_loader, world.comm)
+            train_loss = result.train_loss
+            finished_epoch = state.step_in_epoch >= steps_per_epoch
+            if finished_epoch:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            metrics.write("epoch", epoch=state.epoch, step=state.global_step,
+                          train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
+                          lr=scheduler.get_last_lr()[0], images_per_s=throughput.images_per_s,
+                          **result.timer.snapshot_ms())
+            log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
+                     f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
+            if cfg.checkpoint_dir and world.is_root and finished_epoch and \
+                    state.epoch % cfg.checkpoint_every == 0 and state.epoch < cfg.epochs:
+                save(cfg, model, optimizer, scheduler, state,
+                     checkpoint.checkpoint_name(state.global_step))
+        if cfg.checkpoint_dir and world.is_root:
+            save(cfg, model, optimizer, scheduler, state, checkpoint.FINAL)
+    finally:
+        bar.close()
+        strategy.finish()
+    wall = time.perf_counter() - started
+    metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
+                  images_per_s=throughput.images_per_s, steps=state.global_step,
+                  epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall)
+    metrics.close()
+    log.info(f"done: {world.size} rank(s), {cfg.mode}, {state.epoch} epoch(s), "
+             f"{state.global_step} steps, val acc {val_acc:.4f}, val loss {val_loss:.4f}, "
+             f"{throughput.images_per_s:.0f} images/s, {wall:.1f} s")
+    data.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
