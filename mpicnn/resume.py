@@ -26,7 +26,8 @@ def save(cfg, model, optimizer, scheduler, state: RunState, name: str) -> Path:
 
 
 def save_config(cfg) -> None:
-    """Keep the effective config next to the checkpoints (readable with ``--config``)."""
+    """Check the checkpoint directory is writable and keep the effective config there."""
+    checkpoint.ensure_writable(cfg.checkpoint_dir)
     (Path(cfg.checkpoint_dir) / "config.toml").write_text(cfg.dump())
 
 
