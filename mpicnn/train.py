@@ -9,7 +9,7 @@ import torch
 from . import checkpoint
 from .config import parse_config
 from .data import shard
-from .data.loader import Loader
+from .data.loader import make_loaders
 from .data.schema import open_dataset
 from .loop import RunState, Throughput, evaluate, train_epoch
 from .metrics import MetricsWriter, Progress
@@ -52,9 +52,7 @@ def train(world, argv) -> int:
     state = restore(world, cfg, model, optimizer, scheduler)
     strategy.attach(model, optimizer, scheduler)
 
-    train_loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
-                          cfg.seed, cfg.shuffle)
-    val_loader = Loader(data, data.val, device, cfg.batch_size, world.size, world.rank)
+    train_loader, val_loader = make_loaders(cfg, data, world)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
     metrics.write("config", **cfg.to_dict(), world_size=world.size)
     log.info(f"{data.path}: {len(data.train)} train / {len(data.val)} val samples of "
@@ -90,6 +88,8 @@ def train(world, argv) -> int:
     finally:
         bar.close()
         strategy.finish()
+        train_loader.close()
+        val_loader.close()
     wall = time.perf_counter() - started
     metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
                   images_per_s=throughput.images_per_s, steps=state.global_step,
