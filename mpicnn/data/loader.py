@@ -32,7 +32,9 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float()
-        return (x - self.mean) / self.std
+        if x is images:              # already float on the device: keep the caller's tensor
+            x = x.clone()
+        return x.sub_(self.mean).div_(self.std)
 
 
 class Loader:
