@@ -206,7 +206,7 @@ def make_loaders(cfg, data: Dataset, world) -> tuple[Loader, Loader]:
     world.log.info(
         f"data: blocks of {train.block} rows shuffled, then rows within {train.window}; "
         f"prefetch {cfg.prefetch} ({cfg.prefetch_mode}); cache "
-        f"{f'{cached:.0f} MiB per rank' if cfg.cache else 'off'}; "
+        f"{f'{cached:.1f} MiB per rank' if cfg.cache else 'off'}; "
         f"reader memory <= {train.footprint('epoch') / mib:.1f} MiB per rank"
         + ("" if data.stats_in_file else "; no mean/std in the file, using dtype defaults "
            "(python -m mpicnn.data inspect FILE --write-stats)"))
