@@ -73,10 +73,8 @@ def test_convert_npz_with_train_and_test_arrays_in_nhwc(tmp_path):
     assert data.layout == "nchw" and data.input_shape == (3, 9, 7)
     assert len(data.train) == 240 and len(data.val) == 60
     nchw = x.transpose(0, 3, 1, 2)
-    assert rows_as_set(data.train.images[:], data.train.labels) == rows_as_set(nchw[:240],
-                                                                                 y[:240])
-    assert rows_as_set(data.val.images[:], data.val.labels) == rows_as_set(nchw[240:],
-                                                                             y[240:])
+    for split, rows in ((data.train, slice(0, 240)), (data.val, slice(240, 300))):
+        assert rows_as_set(split.images[:], split.labels) == rows_as_set(nchw[rows], y[rows])
     assert not np.array_equal(data.train.labels, y[:240])         # written shuffled
     data.close()
 

@@ -172,6 +172,6 @@ def inspect(path: str, images_key="images", labels_key="labels", layout="auto",
         out(line)
     for warning in warnings:
         out(f"warning: {warning}")
-    out(f"ok: {path} passes the training checks" + (f" ({len(warnings)} warning(s))"
-                                                     if warnings else ""))
+    counted = f" ({len(warnings)} warning(s))" if warnings else ""
+    out(f"ok: {path} passes the training checks{counted}")
     return 0
