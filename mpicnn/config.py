@@ -41,8 +41,8 @@ class Config:
     # --- data pipeline: read order, prefetch, cache, augmentation (issue 7) -------
     shuffle_block: int = opt(0, "global order: blocks of this many consecutive rows are "
                              "shuffled (0: the file's chunk rows; 1: single samples)", "data")
-    shuffle_window: int = opt(0, "then rows are shuffled within windows of this many rows "
-                              "(0: 32 global batches)", "data")
+    shuffle_window: int = opt(0, "then each window of this many rows is dealt into its "
+                              "batches (0: 64 global batches, at most 64 MiB)", "data")
     prefetch: int = opt(2, "batches a background reader keeps ready (0: read in the loop)",
                         "data")
     prefetch_mode: str = opt("thread", "where the reader runs", "data", ["thread", "process"])

@@ -42,7 +42,8 @@ def test_order_depends_on_seed_and_epoch_only():
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_global_batches_do_not_depend_on_world_size(world):
     n, global_batch = 3000, 64
-    order = shard.chunk_order(n, 5, 3, 100, shard.auto_window(global_batch, 100))
+    order = shard.chunk_order(n, 5, 3, 100, shard.auto_window(global_batch, 100),
+                              batch=global_batch)
     reference = shard.rank_batches(n, global_batch, 1, 0, 5, 3, order=order)
     parts = [shard.rank_batches(n, global_batch // world, world, r, 5, 3, order=order)
              for r in range(world)]
@@ -53,20 +54,36 @@ def test_global_batches_do_not_depend_on_world_size(world):
         assert (a[:, -1] < b[:, 0]).all()
 
 
-def test_each_rank_reads_few_chunks_per_step():
-    n, chunk, world, batch = 60_000, 341, 4, 32
-    window = shard.auto_window(world * batch, chunk)
-    order = shard.chunk_order(n, 0, 0, chunk, window)
+@pytest.mark.parametrize("world,batch", [(2, 64), (4, 32), (8, 8)])
+def test_each_rank_reads_its_own_few_chunks_per_window(world, batch):
+    n, chunk = 80_000, 341
+    global_batch = world * batch
+    window = shard.auto_window(global_batch, chunk, 3072)
+    order = shard.chunk_order(n, 0, 0, chunk, window, batch=global_batch)
+    steps_per_window = window // global_batch
+    region = -(-window // (world * chunk))
+    loads = 0
     for rank in range(world):
         rows = shard.rank_batches(n, batch, world, rank, 0, 0, order=order)
-        per_step = [len(np.unique(r // chunk)) for r in rows]
-        # a rank sees ~1/world of a window per step (two windows where a global batch
-        # straddles them): far fewer chunks than samples
-        per_window = -(-window // (world * chunk)) + 2
-        assert np.mean(per_step) <= per_window
-        assert max(per_step) <= 2 * per_window
-    plain = shard.rank_batches(n, batch, world, 0, 0, 0)          # sample-level order
-    assert np.mean([len(np.unique(r // chunk)) for r in plain]) > 3 * per_window
+        for w in range(0, len(rows), steps_per_window):
+            touched = np.unique(rows[w: w + steps_per_window] // chunk)
+            assert len(touched) <= region + 2      # its stretch of the window, two edges
+            loads += len(touched)
+    read = loads * chunk / (len(rows) * global_batch)
+    assert read < 1 + 2 / region                   # little is read twice
+    # the sample-level order touches a fresh spread of chunks at every step instead
+    plain = [shard.rank_batches(n, batch, world, r, 0, 0) for r in range(world)]
+    assert sum(len(np.unique(s // chunk)) for rows in plain for s in rows) > 5 * loads
+
+
+def test_batches_are_spread_over_their_window():
+    """Stratified dealing: every batch holds one row of each stretch of its window."""
+    order = shard.chunk_order(4096, 1, 0, 64, 1024, batch=32)
+    for w in range(0, 4096, 1024):
+        window = np.sort(order[w: w + 1024])
+        for s in range(w, w + 1024, 32):
+            batch = np.sort(order[s: s + 32])
+            assert np.array_equal(np.searchsorted(window, batch) // 32, np.arange(32))
 
 
 def test_local_shuffle_takes_the_given_shard_order():

@@ -12,24 +12,20 @@ USABLE_SHARE = 0.8        # leave room for the OS, page cache and the models
 class RangeCache:
     """Split rows ``[lo, hi)`` in one array, filled unit by unit as they are first read."""
 
-    def __init__(self, lo: int, hi: int, sample_shape: tuple, dtype):
+    def __init__(self, lo: int, hi: int, units: int, sample_shape: tuple, dtype):
+        from .reader import MISSING
+
         self.lo, self.hi = lo, hi
         # np.empty maps pages lazily: memory is used only as units arrive
         self.rows = np.empty((hi - lo,) + tuple(sample_shape), dtype)
-        self.units: dict = {}
+        self.offsets = np.full(units, MISSING, np.int64)    # as in reader.SlabStore
+        self.filled = 0
 
-    def get(self, unit: int):
-        return self.units.get(unit)
-
-    def put(self, unit: int, lo: int, rows: np.ndarray) -> np.ndarray:
-        view = self.rows[lo - self.lo: lo - self.lo + len(rows)]
-        view[...] = rows
-        self.units[unit] = view
-        return view
-
-    @property
-    def filled(self) -> int:
-        return sum(len(v) for v in self.units.values())
+    def reserve(self, unit: int, lo: int, n: int, keep=()) -> int:
+        """Position in ``rows`` where the ``n`` rows of ``unit`` from ``lo`` belong."""
+        self.offsets[unit] = -self.lo
+        self.filled += n
+        return lo - self.lo
 
 
 def available_bytes(path: str = MEMINFO) -> int:

@@ -40,8 +40,9 @@ class Normalizer:
 class Loader:
     """This rank's view of one split: per-step reads planned by :mod:`shard`.
 
-    ``block``/``window``: the chunk-aware shuffle (0: the file's chunk rows / 32
-    batches; ``block=1`` and ``window >= len(split)`` give a plain permutation).
+    ``block``/``window``: the chunk-aware shuffle (0: the file's chunk rows / see
+    :func:`shard.auto_window`; ``block=1`` and ``window >= len(split)`` give a plain
+    permutation).
     ``prefetch``: batches read ahead (0: read in the loop); ``prefetch_mode`` thread or
     process. ``cache``: keep every row read in RAM. ``augment``: names from
     :mod:`augment`.
@@ -60,8 +61,8 @@ class Loader:
         self.prefetch, self.prefetch_mode, self.cache = prefetch, prefetch_mode, cache
         self.unit = unit_rows(split.images)
         self.block = block or self.unit
-        planned = batch * world if shuffle == "global" else batch
-        self.window = window or shard.auto_window(planned, self.block)
+        self.planned = batch * world if shuffle == "global" else batch   # rows per step
+        self.window = window or shard.auto_window(self.planned, self.block, self.sample_bytes)
         self.sources: dict = {}
 
     @property
@@ -76,10 +77,10 @@ class Loader:
             size = n // self.world
             first = start + self.rank * size
             order = shard.chunk_order(size, self.seed, epoch, self.block, self.window,
-                                      offset=-first, rank=self.rank)
+                                      offset=-first, rank=self.rank, batch=self.batch)
         else:
             order = shard.chunk_order(n, self.seed, epoch, self.block, self.window,
-                                      offset=-start)
+                                      offset=-start, batch=self.planned)
         return shard.rank_batches(n, self.batch, self.world, self.rank, self.seed, epoch,
                                   self.shuffle, order=order)
 
@@ -100,10 +101,10 @@ class Loader:
         unit = 1 if sample_level else self.unit
         if kind == "eval":
             capacity = 2                          # read forward: one unit, and the next
-        else:                                     # units one rank touches in one window
+        else:            # the units of one rank's stretch of a window, and its two edges
             spread = self.world if self.shuffle == "global" else 1
-            per_window = math.ceil(self.window / (spread * min(self.block, unit))) + 2
-            capacity = 2 * per_window             # a batch may straddle two windows
+            window = -(-self.window // self.planned) * self.planned
+            capacity = math.ceil(window / (spread * min(self.block, unit))) + 3
         capacity = min(capacity, math.ceil((hi - lo) / unit) + 1)
         return ReaderSpec(self.data.path, self.split.images.name, self.split.start,
                           len(self.split), self.data.layout, unit, capacity,
@@ -131,21 +132,15 @@ class Loader:
         """The (lazily opened) source that reads rows for ``kind``."""
         if kind not in self.sources:
             spec = self.spec(kind)
-            pin = self.normalize.device.type == "cuda"
-
-            def finish(images: np.ndarray) -> torch.Tensor:
-                tensor = torch.from_numpy(images)
-                return tensor.pin_memory() if pin else tensor
-
             if self.prefetch > 0 and self.prefetch_mode == "process":
                 slot_rows = self.batch if kind == "epoch" else EVAL_BATCH
                 self.sources[kind] = ProcessSource(spec, self.prefetch, slot_rows,
                                                    self.data.input_shape,
-                                                   self.split.images.dtype, finish)
+                                                   self.split.images.dtype)
             else:
                 read = spec.open(self.split.images).read
-                self.sources[kind] = (ThreadSource(read, self.prefetch, finish)
-                                      if self.prefetch > 0 else InlineSource(read, finish))
+                self.sources[kind] = (ThreadSource(read, self.prefetch)
+                                      if self.prefetch > 0 else InlineSource(read))
         return self.sources[kind]
 
     def read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +149,26 @@ class Loader:
         return torch.from_numpy(images), torch.from_numpy(self.split.labels[rows])
 
     def _batches(self, kind: str, rows_list, epoch: int | None):
-        for rows, images in zip(rows_list, self.source(kind).map(rows_list)):
+        cuda = self.device.type == "cuda"
+
+        def host(images: np.ndarray, rows) -> torch.Tensor:
+            tensor = torch.from_numpy(images)
+            return tensor.pin_memory() if cuda else tensor
+
+        def device(images: torch.Tensor, rows):
             x = self.normalize(images)
             if epoch is not None and self.augment:
                 x = self.augment(x, rows, epoch)
             labels = torch.from_numpy(self.split.labels[rows])
-            yield x, labels.to(self.device, non_blocking=True)
+            return x, labels.to(self.device, non_blocking=True)
+
+        source = self.source(kind)
+        if cuda or isinstance(source, ProcessSource):
+            for rows, images in zip(rows_list, source.map(rows_list, host)):
+                yield device(images, rows)
+        else:       # the CPU is the device: the reader thread prepares whole batches
+            yield from source.map(rows_list, lambda images, rows: device(host(images, rows),
+                                                                         rows))
 
     def epoch(self, epoch: int, start_step: int = 0
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

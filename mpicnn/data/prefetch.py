@@ -1,6 +1,8 @@
 """Read batches ahead of the training loop: inline, in a thread, or in a reader process.
 
-A source maps a list of row arrays to image arrays, in order. ``thread`` overlaps
+A source maps a list of row arrays to ``finish(images, rows)``, in order; ``finish``
+runs where the reading runs (inline, on the reader thread) or, for the process, in
+the consumer. ``thread`` overlaps
 reading with compute because h5py releases the GIL inside ``H5Dread`` (all h5py calls
 still share one lock, so only the reader thread may use the file meanwhile).
 ``process`` runs the reader in a child process that writes into shared-memory slots;
@@ -28,15 +30,19 @@ POLL_S = 1.0
 SHM_DIR = "/dev/shm"
 
 
+def keep(images, rows):
+    return images
+
+
 class InlineSource:
     """Read each batch when it is asked for."""
 
-    def __init__(self, read, finish=None):
-        self.read, self.finish = read, finish or (lambda x: x)
+    def __init__(self, read):
+        self.read = read
 
-    def map(self, rows_list):
+    def map(self, rows_list, finish=keep):
         for rows in rows_list:
-            yield self.finish(self.read(rows))
+            yield finish(self.read(rows), rows)
 
     def close(self) -> None:
         pass
@@ -45,16 +51,16 @@ class InlineSource:
 class ThreadSource:
     """A reader thread keeps up to ``depth`` finished batches queued."""
 
-    def __init__(self, read, depth: int, finish=None):
-        self.read, self.depth, self.finish = read, depth, finish or (lambda x: x)
+    def __init__(self, read, depth: int):
+        self.read, self.depth = read, depth
         self.active = None
 
-    def map(self, rows_list):
+    def map(self, rows_list, finish=keep):
         self.close()
-        self.active = self._map(rows_list)
+        self.active = self._map(rows_list, finish)
         return self.active
 
-    def _map(self, rows_list):
+    def _map(self, rows_list, finish):
         ready: queue.Queue = queue.Queue(self.depth)
         stop = threading.Event()
 
@@ -70,7 +76,7 @@ class ThreadSource:
         def work():
             try:
                 for rows in rows_list:
-                    if not put(("batch", self.finish(self.read(rows)))):
+                    if not put(("batch", finish(self.read(rows), rows))):
                         return
                 put(("end", None))
             except BaseException as exc:      # noqa: B902 - re-raised in the consumer
@@ -100,8 +106,7 @@ class ProcessSource:
     """A child process reads batches into ``depth`` + 1 shared-memory slots."""
 
     def __init__(self, spec: ReaderSpec, depth: int, slot_rows: int, sample_shape: tuple,
-                 dtype, finish=None):
-        self.finish = finish or (lambda x: x)
+                 dtype):
         self.slots = depth + 1
         self.shape = (self.slots, slot_rows) + tuple(sample_shape)
         shm_dir = SHM_DIR if os.path.isdir(SHM_DIR) else None
@@ -142,14 +147,14 @@ class ProcessSource:
             raise RuntimeError(f"prefetch protocol: expected {kind}, got {msg[0]}")
         return msg
 
-    def map(self, rows_list):
+    def map(self, rows_list, finish=keep):
         self.close_job()
-        self.active = self._map(list(rows_list))
+        self.active = self._map(list(rows_list), finish)
         return self.active
 
-    def _map(self, rows_list):
+    def _map(self, rows_list, finish):
         self.jobs += 1
-        job, done = self.jobs, False
+        job, done, msg_index = self.jobs, False, 0
         self.conn.send(("job", job, rows_list))
         try:
             while True:
@@ -167,7 +172,8 @@ class ProcessSource:
                 _, _, slot, n = msg
                 images = np.array(self.buffer[slot, :n])
                 self.conn.send(("free", slot))
-                yield self.finish(images)
+                yield finish(images, rows_list[msg_index])
+                msg_index += 1
         finally:
             if not done and self.proc.poll() is None:
                 self.conn.send(("cancel", job))

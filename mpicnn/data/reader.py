@@ -8,7 +8,7 @@ starts quickly.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from .cache import RangeCache
 
 CHUNK_CACHE_BYTES = 1 << 20     # HDF5's own cache: units are read whole, once
+MISSING = np.iinfo(np.int64).min    # "this unit found no slot" (read its rows directly)
 
 
 def to_nchw(images: np.ndarray, layout: str) -> np.ndarray:
@@ -36,24 +37,38 @@ def unit_rows(images) -> int:
     return chunk_rows(int(np.prod(images.shape[1:])) * images.dtype.itemsize)
 
 
-class LRUStore:
-    """The ``capacity`` most recently used units."""
+class SlabStore:
+    """Up to ``capacity`` units in slots of one preallocated array, oldest evicted first.
 
-    def __init__(self, capacity: int):
-        self.capacity = max(1, capacity)
-        self.units: OrderedDict = OrderedDict()
+    ``offsets[u]`` maps a split row of unit ``u`` to its position in ``rows`` (MISSING
+    when absent), so a whole batch is located with one numpy lookup.
+    """
 
-    def get(self, unit: int):
-        rows = self.units.get(unit)
-        if rows is not None:
-            self.units.move_to_end(unit)
-        return rows
+    def __init__(self, capacity: int, unit: int, units: int, sample_shape: tuple, dtype):
+        capacity = max(1, capacity)
+        self.unit = unit
+        self.rows = np.empty((capacity * unit,) + tuple(sample_shape), dtype)
+        self.offsets = np.full(units, MISSING, np.int64)
+        self.loaded: deque = deque()                   # (unit, slot), oldest first
+        self.free = list(range(capacity))[::-1]
 
-    def put(self, unit: int, lo: int, rows: np.ndarray) -> np.ndarray:
-        self.units[unit] = rows
-        while len(self.units) > self.capacity:
-            self.units.popitem(last=False)
-        return rows
+    def reserve(self, unit: int, lo: int, n: int, keep) -> int | None:
+        """Position in ``rows`` for the ``n`` rows of ``unit`` starting at split row ``lo``;
+        evicts the oldest unit not in ``keep``, or returns None when all are in it."""
+        if not self.free:
+            for _ in range(len(self.loaded)):
+                old, slot = self.loaded.popleft()
+                if old not in keep:
+                    self.offsets[old] = MISSING
+                    self.free.append(slot)
+                    break
+                self.loaded.append((old, slot))
+            else:
+                return None
+        slot = self.free.pop()
+        self.loaded.append((unit, slot))
+        self.offsets[unit] = slot * self.unit - lo
+        return slot * self.unit
 
 
 @dataclass
@@ -93,20 +108,23 @@ class ChunkReader:
     def __init__(self, images, spec: ReaderSpec):
         self.images, self.spec = images, spec
         self.sample_shape = tuple(images.shape[1:])
+        self.first_unit = spec.start // spec.unit
+        units = (spec.start + spec.n - 1) // spec.unit - self.first_unit + 1
         if spec.cache_range is not None:
-            self.store = RangeCache(*spec.cache_range, self.sample_shape, images.dtype)
+            self.store = RangeCache(*spec.cache_range, units, self.sample_shape, images.dtype)
         else:
-            self.store = LRUStore(spec.capacity)
+            self.store = SlabStore(spec.capacity if spec.unit > 1 else 0, spec.unit, units,
+                                   self.sample_shape, images.dtype)
         self.units_read = 0
 
     def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Images (N, C, H, W) of sorted split ``rows``, into ``out`` when given."""
-        rows = np.asarray(rows)
-        stored = np.empty((len(rows),) + self.sample_shape, self.images.dtype)
+        rows = np.asarray(rows, np.int64)
         if self.spec.unit == 1 and self.spec.cache_range is None:
+            stored = np.empty((len(rows),) + self.sample_shape, self.images.dtype)
             self._read_rows(rows, stored)
         else:
-            self._read_units(rows, stored)
+            stored = self._read_units(rows)
         images = to_nchw(stored, self.spec.layout)
         if out is None:
             return images
@@ -114,33 +132,42 @@ class ChunkReader:
         return out[: len(rows)]
 
     def _read_rows(self, rows: np.ndarray, stored: np.ndarray) -> None:
-        """Row by row runs: for sample-level shuffles where no unit is reused."""
+        """Runs of consecutive rows, one h5py call each, into ``stored``."""
         start = self.spec.start
         breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-        for run in np.split(np.arange(len(rows)), breaks):
-            if len(run):
-                a = start + rows[run[0]]
-                self.images.read_direct(stored, np.s_[a: a + len(run)],
-                                        np.s_[run[0]: run[-1] + 1])
+        for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            a = start + int(rows[first])
+            self.images.read_direct(stored, np.s_[a: a + last - first], np.s_[first: last])
 
-    def _read_units(self, rows: np.ndarray, stored: np.ndarray) -> None:
-        unit, start = self.spec.unit, self.spec.start
-        ids = (rows + start) // unit
-        cuts = np.flatnonzero(np.diff(ids)) + 1
-        for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
-            u = int(ids[lo_i])
-            lo, block = self._unit(u)
-            stored[lo_i:hi_i] = block[rows[lo_i:hi_i] - lo]
+    def _read_units(self, rows: np.ndarray) -> np.ndarray:
+        """Load the units under ``rows`` that the store lacks, then gather in one indexing."""
+        ids = (rows + self.spec.start) // self.spec.unit - self.first_unit
+        offsets = self.store.offsets[ids]
+        absent = offsets == MISSING
+        if absent.any():
+            keep = set(np.unique(ids).tolist())
+            for u in np.unique(ids[absent]).tolist():
+                self._load(u, keep)
+            offsets = self.store.offsets[ids]
+            absent = offsets == MISSING
+            if absent.any():                  # rare: a batch wider than the whole store
+                stored = np.empty((len(rows),) + self.sample_shape, self.images.dtype)
+                stored[~absent] = self.store.rows[rows[~absent] + offsets[~absent]]
+                extra = np.empty((int(absent.sum()),) + self.sample_shape, stored.dtype)
+                self._read_rows(rows[absent], extra)
+                stored[absent] = extra
+                return stored
+        return self.store.rows[rows + offsets]
 
-    def _unit(self, u: int) -> tuple[int, np.ndarray]:
-        """(first split row, rows) of unit ``u``, from the store or the file."""
+    def _load(self, u: int, keep) -> None:
+        """Read unit ``u`` (an index from ``first_unit``) into the store, if it has room."""
         unit, start = self.spec.unit, self.spec.start
-        lo = max(u * unit - start, 0)
-        hi = min((u + 1) * unit - start, self.spec.n)
+        lo = max((self.first_unit + u) * unit - start, 0)
+        hi = min((self.first_unit + u + 1) * unit - start, self.spec.n)
         if self.spec.cache_range is not None:     # only the cached range, never beyond
             lo, hi = max(lo, self.spec.cache_range[0]), min(hi, self.spec.cache_range[1])
-        block = self.store.get(u)
-        if block is None:
-            block = self.store.put(u, lo, self.images[start + lo: start + hi])
+        at = self.store.reserve(u, lo, hi - lo, keep)
+        if at is not None:
+            self.images.read_direct(self.store.rows, np.s_[start + lo: start + hi],
+                                    np.s_[at: at + hi - lo])
             self.units_read += 1
-        return lo, block

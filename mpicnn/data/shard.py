@@ -21,20 +21,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def chunk_order(n: int, seed: int, epoch: int, block: int = 1, window: int = 0,
-                offset: int = 0, rank: int | None = None) -> np.ndarray:
+                offset: int = 0, rank: int | None = None, batch: int = 1) -> np.ndarray:
     """A permutation of ``range(n)`` that keeps reads contiguous, fixed by (seed, epoch).
 
-    Blocks of ``block`` consecutive rows (boundaries at ``offset + k * block``, i.e. the
-    file's chunks) are put in random order, then rows are shuffled inside consecutive
-    windows of ``window`` rows (rounded up to whole blocks; 0 or >= n: one window).
-    ``block=1`` with one window is the plain :func:`epoch_order`. ``rank`` gives each
-    rank its own order (for ``--shuffle local``, where ``n`` is the rank's shard).
+    Blocks of ``block`` consecutive rows (boundaries at ``offset + k * block``: the
+    file's chunks) are put in random order and the sequence is cut into windows of
+    ``window`` rows (rounded up to whole batches of ``batch`` rows; 0: one window).
+    Each window is dealt into its batches stratified: its rows, sorted, form ``batch``
+    strata of neighbouring rows and every batch takes one random row of each stratum.
+    A batch thus spans its whole window, while the r-th slice of every sorted batch
+    comes from the r-th stretch of the window: one rank reads the same few chunks for
+    the whole window. ``block=1`` with one window is the plain :func:`epoch_order`.
+    ``rank`` gives each rank its own order (``--shuffle local``: ``n`` is its shard).
     """
-    window = n if window <= 0 else -(-window // block) * block
     stream = [seed, epoch] if rank is None else [seed, epoch, rank]
-    if block <= 1 and window >= n:
+    if block <= 1 and (window <= 0 or window >= n):
         return np.random.default_rng(stream).permutation(n)
-    rng = np.random.default_rng(stream + [block, window])
+    window = max(batch, -(-(window or n) // batch) * batch)
+    rng = np.random.default_rng(stream + [block, window, batch])
     first = offset % block
     edges = np.unique(np.r_[0, np.arange(first, n, block), n])
     lengths = np.diff(edges)
@@ -42,16 +46,28 @@ def chunk_order(n: int, seed: int, epoch: int, block: int = 1, window: int = 0,
     # row i of the block-permuted sequence = start of its block + position inside it
     starts = np.repeat(edges[:-1][pick] - (np.cumsum(lengths[pick]) - lengths[pick]),
                        lengths[pick])
-    order = starts + np.arange(n)
-    if window < n or block > 1:
-        keys = np.arange(n) // window + rng.random(n)
-        order = order[np.argsort(keys, kind="stable")]
+    blocks = starts + np.arange(n)
+    order = np.empty(n, np.int64)
+    for a in range(0, n, window):
+        part = blocks[a: a + window]
+        steps = len(part) // batch
+        if len(part) > steps * batch:          # the last window: random rows left over
+            part = rng.permutation(part)
+            order[a + steps * batch: a + len(part)] = part[steps * batch:]
+            part = part[: steps * batch]
+        strata = np.sort(part).reshape(batch, steps)
+        dealt = np.take_along_axis(strata, np.argsort(rng.random((batch, steps)), 1), 1)
+        order[a: a + steps * batch] = dealt.T.reshape(-1)
     return order
 
 
-def auto_window(batch: int, block: int) -> int:
-    """Default shuffle window: 32 batches (global, or local with --shuffle local), >= 4 blocks."""
-    return max(32 * batch, 4 * block)
+WINDOW_BATCHES = 64
+WINDOW_BYTES = 64 << 20
+
+
+def auto_window(batch: int, block: int, sample_bytes: int = 1) -> int:
+    """Default shuffle window: 64 batches, at most 64 MiB; at least a batch and 4 blocks."""
+    return max(batch, 4 * block, min(WINDOW_BATCHES * batch, WINDOW_BYTES // sample_bytes))
 
 
 def steps_per_epoch(n: int, batch: int, world: int = 1, shuffle: str = "global") -> int:
