@@ -40,6 +40,8 @@ def parse_args(argv):
                    help="samples read per measurement (0: this rank's share of one epoch)")
     p.add_argument("--train-steps", type=int, default=200, help="training steps per run")
     p.add_argument("--prefetch", type=int, default=4, help="prefetch depth (4)")
+    p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none",
+                   help="compress the synthetic file (decompression load on the reader)")
     p.add_argument("--keep", action="store_true", help="keep the file")
     p.add_argument("--file", default="", help="use this 3x32x32 file instead of writing one")
     p.add_argument("--skip-train", action="store_true", help="only the read measurements")
@@ -149,14 +151,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
     folder = Path(tempfile.mkdtemp(prefix="mpicnn-bench-data-", dir=args.dir))
     path = Path(args.file) if args.file else folder / "synth.h5"
-    results = {"size_gb": args.size_gb, "batch_size": args.batch_size, "ranks": args.ranks}
+    results = {"size_gb": args.size_gb, "batch_size": args.batch_size, "ranks": args.ranks,
+               "compression": args.compression, "cpus": os.cpu_count()}
     try:
         if not args.file:
             from mpicnn.data.synth import write_synth
 
             n = int(args.size_gb * 1e9 / SAMPLE_BYTES)
             start = time.perf_counter()
-            write_synth(str(path), n, SAMPLE_SHAPE, 10, val_fraction=0.01)
+            write_synth(str(path), n, SAMPLE_SHAPE, 10, val_fraction=0.01,
+                        compression=args.compression)
             results["synth_s"] = round(time.perf_counter() - start, 1)
         results["file_bytes"] = os.path.getsize(path)
         import h5py

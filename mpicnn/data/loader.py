@@ -210,6 +210,7 @@ def make_loaders(cfg, data: Dataset, world) -> tuple[Loader, Loader]:
                  **options)
     if cfg.cache:
         world.agree(lambda: check_cache([(train, "epoch"), (val, "eval")], world.local_size))
+    train.source("epoch"), val.source("eval")     # start reader processes before step 1
     mib = 2 ** 20
     cached = (train.cache_bytes("epoch") + val.cache_bytes("eval")) / mib
     world.log.info(
