@@ -119,6 +119,13 @@ def test_convert_npy_with_labels_and_h5_rechunking(tmp_path):
             f.create_dataset(f"{name}/images", data=np.repeat(x[:, None], 3, 1),
                              chunks=(4, 1, 8, 8), compression="gzip", compression_opts=9)
             f.create_dataset(f"{name}/labels", data=y)
+    from mpicnn.data.convert import array_source, write_source     # forward scans
+    write_source(array_source(str(tmp_path / "bad.h5")), str(tmp_path / "mixed.h5"),
+                 memory=60 * 192)              # 60 rows per segment: 9 scans per split
+    with h5py.File(tmp_path / "mixed.h5") as f:
+        mixed, labels = f["train/images"][:, 0], f["train/labels"][:]
+        assert rows_as_set(mixed, labels) == rows_as_set(x, y)
+        assert not np.array_equal(labels, y)
     assert tool("convert", tmp_path / "bad.h5", tmp_path / "good.h5", "--keep-order") == 0
     with h5py.File(tmp_path / "good.h5") as f:
         assert f["train/images"].chunks == (500, 3, 8, 8) and f["train/images"].compression \

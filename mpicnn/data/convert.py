@@ -18,6 +18,7 @@ from .writer import SplitWriter, atomic_h5, block_rows, write_attrs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm")
+MEMORY_BYTES = 1 << 30          # rows gathered per forward scan of an on-disk source
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation", "test")}
 
 
@@ -267,7 +268,8 @@ def _nchw(block: np.ndarray, layout: str) -> np.ndarray:
 
 def write_source(source: Source, out: str, val_fraction: float = 0.1, seed: int = 0,
                  shuffle: bool = True, compression: str | None = None,
-                 classes: list | None = None, progress=None) -> dict:
+                 classes: list | None = None, progress=None,
+                 memory: int = MEMORY_BYTES) -> dict:
     """Write ``source`` to ``out``; returns the rows per split."""
     rng = np.random.default_rng(seed)
     splits = {}                                 # name -> (Part, rows in output order)
@@ -297,11 +299,7 @@ def write_source(source: Source, out: str, val_fraction: float = 0.1, seed: int 
             writer = SplitWriter(f.create_group(name), len(rows), sample, dtype,
                                  compression, stats=name == "train")
             step = block_rows(int(np.prod(sample)) * dtype.itemsize)
-            for a in range(0, len(rows), step):
-                want = rows[a: a + step]
-                ordered = np.sort(want)            # read forward, then restore the order
-                block = np.asarray(_take(part.images, ordered))
-                block = block[np.searchsorted(ordered, want)]
+            for want, block in gathered(part.images, rows, step, memory):
                 if dtype.kind == "f" and not np.isfinite(block).all():
                     raise MpicnnError(f"{name} images contain NaN or Inf; clean them first")
                 writer.append(np.ascontiguousarray(_nchw(block, part.layout), dtype=dtype),
@@ -319,8 +317,32 @@ def write_source(source: Source, out: str, val_fraction: float = 0.1, seed: int 
     return counts
 
 
-def _take(images, rows: np.ndarray):
-    """Rows of an array-like; contiguous runs as one slice (h5py and mmap read forward)."""
-    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        return images[int(rows[0]): int(rows[-1]) + 1]
-    return images[rows]
+def gathered(images, rows: np.ndarray, step: int, memory: int):
+    """(rows, images) blocks of ``step`` rows in the order of ``rows``, memory-bounded.
+
+    In-memory arrays and image files are indexed directly. Arrays on disk (h5py, .npy
+    maps) are read forward in large slices: ``rows`` is taken in segments of about
+    ``memory`` bytes, each collected by one forward scan of the rows it spans (an
+    exactly shuffled copy costs a scan per segment; ``--keep-order`` needs one).
+    """
+    on_disk = not isinstance(images, np.ndarray) or isinstance(images, np.memmap)
+    if not on_disk or not hasattr(images, "dtype") or isinstance(images, ImageFiles):
+        for a in range(0, len(rows), step):
+            want = rows[a: a + step]
+            ordered = np.sort(want)
+            yield want, np.asarray(images[ordered])[np.searchsorted(ordered, want)]
+        return
+    sample_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+    segment = max(1, memory // max(1, sample_bytes))
+    for s0 in range(0, len(rows), segment):
+        want = rows[s0: s0 + segment]
+        ordered = np.sort(want)
+        held = np.empty((len(want),) + tuple(images.shape[1:]), images.dtype)
+        for a in range(int(ordered[0]), int(ordered[-1]) + 1, step):
+            lo, hi = np.searchsorted(ordered, [a, a + step])
+            if hi > lo:
+                span = np.asarray(images[a: min(a + step, int(ordered[-1]) + 1)])
+                held[lo:hi] = span[ordered[lo:hi] - a]
+        placed = np.searchsorted(ordered, want)
+        for a in range(0, len(want), step):
+            yield want[a: a + step], held[placed[a: a + step]]
