@@ -95,12 +95,12 @@ class Loader:
         return 0, n
 
     def spec(self, kind: str) -> ReaderSpec:
-        """How to read for ``kind``: unit size, LRU capacity, cached range."""
+        """How to read for ``kind``: unit size, store capacity in units, cached range."""
         lo, hi = self.ranges(kind)
         sample_level = kind == "epoch" and self.block == 1 and not self.cache
         unit = 1 if sample_level else self.unit
-        if kind == "eval":
-            capacity = 2                          # read forward: one unit, and the next
+        if kind == "eval":                        # forward: the units under one batch
+            capacity = math.ceil(EVAL_BATCH / unit) + 2
         else:            # the units of one rank's stretch of a window, and its two edges
             spread = self.world if self.shuffle == "global" else 1
             window = -(-self.window // self.planned) * self.planned
@@ -123,9 +123,10 @@ class Loader:
     def footprint(self, kind: str = "epoch") -> int:
         """Upper bound of the bytes this loader holds: unit store + batches in flight."""
         rows = self.batch if kind == "epoch" else EVAL_BATCH
-        in_flight = (self.prefetch + 3) * rows * self.sample_bytes   # queue, reader, consumer
-        as_float = rows * int(np.prod(self.data.input_shape)) * 4 * 2  # float, augmented
-        return self.spec(kind).store_bytes(self.sample_bytes) + in_flight + as_float
+        # queued, being read and being used: stored pixels, float and augmented copies
+        batch_bytes = rows * (self.sample_bytes + 8 * int(np.prod(self.data.input_shape)))
+        return self.spec(kind).store_bytes(self.sample_bytes) + \
+            (self.prefetch + 3) * batch_bytes
 
     # --- reading ----------------------------------------------------------------------
     def source(self, kind: str):
