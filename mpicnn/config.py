@@ -46,6 +46,9 @@ class Config:
                           "training")
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit)",
                          "training")
+    stop_epoch: int = opt(0, "end this invocation after this epoch with a checkpoint, keeping "
+                          "the schedule of --epochs (split a long run over several jobs; "
+                          "continue with --resume auto)", "training")
     optimizer: str = opt("adamw", "optimizer", "training", ["sgd", "adamw"])
     lr: float = opt(0.002, "peak learning rate (after warmup, before scaling); for SGD try "
                     "0.05", "training")
@@ -232,7 +235,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             raise MpicnnError(f"--{name.replace('_', '-')} must be at least 1, got "
                               f"{getattr(cfg, name)}", collective=True)
-    for name in ["max_steps", "threads", "warmup_epochs", "weight_decay", "momentum",
+    for name in ["max_steps", "stop_epoch", "threads", "warmup_epochs", "weight_decay", "momentum",
                  "min_lr_ratio"]:
         if getattr(cfg, name) < 0:
             raise MpicnnError(f"--{name.replace('_', '-')} must not be negative",

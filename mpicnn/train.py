@@ -63,8 +63,9 @@ def train(world, argv) -> int:
     bar = Progress(world.is_root, cfg.progress)
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
+    last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
     try:
-        while state.epoch < cfg.epochs and state.global_step < run_steps:
+        while state.epoch < last_epoch and state.global_step < run_steps:
             bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
                                  throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"))
@@ -72,8 +73,7 @@ def train(world, argv) -> int:
             strategy.sync_buffers()
             val_loss, val_acc = evaluate(model, val_loader, world.comm)
             train_loss = result.train_loss
-            finished_epoch = state.step_in_epoch >= steps_per_epoch
-            if finished_epoch:
+            if state.step_in_epoch >= steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                           train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
@@ -81,12 +81,14 @@ def train(world, argv) -> int:
                           **result.timer.snapshot_ms())
             log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
                      f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
-            if cfg.checkpoint_dir and world.is_root and finished_epoch and \
-                    state.epoch % cfg.checkpoint_every == 0 and state.epoch < cfg.epochs:
-                save(cfg, model, optimizer, scheduler, state,
-                     checkpoint.checkpoint_name(state.global_step))
-        if cfg.checkpoint_dir and world.is_root:
-            save(cfg, model, optimizer, scheduler, state, checkpoint.FINAL)
+            done = state.epoch >= cfg.epochs or state.global_step >= run_steps
+            due = state.epoch % cfg.checkpoint_every == 0 or state.epoch == last_epoch
+            if cfg.checkpoint_dir and world.is_root and (done or due):
+                name = checkpoint.FINAL if done else checkpoint.checkpoint_name(state.global_step)
+                save(cfg, model, optimizer, scheduler, state, name)
+        if val_acc != val_acc:           # nothing left to train (resumed a finished run)
+            strategy.sync_buffers()
+            val_loss, val_acc = evaluate(model, val_loader, world.comm)
     finally:
         bar.close()
         strategy.finish()
