@@ -88,3 +88,12 @@ def test_short_scaling_report_fits_its_own_measurements(tmp_path, digits):
     for text in ["alpha", "ranks |", "1024 |", "measured here vs predicted", "2 rank(s): measured"]:
         assert text in run.stdout
     assert png_size(png) == (1300, 500)
+
+    # the same measurements, modelled on a slower interconnect: no new measurement
+    again = run_command([sys.executable, "-m", "mpicnn.bench", "scale", "--reuse", str(out),
+                         "--bandwidth", "1", "--plot", "", "--json", str(tmp_path / "slow.json")],
+                        timeout=120)
+    assert again.returncode == 0, again.stderr
+    slow = json.loads((tmp_path / "slow.json").read_text())
+    assert slow["probe"] == probe and slow["alpha"] == result["alpha"]
+    assert slow["predictions"][-1]["ring_efficiency"] < result["predictions"][-1]["ring_efficiency"]

@@ -7,7 +7,8 @@ ring model ``t = 2(p-1) alpha + 2(p-1)/p * bytes * beta``, minimising the larges
 relative error. From these the report predicts throughput and efficiency (per-rank
 batch fixed, communication not overlapped) for:
 
-- ring allreduce:           2(p-1) a + 2(p-1)/p M b (inter-node a, b once p spans nodes)
+- ring allreduce:           2(p-1) a + 2(p-1)/p M b (the slower link's a, b once p
+                            spans nodes)
 - hierarchical allreduce:   intra-node reduce-scatter and all-gather over g ranks with
                             the intra-node a, b, and a ring over the n nodes of M/g bytes
 - parameter server, S servers (extra ranks): push then pull, each limited by the busiest
@@ -57,8 +58,10 @@ def hierarchical_seconds(p: int, nbytes: float, per_node: int, inter: tuple,
 
 def flat_ring_seconds(p: int, nbytes: float, per_node: int, inter: tuple,
                       intra: tuple) -> float:
-    """One ring over all ranks: its slowest link is inter-node as soon as p spans nodes."""
-    return ring_seconds(p, nbytes, *(intra if p <= per_node else inter))
+    """One ring over all ranks, paced by its slowest link once p spans nodes."""
+    if p <= per_node:
+        return ring_seconds(p, nbytes, *intra)
+    return ring_seconds(p, nbytes, max(inter[0], intra[0]), max(inter[1], intra[1]))
 
 
 def ps_seconds(workers: int, nbytes: float, servers: int, alpha: float, beta: float) -> float:
@@ -251,7 +254,8 @@ def format_report(result: dict) -> str:
         cells = " | ".join(f"{row[f'{k}_images_per_s']:>11,.0f} {row[f'{k}_efficiency']:>5.0%}"
                            for k in ("ring", "hierarchical", "ps"))
         lines.append(f"  {row['ranks']:>5} | {cells}")
-    lines.append("measured here vs predicted (ring allreduce, this machine's alpha/beta):")
+    lines.append("measured here vs predicted (ring allreduce, this machine's alpha/beta; the "
+                 "measured comm includes waiting for the slower rank):")
     for m in r["measured"]:
         lines.append(f"  {m['ranks']} rank(s): measured {m['images_per_s']:,.0f} img/s, "
                      f"predicted {m['predicted']:,.0f} img/s ({m['predicted'] / m['images_per_s']:.2f}"
@@ -331,49 +335,78 @@ def build_parser() -> argparse.ArgumentParser:
                         help="quick run: fewer sizes, steps and probe time (for tests)")
     parser.add_argument("--plot", default="scale.png", help="PNG to write ('' for none)")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
+    parser.add_argument("--reuse", default="", metavar="JSON",
+                        help="skip measuring: take the measurements of an earlier --json "
+                             "file (e.g. to model another interconnect)")
     parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     return parser
 
 
-def run(opts) -> dict:
-    """Measure, fit and predict; returns everything the report shows."""
+def measure(opts) -> dict:
+    """What this machine shows: gradient bytes, allreduce costs, 1- and 2-rank runs."""
     if opts.short:
         opts.steps, opts.probe_seconds = min(opts.steps, 24), min(opts.probe_seconds, 3.0)
-    for name in ("batch_size", "threads", "steps", "ranks_per_node", "servers", "max_ranks"):
-        if getattr(opts, name) < 1:
-            raise MpicnnError(f"--{name.replace('_', '-')} must be at least 1")
     nbytes = gradient_bytes(opts.data, opts.model)
-    sizes = [parse_bytes(s) for s in opts.sizes.split(",") if s.strip()] or         probe_sizes(nbytes, opts.short)
+    sizes = [parse_bytes(s) for s in opts.sizes.split(",") if s.strip()]
+    sizes = sizes or probe_sizes(nbytes, opts.short)
     if len(sizes) < 2:
         raise MpicnnError("--sizes needs at least two sizes to fit alpha and beta")
     timeout = 600.0
     probe_result = measure_allreduce(sizes, opts.probe_seconds, 5 if opts.short else 20,
                                      timeout)
-    alpha, beta = fit_alpha_beta(probe_result["sizes"], probe_result["seconds"])
-    fitted = [ring_seconds(2, s, alpha, beta) for s in probe_result["sizes"]]
+    with tempfile.TemporaryDirectory(prefix="mpicnn-scale-") as workdir:
+        runs = [measure_training(n, opts, workdir, timeout) for n in (1, 2)]
+    return {"model": opts.model, "batch": opts.batch_size, "threads": opts.threads,
+            "gradient_bytes": nbytes, "probe": probe_result, "measured": runs}
+
+
+def reuse(path: str) -> dict:
+    """The measurements of an earlier ``--json`` file, to model other interconnects."""
+    try:
+        saved = json.loads(Path(path).read_text())
+        return {k: saved[k] for k in ("model", "batch", "threads", "gradient_bytes", "probe",
+                                      "measured")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MpicnnError(f"--reuse {path}: not a file written by --json ({exc})") from None
+
+
+def model(found: dict, opts) -> dict:
+    """Fit alpha/beta to the measurements and predict every scheme at every size."""
+    probe_result, nbytes, batch = found["probe"], found["gradient_bytes"], found["batch"]
+    alpha, beta = fit_alpha_beta(probe_result["sizes"], probe_result["seconds"],
+                                 probe_result["ranks"])
+    fitted = [ring_seconds(probe_result["ranks"], s, alpha, beta) for s in probe_result["sizes"]]
     fit_error = max(abs(f / m - 1) for f, m in zip(fitted, probe_result["seconds"]))
     if opts.bandwidth:
         opts.beta = 1e-9 / opts.bandwidth
     inter = (alpha if opts.alpha is None else opts.alpha, beta if opts.beta is None else opts.beta)
     intra = (alpha if opts.intra_alpha is None else opts.intra_alpha,
              beta if opts.intra_beta is None else opts.intra_beta)
-    with tempfile.TemporaryDirectory(prefix="mpicnn-scale-") as workdir:
-        runs = [measure_training(n, opts, workdir, timeout) for n in (1, 2)]
+    runs = found["measured"]
     compute_s = runs[0]["compute_ms"] / 1000
-    here = predict(compute_s, opts.batch_size, nbytes, (alpha, beta), (alpha, beta),
+    here = predict(compute_s, batch, nbytes, (alpha, beta), (alpha, beta),
                    opts.ranks_per_node, opts.servers, 2)
     for measured, row in zip(runs, here):
         measured["predicted"] = row["ring_images_per_s"]
         measured["predicted_comm_ms"] = 1000 * ring_seconds(row["ranks"], nbytes, alpha, beta)
-    return {"model": opts.model, "batch": opts.batch_size, "threads": opts.threads,
-            "gradient_bytes": nbytes, "compute_ms": runs[0]["compute_ms"],
-            "probe": probe_result, "alpha": alpha, "beta": beta, "fitted": fitted,
-            "fit_error": fit_error, "inter": inter, "intra": intra,
+    return {**found, "compute_ms": runs[0]["compute_ms"], "alpha": alpha, "beta": beta,
+            "fitted": fitted, "fit_error": fit_error, "inter": inter, "intra": intra,
             "inter_given": opts.alpha is not None or opts.beta is not None,
             "per_node": opts.ranks_per_node, "servers": opts.servers,
-            "predictions": predict(compute_s, opts.batch_size, nbytes, inter, intra,
-                                   opts.ranks_per_node, opts.servers, opts.max_ranks),
-            "measured": runs}
+            "predictions": predict(compute_s, batch, nbytes, inter, intra,
+                                   opts.ranks_per_node, opts.servers, opts.max_ranks)}
+
+
+def run(opts) -> dict:
+    """Measure (or reuse earlier measurements), fit and predict."""
+    for name in ("batch_size", "threads", "steps", "ranks_per_node", "servers", "max_ranks"):
+        if getattr(opts, name) < 1:
+            raise MpicnnError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("alpha", "beta", "bandwidth", "intra_alpha", "intra_beta"):
+        value = getattr(opts, name)
+        if value is not None and not value > 0:
+            raise MpicnnError(f"--{name.replace('_', '-')} must be positive")
+    return model(reuse(opts.reuse) if opts.reuse else measure(opts), opts)
 
 
 def main(argv=None) -> int:
