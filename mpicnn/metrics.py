@@ -24,7 +24,8 @@ WAIT_PHASES = ("ps_push", "ps_pull")
 NUMBER, INT, TEXT = (int, float), int, str
 _SPLIT = {f"{p}_ms": NUMBER for p in PHASES}
 SCHEMA = {     # event -> required fields and their types (more fields may follow)
-    "config": {"world_size": INT, "mode": TEXT, "batch_size": INT, "log_every": INT},
+    "config": {"world_size": INT, "mode": TEXT, "batch_size": INT, "log_every": INT,
+               "steps_per_epoch": INT},
     "interval": {"epoch": NUMBER, "step": INT, "steps": INT, "loss": NUMBER, "lr": NUMBER,
                  "images_per_s": NUMBER, **_SPLIT},
     "epoch": {"epoch": INT, "step": INT, "train_loss": NUMBER, "val_loss": NUMBER,

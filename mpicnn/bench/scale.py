@@ -248,7 +248,8 @@ def format_report(result: dict) -> str:
                  f"{_us(r['intra'][0])}, {1e-9 / r['intra'][1]:.2f} GB/s; "
                  f"{r['per_node']} ranks/node; PS with {r['servers']} server rank(s) beside the "
                  f"workers; no overlap")
-    head = f"  {'ranks':>5} | {'ring img/s':>11} {'eff':>5} | {'hier img/s':>11} {'eff':>5} | "            f"{'ps img/s':>11} {'eff':>5}"
+    head = (f"  {'ranks':>5} | {'ring img/s':>11} {'eff':>5} | {'hier img/s':>11} {'eff':>5} | "
+            f"{'ps img/s':>11} {'eff':>5}")
     lines += [head, "  " + "-" * (len(head) - 2)]
     for row in r["predictions"]:
         cells = " | ".join(f"{row[f'{k}_images_per_s']:>11,.0f} {row[f'{k}_efficiency']:>5.0%}"
@@ -257,10 +258,11 @@ def format_report(result: dict) -> str:
     lines.append("measured here vs predicted (ring allreduce, this machine's alpha/beta; the "
                  "measured comm includes waiting for the slower rank):")
     for m in r["measured"]:
+        ratio = m["predicted"] / m["images_per_s"]
         lines.append(f"  {m['ranks']} rank(s): measured {m['images_per_s']:,.0f} img/s, "
-                     f"predicted {m['predicted']:,.0f} img/s ({m['predicted'] / m['images_per_s']:.2f}"
-                     f"x); comm {m['comm_ms']:.2f} ms/step measured vs {m['predicted_comm_ms']:.2f}"
-                     f" ms predicted")
+                     f"predicted {m['predicted']:,.0f} img/s ({ratio:.2f}x); comm "
+                     f"{m['comm_ms']:.2f} ms/step measured vs {m['predicted_comm_ms']:.2f} ms "
+                     f"predicted")
     return "\n".join(lines)
 
 
