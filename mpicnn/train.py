@@ -68,7 +68,8 @@ def train(world, argv) -> int:
         while state.epoch < last_epoch and state.global_step < run_steps:
             bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
-                                 throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"))
+                                 throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"),
+                                 accum_steps=cfg.accum_steps)
             bar.close()
             strategy.sync_buffers()
             val_loss, val_acc = evaluate(model, val_loader, world.comm)
@@ -78,7 +79,7 @@ def train(world, argv) -> int:
             metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                           train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
                           lr=scheduler.get_last_lr()[0], images_per_s=throughput.images_per_s,
-                          **result.timer.snapshot_ms())
+                          **result.timer.snapshot_ms(), **strategy.timings_ms())
             log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
                      f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
             done = state.epoch >= cfg.epochs or state.global_step >= run_steps
