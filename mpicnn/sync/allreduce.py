@@ -8,8 +8,8 @@ tensor fusion:
 * a post-accumulate-grad hook per parameter counts its bucket down; complete
   buckets are handed, strictly in bucket order (the same on every rank), to the
   communication thread, which averages them while backward goes on;
-* ``after_backward`` launches what never became ready (unused parameters) and
-  waits only for what is still in flight; the loop times that wait as ``comm``;
+* ``after_backward`` waits only for what is still in flight, then reduces the last
+  bucket (and any holding unused parameters) itself; the loop times this as ``comm``;
 * after the first step the buckets are rebuilt in the order the gradients
   actually became ready (rank 0's observation, broadcast so all ranks agree).
 
@@ -18,6 +18,7 @@ Allreduce after backward, copied back (also the benchmark's simple baseline).
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from functools import partial
 
@@ -45,7 +46,7 @@ class AllreduceStrategy(Strategy):
         super().__init__(world, cfg)
         self.params, self.buckets, self.reducer, self.runner = [], [], None, None
         self._hooks, self._sync, self._recorded = [], True, None
-        self._steps, self._busy_reported = 0, 0.0
+        self._steps, self._busy_reported, self._inline_seconds = 0, 0.0, 0.0
 
     # --- setup -------------------------------------------------------------------
     def attach(self, model, optimizer, scheduler) -> None:
@@ -118,8 +119,12 @@ class AllreduceStrategy(Strategy):
         if not self.buckets:
             path = "plain: one blocking Allreduce of all gradients after backward"
         else:
-            thread = ("a communication thread, overlapped with backward" if self.runner.overlaps
-                      else "the main thread after backward, not overlapped")
+            if not self.runner.overlaps:
+                thread = "the main thread after backward, not overlapped"
+            elif len(self.buckets) == 1:
+                thread = "the main thread after backward (one bucket: nothing to overlap)"
+            else:
+                thread = "a communication thread, overlapped with backward"
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
                     f"{self.cfg.bucket_mb:g} MB, first "
                     f"{min(FIRST_BUCKET_BYTES / MB, self.cfg.bucket_mb):g} MB), reduced on {thread}")
@@ -154,7 +159,9 @@ class AllreduceStrategy(Strategy):
         bucket.pending -= 1
         if bucket.pending == 0:
             self._ready[bucket.index] = True
-            while self._next < len(self.buckets) and self._ready[self._next]:
+            # The last bucket completes as backward ends: after_backward reduces it itself,
+            # sparing two thread handoffs when the main thread would only wait.
+            while self._next < len(self.buckets) - 1 and self._ready[self._next]:
                 self._launch(self.buckets[self._next])
 
     def _launch(self, bucket) -> None:
@@ -168,10 +175,14 @@ class AllreduceStrategy(Strategy):
         self._steps += 1
         if not self.buckets:
             return self._plain_allreduce()
-        while self._next < len(self.buckets):   # buckets holding unused parameters
-            self._launch(self.buckets[self._next])
         for done in self.runner.wait():
             Reducer.consume(done)
+        # What is left (the last bucket, buckets of unused parameters) runs here, in bucket
+        # order after everything the thread did, so all ranks issue the same sequence.
+        start = time.perf_counter()
+        for bucket in self.buckets[self._next:]:
+            Reducer.consume(self.reducer(bucket.index, bucket.flat, self.reducer.ready_event()))
+        self._inline_seconds += time.perf_counter() - start
         self._reset()
         if self._recorded is not None:
             self._rebuild(self._recorded)
@@ -206,7 +217,7 @@ class AllreduceStrategy(Strategy):
         """Mean milliseconds per step the reductions ran (hidden or not) since the last call."""
         if self.runner is None:
             return {}
-        busy = self.runner.busy_seconds
+        busy = self.runner.busy_seconds + self._inline_seconds
         steps, self._steps = self._steps, 0
         ms = 1000 * (busy - self._busy_reported) / max(1, steps)
         self._busy_reported = busy
