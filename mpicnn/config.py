@@ -90,6 +90,9 @@ class Config:
                           ["auto", "on", "off"])
     hierarchical: bool = opt(False, "reduce within each node, allreduce across node leaders, "
                              "broadcast within the node", "distributed")
+    shared_memory: str = opt("auto", "auto: ranks of one node average CPU buckets in MPI "
+                             "shared-memory windows; off: always MPI Allreduce", "distributed",
+                             ["auto", "off"])
     # --- output ---------------------------------------------------------------
     checkpoint_dir: str = opt("", "directory for checkpoints (empty: none written)", "output")
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and at the end)",

@@ -140,6 +140,7 @@ def main(out):
         "size": world.size, "nodes": world.num_nodes,
         "probe": list(probe_cuda_support()),
         "engine": run_case(world, small),
+        "mpi_engine": run_case(world, small + ["--shared-memory", "off"]),
         "one_bucket": run_case(world, ["--bucket-mb", "25"]),
         "plain": run_case(world, ["--bucket-mb", "0"]),
         "hierarchical": run_case(world, small + ["--hierarchical"]),

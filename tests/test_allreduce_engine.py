@@ -69,12 +69,17 @@ def test_grads_are_views_into_the_bucket_and_backward_fills_them_in_place():
     assert owner.bound()
 
 
-def test_bucket_of_one_parameter_counts_down():
+def test_bucket_memory_comes_from_the_allocator_and_grads_survive_it():
     p = nn.Parameter(torch.ones(3))
-    bucket = Bucket(0, [p], [0])
+    given = []
+    bucket = Bucket(0, [p], [0], allocate=lambda n, dtype, device: given.append(
+        torch.full((n,), 5.0, dtype=dtype)) or given[-1])
+    assert bucket.flat is given[0] and p.grad.data_ptr() == given[0].data_ptr()
     bucket.pending -= 1
     bucket.reset()
     assert bucket.pending == 1 and bucket.nbytes == 12
+    bucket.detach()                                          # before that memory is released
+    assert p.grad.data_ptr() != given[0].data_ptr() and (p.grad == 5.0).all()
 
 
 # --- where reductions run ------------------------------------------------------------------
@@ -299,22 +304,26 @@ def _max_param_difference(a, b):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("n", [2, 4])
-def test_engine_averages_exactly_on_real_ranks(n, tmp_path):
-    """At n=4 the ranks form two fake nodes, so --hierarchical really crosses 'nodes'."""
-    r = _worker(n, tmp_path, env={"MPICNN_RANKS_PER_NODE": "2"})
-    assert r["size"] == n and r["nodes"] == n // 2
-    for case in ("engine", "one_bucket", "plain", "hierarchical"):
+@pytest.mark.parametrize("n,per_node", [(3, ""), (4, "2")])
+def test_engine_averages_exactly_on_real_ranks(n, per_node, tmp_path):
+    """3 ranks on one node use shared-memory windows; 4 ranks as two fake nodes use MPI
+    collectives, and --hierarchical really crosses 'nodes'."""
+    r = _worker(n, tmp_path, env={"MPICNN_RANKS_PER_NODE": per_node})
+    nodes = n // int(per_node) if per_node else 1
+    assert r["size"] == n and r["nodes"] == nodes
+    for case in ("engine", "mpi_engine", "one_bucket", "plain", "hierarchical"):
         assert r[case]["max_error"] <= 1e-6, case             # vs the float64 mean of all ranks
         assert r[case]["unused_grad_zero"], case               # unused parameter: no hang, zero
-    for case in ("engine", "one_bucket", "hierarchical", "fp16", "bf16"):
+    for case in ("engine", "mpi_engine", "one_bucket", "hierarchical", "fp16", "bf16"):
         assert r[case]["views"] and r[case]["overlaps"], case
+    assert ("shared-memory" in r["engine"]["describe"]) == (nodes == 1)
+    assert "flat Allreduce" in r["mpi_engine"]["describe"]
     assert len(r["engine"]["buckets"]) >= 2 and len(r["one_bucket"]["buckets"]) == 1
     # rebuilt in the observed ready order: the unused parameter (index 0) comes last
     assert r["engine"]["buckets"][-1][-1] == 0
-    assert f"hierarchical ({n // 2} node(s)" in r["hierarchical"]["describe"]
-    assert _max_param_difference(r["hierarchical"]["params"], r["engine"]["params"]) <= 1e-6
-    assert _max_param_difference(r["plain"]["params"], r["engine"]["params"]) <= 1e-6
+    assert f"hierarchical ({nodes} node(s)" in r["hierarchical"]["describe"]
+    for case in ("hierarchical", "plain", "mpi_engine"):
+        assert _max_param_difference(r[case]["params"], r["engine"]["params"]) <= 1e-6, case
     for case in ("fp16", "bf16", "fp16_near_max"):
         assert 0 < r[case]["bound_ratio"] <= 1.0, case
     assert r["fp16_near_max"]["max_grad"] == pytest.approx(60000.0)
@@ -344,7 +353,7 @@ def _difference(a, b):
 def test_engine_accumulation_and_fallback_match_the_plain_path(tmp_path):
     _, plain, _ = _train(2, tmp_path, "plain", ["--bucket-mb", 0])
     run, engine, records = _train(2, tmp_path, "engine", ["--bucket-mb", 0.05])
-    assert "overlapped with backward" in run.stdout
+    assert "overlapped with backward" in run.stdout and "shared-memory windows" in run.stdout
     assert _difference(engine, plain) <= 1e-6                 # 2 ranks: in fact bitwise
     epoch = next(r for r in records if r["event"] == "epoch")
     assert {"comm_ms", "comm_busy_ms", "backward_ms", "data_ms", "optimizer_ms"} <= set(epoch)
@@ -354,7 +363,8 @@ def test_engine_accumulation_and_fallback_match_the_plain_path(tmp_path):
     assert _difference(accumulated, plain) <= 1e-5            # 4 x 4 samples == 16 samples
     assert _difference(plain, {k: v * 0 for k, v in plain.items()}) > 1e-2
 
-    fallback, serialized, _ = _train(2, tmp_path, "serialized", ["--bucket-mb", 0.05],
+    fallback, serialized, _ = _train(2, tmp_path, "serialized",
+                                     ["--bucket-mb", 0.05, "--shared-memory", "off"],
                                      env={"MPICNN_THREAD_LEVEL": "serialized"})
     assert fallback.stdout.count("not MPI_THREAD_MULTIPLE") == 1
     assert "not overlapped" in fallback.stdout

@@ -29,9 +29,10 @@ from .base import Strategy
 from .buckets import FIRST_BUCKET_BYTES, MB, bucket_plan, build_buckets, same_plan
 from .collectives import average_buffers, broadcast_module
 from .comm_thread import make_runner
-from .compression import Codec
+from .compression import HALF_DTYPES, Codec
 from .hierarchy import FlatAllreduce, HierarchicalAllreduce
 from .reducer import Reducer
+from .shared import SharedMemoryAllreduce
 from .staging import choose_path, probe_cuda_support
 
 PLAIN_KEY = "plain"
@@ -66,10 +67,17 @@ class AllreduceStrategy(Strategy):
         codec = Codec(self.cfg.compression, self.world.size)
         if self.cfg.hierarchical:
             collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm)
+        elif (self.cfg.shared_memory == "auto" and self.world.num_nodes == 1
+              and device.type == "cpu" and codec.wire_dtype is None and self.cfg.bucket_mb > 0
+              and self.params[0].dtype in (torch.float32, torch.float64)):
+            collective = SharedMemoryAllreduce(self.world.local_comm)
         else:
             collective = FlatAllreduce(self.world.comm)
         aware, self._buffers_why = choose_path(self.cfg.cuda_aware, device.type,
                                                cuda_aware_override(), probe_cuda_support)
+        if aware and (codec.wire_dtype is not None or self.params[0].dtype in HALF_DTYPES):
+            aware = False      # MPI would call the Python sum operation on device pointers
+            self._buffers_why += "; but 2-byte floats are summed by a host-side MPI operation"
         return Reducer(collective, codec, device, aware)
 
     def _start_engine(self) -> None:
@@ -92,7 +100,10 @@ class AllreduceStrategy(Strategy):
         return bucket_plan(self.params, order, int(self.cfg.bucket_mb * MB))
 
     def _build(self, plan: list[list[int]]) -> None:
-        self.buckets = build_buckets(self.params, plan)
+        old = self.buckets
+        self.buckets = build_buckets(self.params, plan, self.reducer.collective.allocate)
+        for bucket in old:                 # after the new views took over their values
+            self.reducer.collective.release(bucket.flat)
         self._bucket_of = [None] * len(self.params)
         for bucket in self.buckets:
             for i in bucket.members:
@@ -111,11 +122,10 @@ class AllreduceStrategy(Strategy):
         codec = reducer.codec
         precision = ("full precision, divided after the sum" if codec.wire_dtype is None else
                      f"{codec.name} on the wire, divided before the sum")
+        buffers = ""
         if reducer.device.type == "cuda":
             how = "staged through pinned host memory" if reducer.buffers.staged else "to MPI directly"
-            buffers = f"CUDA buffers {how}: {self._buffers_why}"
-        else:
-            buffers = "host buffers to MPI directly"
+            buffers = f"; CUDA buffers {how}: {self._buffers_why}"
         if not self.buckets:
             path = "plain: one blocking Allreduce of all gradients after backward"
         else:
@@ -128,7 +138,7 @@ class AllreduceStrategy(Strategy):
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
                     f"{self.cfg.bucket_mb:g} MB, first "
                     f"{min(FIRST_BUCKET_BYTES / MB, self.cfg.bucket_mb):g} MB), reduced on {thread}")
-        return f"{path}; {reducer.collective.describe()}; {precision}; {buffers}"
+        return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
 
     def _sizes(self) -> str:
         return "[" + ", ".join(f"{b.nbytes / MB:.2f}" for b in self.buckets) + "]"
@@ -233,6 +243,9 @@ class AllreduceStrategy(Strategy):
             self.runner.close()
             self.runner = None
         if self.reducer is not None:
+            for bucket in self.buckets:    # .grad must outlive the (shared) bucket memory
+                bucket.detach()
+            self.buckets = []
             self.reducer.collective.free()
             self.reducer.codec.close()
             self.reducer = None

@@ -35,12 +35,14 @@ def plan_buckets(params, cap_bytes: int, first_cap_bytes: int = FIRST_BUCKET_BYT
 class Bucket:
     """One flat gradient buffer; each member parameter's ``.grad`` is a view into it."""
 
-    def __init__(self, index: int, params: list, members: list[int]):
+    def __init__(self, index: int, params: list, members: list[int], allocate=None):
         self.index, self.members = index, members
         self.params = [params[i] for i in members]
         first = self.params[0]
         self.numel = sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
+        allocate = allocate or (lambda numel, dtype, device: torch.zeros(numel, dtype=dtype,
+                                                                         device=device))
+        self.flat = allocate(self.numel, first.dtype, first.device)
         self.views = []
         offset = 0
         for p in self.params:
@@ -63,6 +65,13 @@ class Bucket:
                     view.copy_(p.grad)
                 p.grad = view
 
+    def detach(self) -> None:
+        """Give every member a private copy of its gradient, before the bucket memory goes."""
+        with torch.no_grad():
+            for p, view in zip(self.params, self.views):
+                if p.grad is view:
+                    p.grad = view.clone()
+
     def bound(self) -> bool:
         """Whether every member's ``.grad`` is still its view (optimizers may replace it)."""
         return all(p.grad is view for p, view in zip(self.params, self.views))
@@ -84,6 +93,9 @@ def same_plan(a: list[list[int]], b: list[list[int]]) -> bool:
     return [sorted(m) for m in a] == [sorted(m) for m in b]
 
 
-def build_buckets(params: list, plan: list[list[int]]) -> list[Bucket]:
-    """The buckets of ``plan``, each member's ``.grad`` rebound as a view (values kept)."""
-    return [Bucket(index, params, members) for index, members in enumerate(plan)]
+def build_buckets(params: list, plan: list[list[int]], allocate=None) -> list[Bucket]:
+    """The buckets of ``plan``, each member's ``.grad`` rebound as a view (values kept).
+
+    ``allocate(numel, dtype, device)`` gives each bucket's zeroed memory (default: torch).
+    """
+    return [Bucket(index, params, members, allocate) for index, members in enumerate(plan)]

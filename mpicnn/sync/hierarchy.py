@@ -5,6 +5,8 @@ communication thread) can never match a collective of the main thread.
 """
 from __future__ import annotations
 
+import torch
+
 MAX_COUNT = 1 << 30              # MPI counts are C ints: split larger buffers
 
 
@@ -13,7 +15,22 @@ def chunks(numel: int, limit: int = MAX_COUNT):
     return [(start, min(numel, start + limit)) for start in range(0, numel, limit)] or [(0, 0)]
 
 
-class FlatAllreduce:
+class Collective:
+    """Sums a buffer over all ranks, in place; may also own the memory of the buckets."""
+
+    def allocate(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Zeroed memory for a bucket (collective over the ranks when it is shared)."""
+        return torch.zeros(numel, dtype=dtype, device=device)
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Give back a bucket's memory from :meth:`allocate`."""
+
+    def averages(self, tensor: torch.Tensor) -> bool:
+        """Whether :meth:`average` can sum and divide ``tensor`` in one pass itself."""
+        return False
+
+
+class FlatAllreduce(Collective):
     """One ``Allreduce`` over every rank."""
 
     def __init__(self, comm):
@@ -32,7 +49,7 @@ class FlatAllreduce:
         self.comm.Free()
 
 
-class HierarchicalAllreduce:
+class HierarchicalAllreduce(Collective):
     """Reduce within each node, allreduce across node leaders, broadcast within the node."""
 
     def __init__(self, comm, local_comm):

@@ -43,6 +43,9 @@ class Reducer:
             return done
 
     def _reduce(self, key, flat: torch.Tensor) -> None:
+        if self.codec.wire_dtype is None and self.collective.averages(flat):
+            self.collective.average(flat)
+            return
         wire = self.codec.encode(key, flat)
         buf = self.buffers.to_mpi(key, wire)
         datatype, op = self.codec.mpi_spec(buf.dtype)
