@@ -221,6 +221,40 @@ def test_staged_buffers_copy_out_and_back_through_a_reused_host_buffer():
     assert isinstance(make_buffers(False, CPU), DirectBuffers)
 
 
+class _TwoIdenticalRanks:
+    """Sums a buffer as if a second rank held the same values; records what MPI was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def averages(self, tensor):
+        return False
+
+    def __call__(self, buf, datatype, op, spec):
+        self.seen.append((buf.data_ptr(), buf.dtype, spec(buf, datatype)[1]))
+        buf.add_(buf.clone())
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "bf16"])
+def test_reducer_stages_encodes_sums_and_decodes(compression):
+    pytest.importorskip("mpi4py")
+    from mpicnn.sync.reducer import Reducer
+
+    collective = _TwoIdenticalRanks()
+    reducer = Reducer(collective, Codec(compression, 2), CPU)
+    reducer.buffers = StagedBuffers(stream=None, pin=False)   # the CUDA 'off' path, on CPU
+    flat = torch.linspace(-3, 3, 101)
+    expected = flat.clone()
+    assert reducer(0, flat) is None                           # no CUDA event on CPU
+    tolerance = {"none": 0, "fp16": 2e-3, "bf16": 2e-2}[compression]
+    assert torch.allclose(flat, expected, atol=tolerance, rtol=0)      # the mean of 2 equals
+    ptr, dtype, _ = collective.seen[0]
+    assert ptr != flat.data_ptr()                             # MPI saw the host copy ...
+    assert ptr == reducer.buffers.host_buffer(0, reducer.codec.encode(0, flat)).data_ptr()
+    assert dtype == (torch.float32 if compression == "none" else torch.float16
+                     if compression == "fp16" else torch.bfloat16)   # ... in the wire dtype
+
+
 def test_chunks_split_counts_that_do_not_fit_an_int():
     assert chunks(10, limit=4) == [(0, 4), (4, 8), (8, 10)]
     assert chunks(0) == [(0, 0)] and chunks(5) == [(0, 5)]
