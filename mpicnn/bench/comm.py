@@ -58,7 +58,7 @@ def write_data(path: Path, samples: int) -> None:
 
 
 def launch(n: int, module: str, args: list, timeout: float) -> str:
-    """Run ``mpirun -n n python -m module args``; return stdout (raise with its stderr on failure)."""
+    """Run ``mpirun -n n python -m module args``; return stdout (raise on failure)."""
     mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
     if mpirun is None:
         raise SystemExit("mpicnn: error: no mpirun on PATH (pip install mpich)")

@@ -1,4 +1,4 @@
-"""Synchronous data parallelism: gradients averaged over all ranks every step, hidden behind backward.
+"""Synchronous data parallelism: gradients averaged over all ranks, hidden behind backward.
 
 The engine (``--bucket-mb`` > 0), in the manner of DDP's Reducer and Horovod's
 tensor fusion:
@@ -124,7 +124,8 @@ class AllreduceStrategy(Strategy):
                      f"{codec.name} on the wire, divided before the sum")
         buffers = ""
         if reducer.device.type == "cuda":
-            how = "staged through pinned host memory" if reducer.buffers.staged else "to MPI directly"
+            how = ("staged through pinned host memory" if reducer.buffers.staged
+                   else "to MPI directly")
             buffers = f"; CUDA buffers {how}: {self._buffers_why}"
         if not self.buckets:
             path = "plain: one blocking Allreduce of all gradients after backward"
@@ -135,9 +136,9 @@ class AllreduceStrategy(Strategy):
                 thread = "the main thread after backward (one bucket: nothing to overlap)"
             else:
                 thread = "a communication thread, overlapped with backward"
+            first = min(FIRST_BUCKET_BYTES / MB, self.cfg.bucket_mb)
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
-                    f"{self.cfg.bucket_mb:g} MB, first "
-                    f"{min(FIRST_BUCKET_BYTES / MB, self.cfg.bucket_mb):g} MB), reduced on {thread}")
+                    f"{self.cfg.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
         return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
 
     def _sizes(self) -> str:
