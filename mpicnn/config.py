@@ -76,6 +76,23 @@ class Config:
                       "distributed", ["auto", "cpu", "cuda"])
     threads: int = opt(0, "torch CPU threads per rank (0: cores per node / ranks per node)",
                        "distributed")
+    # --- gradient communication (the allreduce engine) ---
+    bucket_mb: float = opt(25.0, "gradient bucket size in MB, reduced while backward goes on "
+                           "(the first bucket is 1 MB); 0: one blocking Allreduce of all "
+                           "gradients after backward", "distributed")
+    accum_steps: int = opt(1, "micro-batches per optimizer step: each rank's --batch-size batch "
+                           "runs as this many slices, gradients are summed locally and "
+                           "communicated once", "distributed")
+    compression: str = opt("none", "gradient precision on the wire (fp16/bf16 halve the bytes)",
+                           "distributed", ["none", "fp16", "bf16"])
+    cuda_aware: str = opt("auto", "CUDA buffers straight to MPI (on), staged through pinned "
+                          "host memory (off), or probe the MPI library (auto)", "distributed",
+                          ["auto", "on", "off"])
+    hierarchical: bool = opt(False, "reduce within each node, allreduce across node leaders, "
+                             "broadcast within the node", "distributed")
+    shared_memory: str = opt("auto", "auto: ranks of one node average CPU buckets in MPI "
+                             "shared-memory windows; off: always MPI Allreduce", "distributed",
+                             ["auto", "off"])
     # --- output ---------------------------------------------------------------
     checkpoint_dir: str = opt("", "directory for checkpoints (empty: none written)", "output")
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and at the end)",
@@ -253,3 +270,10 @@ def validate(cfg: Config) -> None:
         raise MpicnnError("--resume auto needs --checkpoint-dir", collective=True)
     if len(cfg.betas) != 2:
         raise MpicnnError("--betas takes two numbers, e.g. 0.9,0.999", collective=True)
+    if cfg.bucket_mb < 0:
+        raise MpicnnError("--bucket-mb must not be negative (0: one flat Allreduce)",
+                          collective=True)
+    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+        raise MpicnnError(f"--accum-steps {cfg.accum_steps} must be at least 1 and divide "
+                          f"--batch-size {cfg.batch_size} (each micro-batch is batch-size / "
+                          f"accum-steps samples)", collective=True)

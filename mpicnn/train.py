@@ -73,7 +73,8 @@ def train(world, argv) -> int:
         while state.epoch < last_epoch and state.global_step < run_steps:
             intervals.begin()
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
-                                 throughput, on_step=intervals.on_step)
+                                 throughput, on_step=intervals.on_step,
+                                 accum_steps=cfg.accum_steps)
             intervals.flush(state)
             strategy.sync_buffers()
             with timeline.span("evaluate"):
@@ -84,7 +85,7 @@ def train(world, argv) -> int:
             metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                           train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
                           lr=scheduler.get_last_lr()[0], images_per_s=throughput.images_per_s,
-                          **result.timer.snapshot_ms())
+                          **result.timer.snapshot_ms(), **strategy.timings_ms())
             log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
                      f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
             done = state.epoch >= cfg.epochs or state.global_step >= run_steps

@@ -16,6 +16,8 @@ from .errors import MpicnnError
 # Testing aid: group consecutive ranks into fake nodes of this many ranks.
 FAKE_RANKS_PER_NODE_ENV = "MPICNN_RANKS_PER_NODE"
 CUDA_AWARE_ENV = "MPICNN_CUDA_AWARE"
+# Testing aid: ask MPI for a lower thread level (single, funneled, serialized).
+THREAD_LEVEL_ENV = "MPICNN_THREAD_LEVEL"
 
 
 @dataclass
@@ -65,7 +67,7 @@ class World:
 def init_world() -> World:
     """Start MPI (thread-multiple when offered) and find this rank's node."""
     import mpi4py
-    mpi4py.rc.thread_level = "multiple"
+    mpi4py.rc.thread_level = os.environ.get(THREAD_LEVEL_ENV, "multiple")
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
