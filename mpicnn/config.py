@@ -38,6 +38,18 @@ class Config:
     shuffle: str = opt("global", "global: world-size-invariant global batches; local: each "
                        "rank keeps one contiguous shard and shuffles within it", "data",
                        ["global", "local"])
+    # --- data pipeline: read order, prefetch, cache, augmentation (issue 7) -------
+    shuffle_block: int = opt(0, "global order: blocks of this many consecutive rows are "
+                             "shuffled (0: the file's chunk rows; 1: single samples)", "data")
+    shuffle_window: int = opt(0, "then each window of this many rows is dealt into its "
+                              "batches (0: 64 global batches, at most 64 MiB)", "data")
+    prefetch: int = opt(2, "batches a background reader keeps ready (0: read in the loop)",
+                        "data")
+    prefetch_mode: str = opt("thread", "where the reader runs", "data", ["thread", "process"])
+    cache: bool = opt(False, "keep rows in RAM once read (the rank's shard with --shuffle "
+                      "local, else the split); checked against node memory", "data")
+    augment: str = opt("", "comma-separated augmentations: crop (pad and random crop), flip "
+                       "(horizontal); e.g. crop,flip", "data", metavar="LIST")
     # --- model ----------------------------------------------------------------
     model: str = opt("digitnet", "model name from the zoo, or package.module:Class", "model")
     # --- training -------------------------------------------------------------
@@ -277,3 +289,10 @@ def validate(cfg: Config) -> None:
         raise MpicnnError(f"--accum-steps {cfg.accum_steps} must be at least 1 and divide "
                           f"--batch-size {cfg.batch_size} (each micro-batch is batch-size / "
                           f"accum-steps samples)", collective=True)
+    # data pipeline (issue 7)
+    for name in ["shuffle_block", "shuffle_window", "prefetch"]:
+        if getattr(cfg, name) < 0:
+            raise MpicnnError(f"--{name.replace('_', '-')} must not be negative",
+                              collective=True)
+    from .data.augment import parse_augment
+    parse_augment(cfg.augment)

@@ -9,7 +9,7 @@ import torch
 from . import checkpoint, timeline
 from .config import parse_config
 from .data import shard
-from .data.loader import Loader
+from .data.loader import make_loaders
 from .data.schema import open_dataset
 from .loop import RunState, Throughput, evaluate, train_epoch
 from .metrics import IntervalLog, MetricsWriter, Progress
@@ -53,9 +53,7 @@ def train(world, argv) -> int:
     state = restore(world, cfg, model, optimizer, scheduler)
     strategy.attach(model, optimizer, scheduler)
 
-    train_loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
-                          cfg.seed, cfg.shuffle)
-    val_loader = Loader(data, data.val, device, cfg.batch_size, world.size, world.rank)
+    train_loader, val_loader = make_loaders(cfg, data, world)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
     metrics.write("config", **cfg.to_dict(), world_size=world.size,
                   steps_per_epoch=steps_per_epoch)
@@ -99,6 +97,8 @@ def train(world, argv) -> int:
     finally:
         bar.close()
         strategy.finish()
+        train_loader.close()
+        val_loader.close()
     trace = timeline.finish(world, cfg.timeline)
     if trace:
         metrics.write("timeline", **trace)

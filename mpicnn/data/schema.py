@@ -44,6 +44,7 @@ class Dataset:
     val: Split
     classes: list
     file: object = None               # the open h5py.File
+    stats_in_file: bool = True        # False: mean/std are the dtype defaults
 
     def close(self) -> None:
         if self.file is not None:
@@ -199,4 +200,5 @@ def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
         _check_finite(split, f"{path}:/{split.name}")
     return Dataset(path=path, layout=stored_layout, input_shape=shape,
                    num_classes=num_classes, mean=mean.copy(), std=std.copy(),
-                   train=splits["train"], val=splits["val"], classes=classes, file=f)
+                   train=splits["train"], val=splits["val"], classes=classes, file=f,
+                   stats_in_file="mean" in f.attrs and "std" in f.attrs)
