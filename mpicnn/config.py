@@ -84,6 +84,15 @@ class Config:
     progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
     debug: bool = opt(False, "show tracebacks on errors", "output")
     config: str = opt("", "TOML file of settings (flags override it)", "output")
+    # --- failure handling -----------------------------------------------------
+    nan_policy: str = opt("abort", "on a non-finite loss or gradient: abort the run, or skip "
+                          "that update on every rank", "failure", ["abort", "skip"])
+    stall_warn: float = opt(60.0, "seconds ranks may wait at a gradient exchange before rank 0 "
+                            "names the missing ranks (0: off)", "failure")
+    stall_abort: float = opt(0.0, "abort the job after ranks have waited this many seconds at "
+                             "one exchange (0: never)", "failure")
+    keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
+                                "is always kept)", "failure")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -100,7 +109,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 GROUP_TITLES = {"data": "data", "model": "model", "training": "training",
-                "distributed": "distribution", "output": "output and control"}
+                "distributed": "distribution", "output": "output and control",
+                "failure": "failure handling"}
 
 
 def _field_type(name: str):
@@ -245,3 +255,7 @@ def validate(cfg: Config) -> None:
         raise MpicnnError("--resume auto needs --checkpoint-dir", collective=True)
     if len(cfg.betas) != 2:
         raise MpicnnError("--betas takes two numbers, e.g. 0.9,0.999", collective=True)
+    for name in ["stall_warn", "stall_abort", "keep_checkpoints"]:
+        if not getattr(cfg, name) >= 0:
+            raise MpicnnError(f"--{name.replace('_', '-')} must not be negative (0 turns it "
+                              f"off)", collective=True)

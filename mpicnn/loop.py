@@ -1,6 +1,7 @@
 """One epoch of training and one evaluation pass; no mode-specific branches."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -70,7 +71,8 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
         with timer.phase("optimizer"):
             strategy.step()
         loss_value = loss.item()
-        loss_meter.add(loss_value * len(labels), len(labels))
+        if math.isfinite(loss_value):     # a skipped non-finite step stays out of the mean
+            loss_meter.add(loss_value * len(labels), len(labels))
         state.step_in_epoch += 1
         state.global_step += 1
         timer.steps += 1
