@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -48,17 +49,26 @@ def load(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MpicnnError(f"checkpoint {str(path)!r} does not exist") from None
+    except pickle.UnpicklingError as exc:   # weights_only refused something: code could run
+        refused = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        detail = f" ({_first_sentence(refused.group(1))})" if refused else ""
+        raise MpicnnError(f"refusing checkpoint {str(path)!r}: it holds objects other than "
+                          f"tensors and plain data{detail}, and loading them could run code; "
+                          f"resume from a checkpoint written by mpicnn") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MpicnnError(f"cannot load checkpoint {str(path)!r} (damaged, or it holds "
-                          f"objects other than tensors and plain data): {first}; resume "
-                          f"from another checkpoint or start without --resume") from None
+        raise MpicnnError(f"cannot load checkpoint {str(path)!r} (damaged or not a "
+                          f"checkpoint): {_first_sentence(str(exc)) or type(exc).__name__}; "
+                          f"resume from another checkpoint or start without --resume") from None
     problem = digest.verify(state)
     if problem:
         raise MpicnnError(f"refusing checkpoint {str(path)!r}: {problem}; resume from "
                           f"another checkpoint or start without --resume")
     del state[digest.KEY]
     return state
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0]
 
 
 def candidates(directory: str | os.PathLike) -> list[Path]:

@@ -10,9 +10,21 @@ from .errors import MpicnnError
 from .loop import RunState
 
 
+def plain_scheduler_state(scheduler) -> dict:
+    """The scheduler's state without its lr function, which holds the Config object.
+
+    weights_only loading refuses arbitrary objects; the function is rebuilt from the
+    config at start, and ``None`` entries tell LambdaLR to keep it.
+    """
+    state = scheduler.state_dict()
+    if "lr_lambdas" in state:
+        state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+    return state
+
+
 def training_state(cfg, model, optimizer, scheduler, state: RunState) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": state.epoch,
+            "scheduler": plain_scheduler_state(scheduler), "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
             "rng": torch.get_rng_state(), "model_name": cfg.model, "mode": cfg.mode,
             "config": cfg.to_dict()}
