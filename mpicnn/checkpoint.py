@@ -50,8 +50,9 @@ def load(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise MpicnnError(f"checkpoint {str(path)!r} does not exist") from None
     except pickle.UnpicklingError as exc:   # weights_only refused something: code could run
-        refused = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-        detail = f" ({_first_sentence(refused.group(1))})" if refused else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or \
+            re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        detail = f" (refused: {_first_sentence(found.group(1))})" if found else ""
         raise MpicnnError(f"refusing checkpoint {str(path)!r}: it holds objects other than "
                           f"tensors and plain data{detail}, and loading them could run code; "
                           f"resume from a checkpoint written by mpicnn") from None

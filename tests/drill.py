@@ -200,3 +200,17 @@ def small_digits(path, train: int = 128, val: int = 64, dtype=np.uint8) -> Path:
                                      "labels": yt[:train]},
                            "val": {"images": (xv[:val] * scale).astype(dtype),
                                    "labels": yv[:val]}})
+
+
+def flip_tensor_byte(source: Path, target: Path) -> Path:
+    """Copy ``source`` with one bit flipped inside its largest tensor (zip headers intact)."""
+    import zipfile
+
+    raw = bytearray(Path(source).read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    extra = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + len(info.filename.encode()) + extra
+    raw[start + info.file_size // 2] ^= 0x01
+    Path(target).write_bytes(raw)
+    return Path(target)
