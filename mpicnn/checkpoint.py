@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from pathlib import Path
 
@@ -49,16 +48,17 @@ def load(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MpicnnError(f"checkpoint {str(path)!r} does not exist") from None
-    except pickle.UnpicklingError as exc:   # weights_only refused something: code could run
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or \
-            re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-        detail = f" (refused: {_first_sentence(found.group(1))})" if found else ""
-        raise MpicnnError(f"refusing checkpoint {str(path)!r}: it holds objects other than "
-                          f"tensors and plain data{detail}, and loading them could run code; "
-                          f"resume from a checkpoint written by mpicnn") from None
     except Exception as exc:
+        text = str(exc).strip()
+        refused = re.search(r"GLOBAL ([\w.]+)", text)   # weights_only stopped an object
+        if refused:
+            raise MpicnnError(f"refusing checkpoint {str(path)!r}: it holds objects other than "
+                              f"tensors and plain data ({refused.group(1)}), and loading them "
+                              f"could run code; resume from a checkpoint written by "
+                              f"mpicnn") from None
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         raise MpicnnError(f"cannot load checkpoint {str(path)!r} (damaged or not a "
-                          f"checkpoint): {_first_sentence(str(exc)) or type(exc).__name__}; "
+                          f"checkpoint): {_first_sentence(why.group(1) if why else text)}; "
                           f"resume from another checkpoint or start without --resume") from None
     problem = digest.verify(state)
     if problem:

@@ -35,10 +35,10 @@ class Supervised:
             self.watchdog.mark(state, self.state.global_step + ahead)
 
     def attach(self, model, optimizer, scheduler) -> None:
+        if not self.inner.trains:         # a server waits on workers by design, never "missing"
+            self._mark(SERVE)
         self.inner.attach(model, optimizer, scheduler)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.inner.trains:
-            self._mark(SERVE)
 
     def after_backward(self) -> None:
         faults.stall(self.sleeps, self.state.global_step + 1)
