@@ -122,8 +122,8 @@ def resolve_resume(resume: str, directory: str) -> Path | None:
     if resume == "auto":
         return latest(directory) if directory else None
     if not os.path.exists(resume):
-        raise MpicnnError(f"--resume {resume!r}: no such checkpoint; give an existing file, or "
-                      f"'auto' to continue from the newest one in --checkpoint-dir")
+        raise MpicnnError(f"--resume {resume!r}: no such checkpoint; give an existing file, "
+                          f"or 'auto' to continue from the newest one in --checkpoint-dir")
     return Path(resume)
 
 

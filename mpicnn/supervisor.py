@@ -12,7 +12,7 @@ from . import faults
 from .errors import MpicnnError
 from .guards import NanGuard, grads_finite
 from .watchdog import COMPUTE, SERVE, WAIT, Watchdog
-from .world import test_sleep_spec
+from .world import drill_sleep_spec
 
 
 class Supervised:
@@ -21,7 +21,7 @@ class Supervised:
     def __init__(self, strategy, cfg, world, state):
         self.inner, self.state = strategy, state
         self.guard = NanGuard(cfg.nan_policy, world.log)
-        self.sleeps = faults.parse_sleeps(test_sleep_spec(), world.rank)
+        self.sleeps = faults.parse_sleeps(drill_sleep_spec(), world.rank)
         watch = world.size > 1 and (cfg.stall_warn > 0 or cfg.stall_abort > 0)
         self.watchdog = Watchdog(world, cfg.stall_warn, cfg.stall_abort) if watch else None
         self.params = []

@@ -151,7 +151,7 @@ def describe(world: World) -> str:
             f"{world.size} rank(s) on {', '.join(hosts)}; devices {', '.join(devices)}")
 
 
-def test_sleep_spec() -> str:
+def drill_sleep_spec() -> str:
     """The stall drill's 'rank:step:seconds' list (empty outside tests)."""
     return os.environ.get(TEST_SLEEP_ENV, "")
 

@@ -136,9 +136,11 @@ CASES = [
          "labels go up to 9 but the file declares 3 classes"),
     Case("length-mismatch", lambda t, c: data(t, train__labels=lambda y: y[:-5]),
          "1438 images but 1433 labels"),
-    Case("empty-split", lambda t, c: data(t, val__images=lambda x: x[:0], val__labels=lambda y: y[:0]),
+    Case("empty-split", lambda t, c: data(t, val__images=lambda x: x[:0],
+                                          val__labels=lambda y: y[:0]),
          "val split"),
-    Case("nan-images", lambda t, c: data(t, train__images=with_nan, val__images=lambda x: x / 255.0),
+    Case("nan-images", lambda t, c: data(t, train__images=with_nan,
+                                         val__images=lambda x: x / 255.0),
          "NaN or Inf"),
     Case("batch-larger-than-data", lambda t, c: ["--batch-size", "400"],
          "fewer than one global batch", n=4),
@@ -173,7 +175,8 @@ CASES = [
     Case("resume-pickled-code", lambda t, c: resume_from(t, malicious(t, c)),
          "plain data (posix.system)"),
     # parameter-server options that do not fit the world (rows run once PS modes exist)
-    Case("ps-no-workers", lambda t, c: ["--mode", "ps-sync", "--servers", "2"], "", needs="ps-sync"),
+    Case("ps-no-workers", lambda t, c: ["--mode", "ps-sync", "--servers", "2"], "",
+         needs="ps-sync"),
     Case("ps-too-many-servers", lambda t, c: ["--mode", "ps-async", "--servers", "5"], "",
          n=4, needs="ps-async"),
 ]

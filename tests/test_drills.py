@@ -194,4 +194,3 @@ def _kill_mid_write(job: Job, ckpt: Path) -> Path:
         time.sleep(0.002)
     job.kill_all()
     pytest.fail("never caught rank 0 writing a second checkpoint")
-

@@ -211,7 +211,7 @@ def test_new_options_are_validated():
             parse_config(bad)
 
 
-def test_test_sleep_spec():
+def test_drill_sleep_spec():
     assert faults.parse_sleeps("1:3:2.5, 0:4:1,1:3:1", rank=1) == {3: 3.5}
     assert faults.parse_sleeps("", rank=0) == {}
     with pytest.raises(MpicnnError, match="rank:step:seconds"):
@@ -258,7 +258,8 @@ def test_package_never_evaluates_input_or_listens():
                 name = _name(node.func)
                 if name in FORBIDDEN_CALLS or name.endswith((".listen", ".bind")):
                     problems.append(f"{where} calls {name}")
-                if any(k.arg == "shell" and getattr(k.value, "value", False) for k in node.keywords):
+                if any(k.arg == "shell" and getattr(k.value, "value", False)
+                       for k in node.keywords):
                     problems.append(f"{where} runs a shell")
                 if name == "torch.load" and not any(
                         k.arg == "weights_only" and getattr(k.value, "value", None) is True

@@ -34,7 +34,7 @@ class Strategy:
 
     @property
     def synced_grads(self) -> bool:
-        """Whether ``.grad`` after after_backward() is the same on every rank (so NaN checks agree)."""
+        """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
         return True
 
     def skip_step(self) -> None:
