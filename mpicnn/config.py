@@ -121,6 +121,15 @@ class Config:
                         "this file (open in ui.perfetto.dev)", "output")
     timeline_steps: str = opt("0:20", "global steps a:b (b excluded) recorded by --timeline",
                               "output", metavar="A:B")
+    # --- failure handling -----------------------------------------------------
+    nan_policy: str = opt("abort", "on a non-finite loss or gradient: abort the run, or skip "
+                          "that update on every rank", "failure", ["abort", "skip"])
+    stall_warn: float = opt(60.0, "seconds ranks may wait at a gradient exchange before rank 0 "
+                            "names the missing ranks (0: off)", "failure")
+    stall_abort: float = opt(0.0, "abort the job after ranks have waited this many seconds at "
+                             "one exchange (0: never)", "failure")
+    keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
+                                "is always kept)", "failure")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -137,7 +146,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 GROUP_TITLES = {"data": "data", "model": "model", "training": "training",
-                "distributed": "distribution", "output": "output and control"}
+                "distributed": "distribution", "output": "output and control",
+                "failure": "failure handling"}
 
 
 def _field_type(name: str):
@@ -296,3 +306,7 @@ def validate(cfg: Config) -> None:
                               collective=True)
     from .data.augment import parse_augment
     parse_augment(cfg.augment)
+    for name in ["stall_warn", "stall_abort", "keep_checkpoints"]:
+        if not getattr(cfg, name) >= 0:
+            raise MpicnnError(f"--{name.replace('_', '-')} must not be negative (0 turns it "
+                              f"off)", collective=True)

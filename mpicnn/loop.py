@@ -1,6 +1,7 @@
 """One epoch of training and one evaluation pass; no mode-specific branches."""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
         with timer.phase("optimizer"):
             strategy.step()
         loss_value = loss_sum / len(labels)
-        loss_meter.add(loss_sum, len(labels))
+        if math.isfinite(loss_value):     # a skipped non-finite step stays out of the mean
+            loss_meter.add(loss_sum, len(labels))
         state.step_in_epoch += 1
         state.global_step += 1
         timer.steps += 1

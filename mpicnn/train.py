@@ -16,6 +16,7 @@ from .metrics import IntervalLog, MetricsWriter, Progress
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
 from .resume import restore, save, save_config
+from .supervisor import Supervised
 from .sync import make_strategy
 from .world import bind_device, describe, run_guarded
 
@@ -51,6 +52,7 @@ def train(world, argv) -> int:
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
     strategy = make_strategy(cfg, world)
     state = restore(world, cfg, model, optimizer, scheduler)
+    strategy = Supervised(strategy, cfg, world, state)   # NaN policy, stall watchdog
     strategy.attach(model, optimizer, scheduler)
 
     train_loader, val_loader = make_loaders(cfg, data, world)

@@ -38,6 +38,16 @@ class Strategy:
         self.optimizer.step()
         self.scheduler.step()
 
+    @property
+    def synced_grads(self) -> bool:
+        """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
+        return True
+
+    def skip_step(self) -> None:
+        """Drop this step's update (its gradient was not finite); the schedule moves on."""
+        self.optimizer.zero_grad(set_to_none=False)
+        self.scheduler.step()
+
     def sync_buffers(self) -> None:
         """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
 
