@@ -58,6 +58,9 @@ class Config:
                           "training")
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit)",
                          "training")
+    stop_epoch: int = opt(0, "end this invocation after this epoch with a checkpoint, keeping "
+                          "the schedule of --epochs (split a long run over several jobs; "
+                          "continue with --resume auto)", "training")
     optimizer: str = opt("adamw", "optimizer", "training", ["sgd", "adamw"])
     lr: float = opt(0.002, "peak learning rate (after warmup, before scaling); for SGD try "
                     "0.05", "training")
@@ -85,6 +88,23 @@ class Config:
                       "distributed", ["auto", "cpu", "cuda"])
     threads: int = opt(0, "torch CPU threads per rank (0: cores per node / ranks per node)",
                        "distributed")
+    # --- gradient communication (the allreduce engine) ---
+    bucket_mb: float = opt(25.0, "gradient bucket size in MB, reduced while backward goes on "
+                           "(the first bucket is 1 MB); 0: one blocking Allreduce of all "
+                           "gradients after backward", "distributed")
+    accum_steps: int = opt(1, "micro-batches per optimizer step: each rank's --batch-size batch "
+                           "runs as this many slices, gradients are summed locally and "
+                           "communicated once", "distributed")
+    compression: str = opt("none", "gradient precision on the wire (fp16/bf16 halve the bytes)",
+                           "distributed", ["none", "fp16", "bf16"])
+    cuda_aware: str = opt("auto", "CUDA buffers straight to MPI (on), staged through pinned "
+                          "host memory (off), or probe the MPI library (auto)", "distributed",
+                          ["auto", "on", "off"])
+    hierarchical: bool = opt(False, "reduce within each node, allreduce across node leaders, "
+                             "broadcast within the node", "distributed")
+    shared_memory: str = opt("auto", "auto: ranks of one node average CPU buckets in MPI "
+                             "shared-memory windows; off: always MPI Allreduce", "distributed",
+                             ["auto", "off"])
     # --- output ---------------------------------------------------------------
     checkpoint_dir: str = opt("", "directory for checkpoints (empty: none written)", "output")
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and at the end)",
@@ -96,6 +116,20 @@ class Config:
     progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
     debug: bool = opt(False, "show tracebacks on errors", "output")
     config: str = opt("", "TOML file of settings (flags override it)", "output")
+    # --- timeline (see README "Metrics, timeline and reports") -------------------
+    timeline: str = opt("", "write a Chrome-trace/Perfetto JSON of every rank's phases to "
+                        "this file (open in ui.perfetto.dev)", "output")
+    timeline_steps: str = opt("0:20", "global steps a:b (b excluded) recorded by --timeline",
+                              "output", metavar="A:B")
+    # --- failure handling -----------------------------------------------------
+    nan_policy: str = opt("abort", "on a non-finite loss or gradient: abort the run, or skip "
+                          "that update on every rank", "failure", ["abort", "skip"])
+    stall_warn: float = opt(60.0, "seconds ranks may wait at a gradient exchange before rank 0 "
+                            "names the missing ranks (0: off)", "failure")
+    stall_abort: float = opt(0.0, "abort the job after ranks have waited this many seconds at "
+                             "one exchange (0: never)", "failure")
+    keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
+                                "is always kept)", "failure")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -112,7 +146,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 GROUP_TITLES = {"data": "data", "model": "model", "training": "training",
-                "distributed": "distribution", "output": "output and control"}
+                "distributed": "distribution", "output": "output and control",
+                "failure": "failure handling"}
 
 
 def _field_type(name: str):
@@ -244,7 +279,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             raise MpicnnError(f"--{name.replace('_', '-')} must be at least 1, got "
                               f"{getattr(cfg, name)}", collective=True)
-    for name in ["max_steps", "threads", "warmup_epochs", "weight_decay", "momentum",
+    for name in ["max_steps", "stop_epoch", "threads", "warmup_epochs", "weight_decay", "momentum",
                  "min_lr_ratio"]:
         if getattr(cfg, name) < 0:
             raise MpicnnError(f"--{name.replace('_', '-')} must not be negative",
@@ -257,6 +292,13 @@ def validate(cfg: Config) -> None:
         raise MpicnnError("--resume auto needs --checkpoint-dir", collective=True)
     if len(cfg.betas) != 2:
         raise MpicnnError("--betas takes two numbers, e.g. 0.9,0.999", collective=True)
+    if cfg.bucket_mb < 0:
+        raise MpicnnError("--bucket-mb must not be negative (0: one flat Allreduce)",
+                          collective=True)
+    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+        raise MpicnnError(f"--accum-steps {cfg.accum_steps} must be at least 1 and divide "
+                          f"--batch-size {cfg.batch_size} (each micro-batch is batch-size / "
+                          f"accum-steps samples)", collective=True)
     # data pipeline (issue 7)
     for name in ["shuffle_block", "shuffle_window", "prefetch"]:
         if getattr(cfg, name) < 0:
@@ -264,3 +306,7 @@ def validate(cfg: Config) -> None:
                               collective=True)
     from .data.augment import parse_augment
     parse_augment(cfg.augment)
+    for name in ["stall_warn", "stall_abort", "keep_checkpoints"]:
+        if not getattr(cfg, name) >= 0:
+            raise MpicnnError(f"--{name.replace('_', '-')} must not be negative (0 turns it "
+                              f"off)", collective=True)
