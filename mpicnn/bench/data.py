@@ -136,7 +136,9 @@ def train_run(path, args, folder: Path, name: str, extra: list) -> dict:
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     with open(metrics) as fh:
         epoch = [json.loads(line) for line in fh if '"epoch"' in line][-1]
-    phases = {k[:-3]: v for k, v in epoch.items() if k.endswith("_ms")}
+    from mpicnn.metrics import PHASES          # the step's sequential phases
+
+    phases = {name: epoch[f"{name}_ms"] for name in PHASES if f"{name}_ms" in epoch}
     step = sum(phases.values())
     return {"step_ms": round(step, 2), "data_ms": phases["data"],
             "data_share": round(phases["data"] / step, 4), "phases_ms": phases,
