@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import DIGITS, mpirun, read_jsonl, run_command
+from mpicnn import checkpoint
 from mpicnn.config import parse_config
 from mpicnn.errors import MpicnnError
 
@@ -14,8 +15,7 @@ pytestmark = pytest.mark.mpi
 
 
 def final_params(folder):
-    # our own file: weights_only=False because the scheduler state holds the Config
-    return torch.load(folder / "final.pt", weights_only=False)["model"]
+    return checkpoint.load(folder / "final.pt")["model"]
 
 
 def test_parity_and_prefetch_do_not_change_training(tmp_path):
