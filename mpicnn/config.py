@@ -87,6 +87,13 @@ class Config:
     progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
     debug: bool = opt(False, "show tracebacks on errors", "output")
     config: str = opt("", "TOML file of settings (flags override it)", "output")
+    # --- batch jobs and preemption (mpicnn/preempt.py, mpicnn/batchjob.py, jobs/) ---
+    stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
+                                "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "
+                                "leave signals alone", "output")
+    job_dirs: bool = opt(True, "inside a SLURM/PBS job, default --checkpoint-dir and "
+                         "--metrics to runs/<job name>-<job id>/ and resume a requeued job",
+                         "output")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -248,3 +255,7 @@ def validate(cfg: Config) -> None:
         raise MpicnnError("--resume auto needs --checkpoint-dir", collective=True)
     if len(cfg.betas) != 2:
         raise MpicnnError("--betas takes two numbers, e.g. 0.9,0.999", collective=True)
+    # batch jobs and preemption
+    if cfg.stop_check_every < 0:
+        raise MpicnnError("--stop-check-every must not be negative (0 leaves signals alone)",
+                          collective=True)

@@ -48,8 +48,12 @@ class EpochResult:
 
 
 def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global_batch: int,
-                throughput: Throughput, on_step=None) -> EpochResult:
-    """Run the remaining steps of ``state.epoch``; returns the mean loss over all ranks."""
+                throughput: Throughput, on_step=None, should_stop=None) -> EpochResult:
+    """Run the remaining steps of ``state.epoch``; returns the mean loss over all ranks.
+
+    ``should_stop(state)``, called after every step but the run's last on every rank,
+    ends the epoch early when it returns True (the same answer on all ranks).
+    """
     model.train()
     timer, loss_meter = PhaseTimer(), Meter()
     batches = loader.epoch(state.epoch, start_step=state.step_in_epoch)
@@ -79,6 +83,8 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
         last = now
         if on_step is not None:
             on_step(state, loss_value, timer)
+        if should_stop is not None and state.global_step < run_steps and should_stop(state):
+            break
     total, count = reduce_sums(strategy.world.comm, [loss_meter.sum, loss_meter.count])
     return EpochResult(train_loss=total / max(count, 1), steps=timer.steps, timer=timer)
 

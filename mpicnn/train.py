@@ -18,6 +18,8 @@ from .optim import build_optimizer, build_scheduler, total_steps
 from .resume import restore, save, save_config
 from .sync import make_strategy
 from .world import bind_device, describe, run_guarded
+from .batchjob import apply_job_defaults
+from .preempt import Preemption
 
 
 def main(argv=None) -> int:
@@ -26,7 +28,7 @@ def main(argv=None) -> int:
 
 def train(world, argv) -> int:
     started = time.perf_counter()
-    cfg = parse_config(argv)
+    cfg = apply_job_defaults(parse_config(argv), world.job)
     log = world.log
     device = bind_device(world, cfg.device, cfg.threads)
     if cfg.deterministic:
@@ -61,16 +63,24 @@ def train(world, argv) -> int:
              f"{data.input_shape}, {data.num_classes} classes; {cfg.model}, "
              f"{steps_per_epoch} steps/epoch at global batch {global_batch}")
     bar = Progress(world.is_root, cfg.progress)
+    preempt, saved = Preemption(strategy.agree_stop, cfg.stop_check_every), None
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
+    preempt.install()
     try:
         while state.epoch < last_epoch and state.global_step < run_steps:
             bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
-                                 throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"))
+                                 throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"),
+                                 should_stop=preempt.should_stop)
             bar.close()
             strategy.sync_buffers()
+            if preempt.stopped:          # mid-epoch is fine: the loader skips done steps
+                if cfg.checkpoint_dir and world.is_root:
+                    saved = save(cfg, model, optimizer, scheduler, state,
+                                 checkpoint.checkpoint_name(state.global_step))
+                break
             val_loss, val_acc = evaluate(model, val_loader, world.comm)
             train_loss = result.train_loss
             if state.step_in_epoch >= steps_per_epoch:
@@ -86,13 +96,19 @@ def train(world, argv) -> int:
             if cfg.checkpoint_dir and world.is_root and (done or due):
                 name = checkpoint.FINAL if done else checkpoint.checkpoint_name(state.global_step)
                 save(cfg, model, optimizer, scheduler, state, name)
-        if val_acc != val_acc:           # nothing left to train (resumed a finished run)
+        if val_acc != val_acc and not preempt.stopped:   # resumed a finished run
             strategy.sync_buffers()
             val_loss, val_acc = evaluate(model, val_loader, world.comm)
     finally:
+        preempt.restore()
         bar.close()
         strategy.finish()
     wall = time.perf_counter() - started
+    if preempt.stopped:
+        code = preempt.report(log, metrics, state, saved)
+        metrics.close()
+        data.close()
+        return code
     metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
                   images_per_s=throughput.images_per_s, steps=state.global_step,
                   epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall)

@@ -1,6 +1,8 @@
 """The small interface every gradient synchronisation strategy offers the training loop."""
 from __future__ import annotations
 
+from ..metrics import reduce_sums
+
 
 class Strategy:
     """attach -> (forward, backward, after_backward, step)* -> finish."""
@@ -31,6 +33,14 @@ class Strategy:
         """Apply the averaged gradients and advance the schedule."""
         self.optimizer.step()
         self.scheduler.step()
+
+    def agree_stop(self, wanted: bool) -> bool:
+        """Whether any training rank wants to stop now; the same answer on all of them.
+
+        Collective over the ranks that run the training loop (override where those are
+        not all of ``world.comm``, e.g. parameter-server workers).
+        """
+        return bool(reduce_sums(self.world.comm, [float(wanted)])[0] > 0)
 
     def sync_buffers(self) -> None:
         """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
