@@ -1,7 +1,6 @@
 """Defaults inside a batch job: one output directory per job id, resumed after a requeue."""
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -15,19 +14,18 @@ def job_dir(job) -> str:
     return str(Path(RUNS_DIR) / f"{name}-{job.job_id}")
 
 
-def apply_job_defaults(cfg, job):
-    """Fill unset --checkpoint-dir/--metrics from the job; resume when it was requeued.
+def job_defaults(job) -> dict:
+    """Config defaults for a run inside ``job`` (a ``world.BatchJob``, or None).
 
-    Resuming only after a requeue (not on the first run) keeps a second training in
-    the same job from silently continuing the first one's final checkpoint.
+    Checkpoints and metrics go to the job's own directory; a requeued job resumes from
+    its latest checkpoint. The first run of a job never resumes by default, so a second
+    training in the same job cannot silently continue the first one's final checkpoint.
+    A config file or flags override these (``--checkpoint-dir ''`` writes none).
     """
-    if job is None or not cfg.job_dirs:
-        return cfg
-    changes = {}
-    if not cfg.checkpoint_dir:
-        changes["checkpoint_dir"] = job_dir(job)
-        if not cfg.resume and job.restarts > 0:
-            changes["resume"] = "auto"
-    if not cfg.metrics:
-        changes["metrics"] = str(Path(job_dir(job)) / METRICS_FILE)
-    return dataclasses.replace(cfg, **changes)
+    if job is None:
+        return {}
+    defaults = {"checkpoint_dir": job_dir(job),
+                "metrics": str(Path(job_dir(job)) / METRICS_FILE)}
+    if job.restarts > 0:
+        defaults["resume"] = "auto"
+    return defaults

@@ -87,13 +87,10 @@ class Config:
     progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
     debug: bool = opt(False, "show tracebacks on errors", "output")
     config: str = opt("", "TOML file of settings (flags override it)", "output")
-    # --- batch jobs and preemption (mpicnn/preempt.py, mpicnn/batchjob.py, jobs/) ---
+    # --- preemption (mpicnn/preempt.py, jobs/) ---------------------------------
     stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
                                 "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "
                                 "leave signals alone", "output")
-    job_dirs: bool = opt(True, "inside a SLURM/PBS job, default --checkpoint-dir and "
-                         "--metrics to runs/<job name>-<job id>/ and resume a requeued job",
-                         "output")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -224,11 +221,12 @@ def load_toml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Build the effective Config from defaults, ``--config`` and flags."""
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
+    """Build the effective Config from defaults (``defaults`` first), ``--config`` and flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given = vars(build_parser().parse_args(argv))
-    values = load_toml(given["config"]) if given.get("config") else {}
+    values = dict(defaults or {})
+    values.update(load_toml(given["config"]) if given.get("config") else {})
     values.update(given)
     cfg = Config(**{k: coerce(k, v) for k, v in values.items()})
     validate(cfg)
@@ -255,7 +253,7 @@ def validate(cfg: Config) -> None:
         raise MpicnnError("--resume auto needs --checkpoint-dir", collective=True)
     if len(cfg.betas) != 2:
         raise MpicnnError("--betas takes two numbers, e.g. 0.9,0.999", collective=True)
-    # batch jobs and preemption
+    # preemption
     if cfg.stop_check_every < 0:
         raise MpicnnError("--stop-check-every must not be negative (0 leaves signals alone)",
                           collective=True)

@@ -51,9 +51,10 @@ class StopSignals:
 class Preemption:
     """Whether training stops now: the same answer on every training rank."""
 
-    def __init__(self, agree, check_every: int = 1, signals: StopSignals | None = None):
-        self.agree = agree               # agree(wanted) -> any rank wanted; collective
+    def __init__(self, check_every: int = 1, agree=None, signals: StopSignals | None = None):
         self.check_every = check_every   # 0: signals are left alone, never stops
+        self.agree = agree               # agree(wanted) -> any rank wanted; collective,
+                                         # e.g. Strategy.agree_stop (set once it exists)
         self.signals = signals or StopSignals()
         self.stopped = False
 

@@ -7,6 +7,7 @@ import time
 import torch
 
 from . import checkpoint
+from .batchjob import job_defaults
 from .config import parse_config
 from .data import shard
 from .data.loader import Loader
@@ -15,11 +16,10 @@ from .loop import RunState, Throughput, evaluate, train_epoch
 from .metrics import MetricsWriter, Progress
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
+from .preempt import Preemption
 from .resume import restore, save, save_config
 from .sync import make_strategy
 from .world import bind_device, describe, run_guarded
-from .batchjob import apply_job_defaults
-from .preempt import Preemption
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,9 @@ def main(argv=None) -> int:
 
 def train(world, argv) -> int:
     started = time.perf_counter()
-    cfg = apply_job_defaults(parse_config(argv), world.job)
+    cfg = parse_config(argv, defaults=job_defaults(world.job))
+    preempt = Preemption(cfg.stop_check_every)
+    preempt.install()                    # early, so a stop signal during setup is not fatal
     log = world.log
     device = bind_device(world, cfg.device, cfg.threads)
     if cfg.deterministic:
@@ -51,6 +53,7 @@ def train(world, argv) -> int:
     optimizer = build_optimizer(cfg, model.parameters(), global_batch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
     strategy = make_strategy(cfg, world)
+    preempt.agree = strategy.agree_stop
     state = restore(world, cfg, model, optimizer, scheduler)
     strategy.attach(model, optimizer, scheduler)
 
@@ -63,11 +66,10 @@ def train(world, argv) -> int:
              f"{data.input_shape}, {data.num_classes} classes; {cfg.model}, "
              f"{steps_per_epoch} steps/epoch at global batch {global_batch}")
     bar = Progress(world.is_root, cfg.progress)
-    preempt, saved = Preemption(strategy.agree_stop, cfg.stop_check_every), None
+    saved = None
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
-    preempt.install()
     try:
         while state.epoch < last_epoch and state.global_step < run_steps:
             bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")

@@ -9,6 +9,8 @@ cluster through ``SLURM_CONF``.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import re
 import shutil
@@ -27,7 +29,7 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 class Unavailable(Exception):
-    """SLURM cannot be installed or started here (the reason says why)."""
+    """SLURM cannot be installed here (not root, no package manager, no package access)."""
 
 
 def find(program: str) -> str | None:
@@ -54,7 +56,16 @@ def ensure_installed() -> None:
             raise Unavailable(f"{' '.join(cmd)} failed: {' / '.join(tail)}")
     still = [p for p in DAEMONS + CLIENTS if find(p) is None]
     if still:
-        raise Unavailable(f"installed {' '.join(PACKAGES)} but {', '.join(still)} missing")
+        raise RuntimeError(f"installed {' '.join(PACKAGES)} but {', '.join(still)} missing")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies, however it dies."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -136,7 +147,9 @@ class LocalSlurm:
         return done
 
     def start(self, timeout: float = 60) -> "LocalSlurm":
+        """Install if needed (Unavailable when impossible) and start the daemons."""
         ensure_installed()
+        atexit.register(self.stop)
         for sub in ("munge", "state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
@@ -175,7 +188,8 @@ class LocalSlurm:
         self.procs[name] = subprocess.Popen(list(map(str, argv)), stdout=log, stderr=log,
                                             stdin=subprocess.DEVNULL,
                                             env={**os.environ, **self.env},
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         log.close()
 
     def _node_ready(self) -> bool:
@@ -187,12 +201,12 @@ class LocalSlurm:
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise Unavailable(f"{name} exited {proc.returncode} while waiting for "
+                    raise RuntimeError(f"{name} exited {proc.returncode} while waiting for "
                                       f"{what}: {self.log_tail(name)}")
             if ready():
                 return
             time.sleep(0.5)
-        raise Unavailable(f"timed out after {timeout} s waiting for {what}: "
+        raise RuntimeError(f"timed out after {timeout} s waiting for {what}: "
                           f"{self.log_tail('slurmctld')} {self.log_tail('slurmd')}")
 
     def log_tail(self, name: str, lines: int = 5) -> str:
@@ -220,22 +234,24 @@ class LocalSlurm:
         self._kill_leftover_jobs()
 
     def _kill_leftover_jobs(self) -> None:
-        """End slurmstepd processes (and their job trees) that this cluster started."""
-        marker = str(self.root / "spool")
+        """SIGKILL what this cluster's jobs left behind (step daemons, scripts, ranks).
+
+        They are found by the ``SLURM_CONF`` of this cluster in their environment, which
+        slurmd passes to its step daemons and sbatch passes to the jobs.
+        """
+        marker = f"SLURM_CONF={self.conf}".encode()
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                environ = (entry / "environ").read_bytes().decode(errors="replace")
+                environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if "slurmstepd" in cmdline or f"SLURM_CONF={self.conf}" in environ:
-                if marker in cmdline or f"SLURM_CONF={self.conf}" in environ:
-                    try:
-                        os.kill(int(entry.name), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            if marker in environ:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     # --- jobs ---------------------------------------------------------------------
     def sbatch(self, *args, env=None) -> str:
