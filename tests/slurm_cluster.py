@@ -136,11 +136,12 @@ class LocalSlurm:
         """Variables that point SLURM's client commands at this cluster."""
         return {"SLURM_CONF": str(self.conf)}
 
-    def command(self, *args, timeout: float = 30, check: bool = True, env=None
+    def command(self, *args, timeout: float = 30, check: bool = True, env=None, cwd=None
                 ) -> subprocess.CompletedProcess:
+        """Run a SLURM client command against this cluster."""
         done = subprocess.run([find(args[0]), *map(str, args[1:])], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, **self.env,
-                                                               **(env or {})})
+                              text=True, timeout=timeout, cwd=cwd,
+                              env={**(os.environ if env is None else env), **self.env})
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, args))} exited {done.returncode}: "
                                f"{done.stderr.strip() or done.stdout.strip()}")
@@ -254,9 +255,9 @@ class LocalSlurm:
                     pass
 
     # --- jobs ---------------------------------------------------------------------
-    def sbatch(self, *args, env=None) -> str:
-        """Submit a batch job; returns its id."""
-        done = self.command("sbatch", "--parsable", *args, env=env)
+    def sbatch(self, *args, env=None, cwd=None) -> str:
+        """Submit a batch job (from ``cwd``, with environment ``env``); returns its id."""
+        done = self.command("sbatch", "--parsable", *args, env=env, cwd=cwd)
         return done.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> list[dict]:
