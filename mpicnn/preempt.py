@@ -53,8 +53,9 @@ class Preemption:
 
     def __init__(self, check_every: int = 1, agree=None, signals: StopSignals | None = None):
         self.check_every = check_every   # 0: signals are left alone, never stops
-        self.agree = agree               # agree(wanted) -> any rank wanted; collective,
-                                         # e.g. Strategy.agree_stop (set once it exists)
+        # agree(wanted) -> whether any rank wants to stop; collective, e.g.
+        # Strategy.agree_stop (assigned once the strategy exists)
+        self.agree = agree
         self.signals = signals or StopSignals()
         self.stopped = False
 

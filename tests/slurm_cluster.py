@@ -202,13 +202,13 @@ class LocalSlurm:
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited {proc.returncode} while waiting for "
-                                      f"{what}: {self.log_tail(name)}")
+                    raise RuntimeError(f"{name} exited {proc.returncode} while waiting "
+                                       f"for {what}: {self.log_tail(name)}")
             if ready():
                 return
             time.sleep(0.5)
         raise RuntimeError(f"timed out after {timeout} s waiting for {what}: "
-                          f"{self.log_tail('slurmctld')} {self.log_tail('slurmd')}")
+                           f"{self.log_tail('slurmctld')} {self.log_tail('slurmd')}")
 
     def log_tail(self, name: str, lines: int = 5) -> str:
         text = ""

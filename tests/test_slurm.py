@@ -95,8 +95,7 @@ def test_train_sbatch_completes_and_reaches_accuracy(uninterrupted):
     print(f"\ntrain.sbatch job {job_id}: {seconds:.0f} s, val acc {end['val_acc']:.4f}")
 
 
-def test_preemption_drill_requeues_and_matches_uninterrupted_run(slurm, uninterrupted,
-                                                                   tmp_path):
+def test_preemption_drill_requeues_and_matches_uninterrupted_run(slurm, uninterrupted, tmp_path):
     """USR1 to the batch shell mid-run: checkpoint, requeue, resume, same final parameters."""
     reference_id, reference_dir, _ = uninterrupted
     job_id = submit(slurm, tmp_path, "train.sbatch", train_args=TRAIN_ARGS, LAUNCHER="mpirun")
