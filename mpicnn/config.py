@@ -87,6 +87,11 @@ class Config:
     progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
     debug: bool = opt(False, "show tracebacks on errors", "output")
     config: str = opt("", "TOML file of settings (flags override it)", "output")
+    # --- timeline (see README "Metrics, timeline and reports") -------------------
+    timeline: str = opt("", "write a Chrome-trace/Perfetto JSON of every rank's phases to "
+                        "this file (open in ui.perfetto.dev)", "output")
+    timeline_steps: str = opt("0:20", "global steps a:b (b excluded) recorded by --timeline",
+                              "output", metavar="A:B")
     # --- preemption (mpicnn/preempt.py, jobs/) ---------------------------------
     stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
                                 "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "

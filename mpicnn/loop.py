@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import timeline
 from .metrics import Meter, PhaseTimer, reduce_sums
 
 WARMUP_STEPS_UNTIMED = 5
@@ -59,6 +60,7 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
     batches = loader.epoch(state.epoch, start_step=state.step_in_epoch)
     last = time.perf_counter()
     while state.global_step < run_steps:
+        timeline.step(state.global_step)
         with timer.phase("data"):
             batch = next(batches, None)
         if batch is None:

@@ -6,14 +6,14 @@ import time
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, timeline
 from .batchjob import job_defaults
 from .config import parse_config
 from .data import shard
 from .data.loader import Loader
 from .data.schema import open_dataset
 from .loop import RunState, Throughput, evaluate, train_epoch
-from .metrics import MetricsWriter, Progress
+from .metrics import IntervalLog, MetricsWriter, Progress
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
 from .preempt import Preemption
@@ -32,6 +32,7 @@ def train(world, argv) -> int:
     preempt = Preemption(cfg.stop_check_every)
     preempt.install()                    # early, so a stop signal during setup is not fatal
     log = world.log
+    timeline.start(world, cfg.timeline, cfg.timeline_steps)
     device = bind_device(world, cfg.device, cfg.threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -61,29 +62,34 @@ def train(world, argv) -> int:
                           cfg.seed, cfg.shuffle)
     val_loader = Loader(data, data.val, device, cfg.batch_size, world.size, world.rank)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
-    metrics.write("config", **cfg.to_dict(), world_size=world.size)
+    metrics.write("config", **cfg.to_dict(), world_size=world.size,
+                  steps_per_epoch=steps_per_epoch)
     log.info(f"{data.path}: {len(data.train)} train / {len(data.val)} val samples of "
              f"{data.input_shape}, {data.num_classes} classes; {cfg.model}, "
              f"{steps_per_epoch} steps/epoch at global batch {global_batch}")
-    bar = Progress(world.is_root, cfg.progress)
+    bar = Progress(world.is_root, cfg.progress, log)
+    bar.start(run_steps, state.global_step, cfg.epochs, global_batch)
+    intervals = IntervalLog(world.comm, metrics, bar, cfg.log_every, cfg.batch_size,
+                            global_batch, steps_per_epoch, lambda: scheduler.get_last_lr()[0])
     saved = None
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
     try:
         while state.epoch < last_epoch and state.global_step < run_steps:
-            bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")
+            intervals.begin()
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
-                                 throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"),
+                                 throughput, on_step=intervals.on_step,
                                  should_stop=preempt.should_stop)
-            bar.close()
+            intervals.flush(state)
             strategy.sync_buffers()
             if preempt.stopped:          # mid-epoch is fine: the loader skips done steps
                 if cfg.checkpoint_dir and world.is_root:
                     saved = save(cfg, model, optimizer, scheduler, state,
                                  checkpoint.checkpoint_name(state.global_step))
                 break
-            val_loss, val_acc = evaluate(model, val_loader, world.comm)
+            with timeline.span("evaluate"):
+                val_loss, val_acc = evaluate(model, val_loader, world.comm)
             train_loss = result.train_loss
             if state.step_in_epoch >= steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -105,6 +111,11 @@ def train(world, argv) -> int:
         preempt.restore()
         bar.close()
         strategy.finish()
+    trace = timeline.finish(world, cfg.timeline)
+    if trace:
+        metrics.write("timeline", **trace)
+        log.info(f"timeline: {trace['events']} events of steps {trace['steps'][0]}:"
+                 f"{trace['steps'][1]} written to {cfg.timeline}")
     wall = time.perf_counter() - started
     if preempt.stopped:
         code = preempt.report(log, metrics, state, saved)
