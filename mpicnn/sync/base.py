@@ -37,8 +37,10 @@ class Strategy:
     def agree_stop(self, wanted: bool) -> bool:
         """Whether any training rank wants to stop now; the same answer on all of them.
 
-        Collective over the ranks that run the training loop (override where those are
-        not all of ``world.comm``, e.g. parameter-server workers).
+        Called after every ``--stop-check-every``-th step on every rank that trains, so
+        a collective over those ranks fits when they run the same steps. Override where
+        the training ranks are not all of ``world.comm`` (parameter-server workers), or
+        do not run in lockstep (carry the flag through the strategy's own messages).
         """
         return bool(reduce_sums(self.world.comm, [float(wanted)])[0] > 0)
 
