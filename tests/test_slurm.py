@@ -148,7 +148,9 @@ def test_requeue_limit_ends_the_job_with_status_75(slurm, tmp_path):
 
 def test_sweep_array_runs_every_task_in_its_own_directory(slurm, tmp_path):
     lrs = ["0.001", "0.004"]
-    job_id = submit(slurm, tmp_path, "sweep.sbatch", ["--array=0-2"], SWEEP_LRS=" ".join(lrs),
+    # One rank per task: the array mechanics are what this checks.
+    job_id = submit(slurm, tmp_path, "sweep.sbatch", ["--array=0-2", "--ntasks-per-node=1"],
+                    SWEEP_LRS=" ".join(lrs),
                     train_args=["--max-steps", "20", "--device", "cpu", "--progress", "off"])
     records = {int(r["ArrayTaskId"]): r for r in slurm.wait(job_id, JOB_TIMEOUT)}
     assert sorted(records) == [0, 1, 2], records
