@@ -14,6 +14,7 @@ from mpicnn.batchjob import job_defaults
 from mpicnn.config import parse_config
 from mpicnn.errors import MpicnnError
 from mpicnn.loop import RunState
+from mpicnn.metrics import check_record
 from mpicnn.preempt import PREEMPTED_EXIT, Preemption, StopSignals
 from mpicnn.world import BatchJob, batch_job
 
@@ -141,6 +142,7 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path):
     assert launcher.returncode == PREEMPTED_EXIT, out
     stopped = read_jsonl(metrics)[-1]
     assert stopped["event"] == "stopped" and stopped["exit_code"] == PREEMPTED_EXIT
+    assert check_record(stopped) == []
     assert stopped["signal"] in ("SIGTERM", "a signal to another rank")
     step = stopped["step"]
     assert (run_dir / f"checkpoint-{step:08d}.pt").exists()
