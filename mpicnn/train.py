@@ -10,7 +10,7 @@ from . import checkpoint, timeline
 from .batchjob import job_defaults
 from .config import parse_config
 from .data import shard
-from .data.loader import Loader
+from .data.loader import make_loaders
 from .data.schema import open_dataset
 from .loop import RunState, Throughput, evaluate, train_epoch
 from .metrics import IntervalLog, MetricsWriter, Progress
@@ -18,6 +18,7 @@ from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
 from .preempt import Preemption
 from .resume import restore, save, save_config
+from .supervisor import Supervised
 from .sync import make_strategy
 from .world import bind_device, describe, run_guarded
 
@@ -54,13 +55,12 @@ def train(world, argv) -> int:
     optimizer = build_optimizer(cfg, model.parameters(), global_batch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
     strategy = make_strategy(cfg, world)
-    preempt.agree = strategy.agree_stop
     state = restore(world, cfg, model, optimizer, scheduler)
+    strategy = Supervised(strategy, cfg, world, state)   # NaN policy, stall watchdog
+    preempt.agree = strategy.agree_stop
     strategy.attach(model, optimizer, scheduler)
 
-    train_loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
-                          cfg.seed, cfg.shuffle)
-    val_loader = Loader(data, data.val, device, cfg.batch_size, world.size, world.rank)
+    train_loader, val_loader = make_loaders(cfg, data, world)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
     metrics.write("config", **cfg.to_dict(), world_size=world.size,
                   steps_per_epoch=steps_per_epoch)
@@ -80,7 +80,7 @@ def train(world, argv) -> int:
             intervals.begin()
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
                                  throughput, on_step=intervals.on_step,
-                                 should_stop=preempt.should_stop)
+                                 accum_steps=cfg.accum_steps, should_stop=preempt.should_stop)
             intervals.flush(state)
             strategy.sync_buffers()
             if preempt.stopped:          # mid-epoch is fine: the loader skips done steps
@@ -96,7 +96,7 @@ def train(world, argv) -> int:
             metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                           train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
                           lr=scheduler.get_last_lr()[0], images_per_s=throughput.images_per_s,
-                          **result.timer.snapshot_ms())
+                          **result.timer.snapshot_ms(), **strategy.timings_ms())
             log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
                      f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
             done = state.epoch >= cfg.epochs or state.global_step >= run_steps
@@ -111,6 +111,8 @@ def train(world, argv) -> int:
         preempt.restore()
         bar.close()
         strategy.finish()
+        train_loader.close()
+        val_loader.close()
     trace = timeline.finish(world, cfg.timeline)
     if trace:
         metrics.write("timeline", **trace)

@@ -16,6 +16,10 @@ from .errors import MpicnnError
 # Testing aid: group consecutive ranks into fake nodes of this many ranks.
 FAKE_RANKS_PER_NODE_ENV = "MPICNN_RANKS_PER_NODE"
 CUDA_AWARE_ENV = "MPICNN_CUDA_AWARE"
+# Testing aid: ask MPI for a lower thread level (single, funneled, serialized).
+THREAD_LEVEL_ENV = "MPICNN_THREAD_LEVEL"
+# Testing aid: 'rank:step:seconds[,...]' makes that rank stall before that step's exchange.
+TEST_SLEEP_ENV = "MPICNN_TEST_SLEEP"
 
 
 @dataclass
@@ -43,17 +47,21 @@ class World:
         """Run ``check()`` on every rank; if any rank fails, raise the same error on all.
 
         The first failing rank's message wins, so all ranks stop together and
-        rank 0 alone reports it.
+        rank 0 alone reports it. Unexpected exceptions are agreed on too (as
+        ``Type: message``) so that a check failing everywhere prints one line.
         """
+        cause = None
         try:
             result, error = check(), None
         except MpicnnError as exc:
             result, error = None, str(exc)
+        except Exception as exc:      # noqa: B902 - reported once below, cause kept for --debug
+            result, error, cause = None, f"{type(exc).__name__}: {exc}", exc
         errors = self.comm.allgather(error)
         for rank, message in enumerate(errors):
             if message is not None:
                 where = f" (rank {rank})" if self.size > 1 and errors.count(None) else ""
-                raise MpicnnError(message + where, collective=True)
+                raise MpicnnError(message + where, collective=True) from cause
         return result
 
     def abort(self, code: int = 1) -> None:
@@ -66,7 +74,7 @@ class World:
 def init_world() -> World:
     """Start MPI (thread-multiple when offered) and find this rank's node."""
     import mpi4py
-    mpi4py.rc.thread_level = "multiple"
+    mpi4py.rc.thread_level = os.environ.get(THREAD_LEVEL_ENV, "multiple")
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -181,6 +189,11 @@ def batch_job(env=None) -> BatchJob | None:
             job_id = f"{job_id}_{env['PBS_ARRAY_INDEX']}"
         return BatchJob("pbs", job_id, env.get("PBS_JOBNAME", ""))
     return None
+
+
+def drill_sleep_spec() -> str:
+    """The stall drill's 'rank:step:seconds' list (empty outside tests)."""
+    return os.environ.get(TEST_SLEEP_ENV, "")
 
 
 def cuda_aware_override() -> str | None:

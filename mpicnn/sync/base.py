@@ -1,6 +1,8 @@
 """The small interface every gradient synchronisation strategy offers the training loop."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from ..metrics import reduce_sums
 
 
@@ -26,12 +28,26 @@ class Strategy:
         """Clear gradients before backward."""
         self.optimizer.zero_grad(set_to_none=False)
 
+    def no_sync(self):
+        """Context for a micro-batch whose gradients are only accumulated locally."""
+        return nullcontext()
+
     def after_backward(self) -> None:
         """Make every rank's ``.grad`` the average over ranks (may wait for communication)."""
 
     def step(self) -> None:
         """Apply the averaged gradients and advance the schedule."""
         self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def synced_grads(self) -> bool:
+        """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
+        return True
+
+    def skip_step(self) -> None:
+        """Drop this step's update (its gradient was not finite); the schedule moves on."""
+        self.optimizer.zero_grad(set_to_none=False)
         self.scheduler.step()
 
     def agree_stop(self, wanted: bool) -> bool:
@@ -46,6 +62,10 @@ class Strategy:
 
     def sync_buffers(self) -> None:
         """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
+
+    def timings_ms(self) -> dict:
+        """Extra per-step timings for the metrics records, since the last call."""
+        return {}
 
     def finish(self) -> None:
         """Release communication resources; called once, also after errors."""
