@@ -119,10 +119,14 @@ def cmdline(pid: int) -> str:
 @pytest.mark.mpi
 def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path):
     """SIGTERM to a single rank: every rank stops after the same step (or the run would
-    hang), rank 0 checkpoints, exit 75; --resume auto then ends bitwise equal."""
+    hang), rank 0 checkpoints, exit 75; --resume auto then ends bitwise equal.
+
+    The prefetch reader processes get SIGUSR1 too, as when SLURM signals every process
+    of a job step: they must leave the stopping to the trainer."""
     args = ["--epochs", "2", "--deterministic", "--device", "cpu", "--progress", "off"]
     run_dir, metrics = tmp_path / "stopped", tmp_path / "stopped" / "metrics.jsonl"
-    command = mpirun_command(2, [*args, "--checkpoint-dir", run_dir, "--metrics", metrics])
+    command = mpirun_command(2, [*args, "--checkpoint-dir", run_dir, "--metrics", metrics,
+                                 "--prefetch-mode", "process"])
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=job_env(), cwd=ROOT, start_new_session=True)
     try:
@@ -131,9 +135,12 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path):
             assert launcher.poll() is None and time.monotonic() < deadline, \
                 launcher.stdout.read()
             time.sleep(0.2)
-        ranks = [pid for pid in descendants(launcher.pid) if "mpicnn.train" in cmdline(pid)
-                 and "python" in cmdline(pid).split()[0]]
-        assert len(ranks) == 2, ranks
+        below = descendants(launcher.pid)
+        ranks = [pid for pid in below if "-m mpicnn.train" in cmdline(pid)]
+        readers = [pid for pid in below if "-m mpicnn.data.prefetch" in cmdline(pid)]
+        assert len(ranks) == 2 and readers, (ranks, readers)
+        for reader in readers:
+            os.kill(reader, signal.SIGUSR1)
         os.kill(max(ranks), signal.SIGTERM)              # one rank only, not the launcher
         out, _ = launcher.communicate(timeout=120)
     finally:
