@@ -114,11 +114,12 @@ def test_preemption_drill_requeues_and_matches_uninterrupted_run(slurm, uninterr
     assert len(stopped) == 1 and stopped[0]["signal"] == "SIGUSR1", events
     step = stopped[0]["step"]
     assert 44 <= step < 264 and stopped[0]["exit_code"] == PREEMPTED_EXIT
-    checkpoint = run_dir / f"checkpoint-{step:08d}.pt"
-    assert checkpoint.exists()
-    assert f"stopped by SIGUSR1 after step {step}" in log
+    # (--keep-checkpoints may prune it later in the run: its use shows it was there)
+    checkpoint = Path("runs") / f"mpicnn-{job_id}" / f"checkpoint-{step:08d}.pt"
+    assert f"stopped by SIGUSR1 after step {step} " in log
+    assert f"checkpoint {checkpoint}; exit 75" in log
     assert f"requeueing job {job_id} (restart 1 of at most 3)" in log
-    assert f"resumed from {Path('runs') / f'mpicnn-{job_id}' / checkpoint.name}" in log
+    assert f"resumed from {checkpoint} at epoch {stopped[0]['epoch']}, step {step}" in log
     assert events[-1]["event"] == "end" and events[-1]["steps"] == 264
 
     ours = params(run_dir / "final.pt")
