@@ -130,6 +130,10 @@ class Config:
                              "one exchange (0: never)", "failure")
     keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
                                 "is always kept)", "failure")
+    # --- preemption (mpicnn/preempt.py, jobs/) ---------------------------------
+    stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
+                                "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "
+                                "leave signals alone", "output")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -261,11 +265,12 @@ def load_toml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Build the effective Config from defaults, ``--config`` and flags."""
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
+    """Build the effective Config from defaults (``defaults`` first), ``--config`` and flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given = vars(build_parser().parse_args(argv))
-    values = load_toml(given["config"]) if given.get("config") else {}
+    values = dict(defaults or {})
+    values.update(load_toml(given["config"]) if given.get("config") else {})
     values.update(given)
     cfg = Config(**{k: coerce(k, v) for k, v in values.items()})
     validate(cfg)
@@ -310,3 +315,7 @@ def validate(cfg: Config) -> None:
         if not getattr(cfg, name) >= 0:
             raise MpicnnError(f"--{name.replace('_', '-')} must not be negative (0 turns it "
                               f"off)", collective=True)
+    # preemption
+    if cfg.stop_check_every < 0:
+        raise MpicnnError("--stop-check-every must not be negative (0 leaves signals alone)",
+                          collective=True)

@@ -51,7 +51,8 @@ class EpochResult:
 
 
 def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global_batch: int,
-                throughput: Throughput, on_step=None, accum_steps: int = 1) -> EpochResult:
+                throughput: Throughput, on_step=None, accum_steps: int = 1,
+                should_stop=None) -> EpochResult:
     """Run the remaining steps of ``state.epoch``; returns the mean loss over all ranks.
 
     With ``accum_steps`` k, each rank's batch runs as k consecutive slices
@@ -59,6 +60,9 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
     the gradients summed locally, and only the last backward communicates. The
     optimizer step therefore sees the gradient of the whole batch, and the data
     plan, schedule and checkpoints are those of the run without accumulation.
+
+    ``should_stop(state)``, called after every step but the run's last on every rank,
+    ends the epoch early when it returns True (the same answer on all ranks).
     """
     model.train()
     timer, loss_meter = PhaseTimer(), Meter()
@@ -96,6 +100,8 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
         last = now
         if on_step is not None:
             on_step(state, loss_value, timer)
+        if should_stop is not None and state.global_step < run_steps and should_stop(state):
+            break
     total, count = reduce_sums(strategy.world.comm, [loss_meter.sum, loss_meter.count])
     return EpochResult(train_loss=total / max(count, 1), steps=timer.steps, timer=timer)
 

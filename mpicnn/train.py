@@ -7,6 +7,7 @@ import time
 import torch
 
 from . import checkpoint, timeline
+from .batchjob import job_defaults
 from .config import parse_config
 from .data import shard
 from .data.loader import make_loaders
@@ -15,6 +16,7 @@ from .loop import RunState, Throughput, evaluate, train_epoch
 from .metrics import IntervalLog, MetricsWriter, Progress
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
+from .preempt import Preemption
 from .resume import restore, save, save_config
 from .supervisor import Supervised
 from .sync import make_strategy
@@ -27,7 +29,9 @@ def main(argv=None) -> int:
 
 def train(world, argv) -> int:
     started = time.perf_counter()
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, defaults=job_defaults(world.job))
+    preempt = Preemption(cfg.stop_check_every)
+    preempt.install()                    # early, so a stop signal during setup is not fatal
     log = world.log
     timeline.start(world, cfg.timeline, cfg.timeline_steps)
     device = bind_device(world, cfg.device, cfg.threads)
@@ -53,6 +57,7 @@ def train(world, argv) -> int:
     strategy = make_strategy(cfg, world)
     state = restore(world, cfg, model, optimizer, scheduler)
     strategy = Supervised(strategy, cfg, world, state)   # NaN policy, stall watchdog
+    preempt.agree = strategy.agree_stop
     strategy.attach(model, optimizer, scheduler)
 
     train_loader, val_loader = make_loaders(cfg, data, world)
@@ -66,6 +71,7 @@ def train(world, argv) -> int:
     bar.start(run_steps, state.global_step, cfg.epochs, global_batch)
     intervals = IntervalLog(world.comm, metrics, bar, cfg.log_every, cfg.batch_size,
                             global_batch, steps_per_epoch, lambda: scheduler.get_last_lr()[0])
+    saved = None
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
@@ -74,9 +80,14 @@ def train(world, argv) -> int:
             intervals.begin()
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
                                  throughput, on_step=intervals.on_step,
-                                 accum_steps=cfg.accum_steps)
+                                 accum_steps=cfg.accum_steps, should_stop=preempt.should_stop)
             intervals.flush(state)
             strategy.sync_buffers()
+            if preempt.stopped:          # mid-epoch is fine: the loader skips done steps
+                if cfg.checkpoint_dir and world.is_root:
+                    saved = save(cfg, model, optimizer, scheduler, state,
+                                 checkpoint.checkpoint_name(state.global_step))
+                break
             with timeline.span("evaluate"):
                 val_loss, val_acc = evaluate(model, val_loader, world.comm)
             train_loss = result.train_loss
@@ -93,10 +104,11 @@ def train(world, argv) -> int:
             if cfg.checkpoint_dir and world.is_root and (done or due):
                 name = checkpoint.FINAL if done else checkpoint.checkpoint_name(state.global_step)
                 save(cfg, model, optimizer, scheduler, state, name)
-        if val_acc != val_acc:           # nothing left to train (resumed a finished run)
+        if val_acc != val_acc and not preempt.stopped:   # resumed a finished run
             strategy.sync_buffers()
             val_loss, val_acc = evaluate(model, val_loader, world.comm)
     finally:
+        preempt.restore()
         bar.close()
         strategy.finish()
         train_loader.close()
@@ -107,6 +119,11 @@ def train(world, argv) -> int:
         log.info(f"timeline: {trace['events']} events of steps {trace['steps'][0]}:"
                  f"{trace['steps'][1]} written to {cfg.timeline}")
     wall = time.perf_counter() - started
+    if preempt.stopped:
+        code = preempt.report(log, metrics, state, saved)
+        metrics.close()
+        data.close()
+        return code
     metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
                   images_per_s=throughput.images_per_s, steps=state.global_step,
                   epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall)

@@ -37,6 +37,7 @@ class World:
     hostname: str = field(default_factory=socket.gethostname)
     device: object = None            # torch.device, set by bind_device()
     log: logging.Logger = None
+    job: "BatchJob | None" = None    # the SLURM/PBS job this run belongs to, if any
 
     @property
     def is_root(self) -> bool:
@@ -89,7 +90,8 @@ def init_world() -> World:
     node = local_comm.bcast(node, root=0)
     world = World(comm=comm, rank=rank, size=size, local_comm=local_comm,
                   local_rank=local_rank, local_size=local_size,
-                  node=node, num_nodes=sum(leaders))
+                  node=node, num_nodes=sum(leaders),
+                  job=comm.bcast(batch_job(), root=0))   # rank 0's view, so all agree
     world.log = make_logger(world.is_root)
     return world
 
@@ -149,8 +151,44 @@ def describe(world: World) -> str:
         return ""
     hosts = sorted({h for h, _ in rows})
     devices = sorted({d for _, d in rows})
+    job = f"; {world.job}" if world.job else ""
     return (f"world: {world.num_nodes} node(s) x {world.local_size} rank(s)/node = "
-            f"{world.size} rank(s) on {', '.join(hosts)}; devices {', '.join(devices)}")
+            f"{world.size} rank(s) on {', '.join(hosts)}; devices {', '.join(devices)}{job}")
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """The batch-scheduler job (SLURM or PBS) this process runs in."""
+
+    scheduler: str                   # "slurm" or "pbs"
+    job_id: str                      # array tasks: "<array job id>_<task index>"
+    name: str = ""
+    restarts: int = 0                # times the scheduler requeued the job
+
+    def __str__(self) -> str:
+        again = f", restart {self.restarts}" if self.restarts else ""
+        return f"{self.scheduler.upper()} job {self.job_id} ({self.name or 'unnamed'}{again})"
+
+
+def batch_job(env=None) -> BatchJob | None:
+    """The SLURM or PBS job from the launcher's environment; None outside a batch job."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_ID"):
+        job_id = env["SLURM_JOB_ID"]
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        restarts = env.get("SLURM_RESTART_COUNT", "0")
+        return BatchJob("slurm", job_id, env.get("SLURM_JOB_NAME", ""),
+                        int(restarts) if restarts.isdigit() else 0)
+    if env.get("PBS_JOBID"):
+        # "1234.server" or, for an array task, "1234[5].server"
+        job_id = env["PBS_JOBID"].split(".", 1)[0].replace("[]", "")
+        if "[" in job_id:
+            job_id = job_id.replace("[", "_").rstrip("]")
+        elif env.get("PBS_ARRAY_INDEX"):
+            job_id = f"{job_id}_{env['PBS_ARRAY_INDEX']}"
+        return BatchJob("pbs", job_id, env.get("PBS_JOBNAME", ""))
+    return None
 
 
 def drill_sleep_spec() -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MpicnnError
+from ..preempt import STOP_SIGNALS
 from .reader import ReaderSpec
 
 MODES = ("thread", "process")
@@ -243,6 +245,10 @@ def serve(conn: Connection) -> None:
 
 
 def main(argv) -> int:
+    # SLURM and PBS signal every process of a job: stop signals are for the trainer
+    # (mpicnn/preempt.py), which checkpoints and then stops this reader itself.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     conn = Connection(int(argv[0]))
     try:
         serve(conn)

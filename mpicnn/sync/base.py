@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+from ..metrics import reduce_sums
+
 
 class Strategy:
     """attach -> (forward, backward, after_backward, step)* -> finish."""
@@ -47,6 +49,16 @@ class Strategy:
         """Drop this step's update (its gradient was not finite); the schedule moves on."""
         self.optimizer.zero_grad(set_to_none=False)
         self.scheduler.step()
+
+    def agree_stop(self, wanted: bool) -> bool:
+        """Whether any training rank wants to stop now; the same answer on all of them.
+
+        Called after every ``--stop-check-every``-th step on every rank that trains, so
+        a collective over those ranks fits when they run the same steps. Override where
+        the training ranks are not all of ``world.comm`` (parameter-server workers), or
+        do not run in lockstep (carry the flag through the strategy's own messages).
+        """
+        return bool(reduce_sums(self.world.comm, [float(wanted)])[0] > 0)
 
     def sync_buffers(self) -> None:
         """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
