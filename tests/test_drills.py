@@ -16,7 +16,7 @@ from drill import (Job, assert_one_clean_error, digits_arrays, flip_tensor_byte,
                    run_job, small_digits, write_h5)
 from mpicnn import checkpoint
 from mpicnn.config import FIELDS
-from mpicnn.data import shard
+from mpicnn.data.loader import Loader
 from mpicnn.data.schema import NAN_SAMPLE, open_dataset
 
 pytestmark = pytest.mark.mpi
@@ -100,9 +100,11 @@ def nan_data(tmp_path_factory):
                     {"train": {"images": train, "labels": yt[:600]},
                      "val": {"images": (xv[:64] / 255.0).astype(np.float32),
                              "labels": yv[:64]}})
-    open_dataset(str(path)).close()                  # validation passes: the NaN is unseen
-    plan = shard.rank_batches(len(train), BATCH * 2, world=1, seed=0, epoch=0)
-    step = next(s for s, rows in enumerate(plan) if row in rows) + 1
+    data = open_dataset(str(path))                   # validation passes: the NaN is unseen
+    loader = Loader(data, data.train, torch.device("cpu"), BATCH * 2)   # the run's read order
+    step = next(s for s, rows in enumerate(loader.plan(0)) if row in rows) + 1
+    loader.close()
+    data.close()
     return path, step
 
 
