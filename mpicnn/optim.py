@@ -37,13 +37,21 @@ def lr_factor(step: int, steps_per_epoch: int, total_steps: int, cfg) -> float:
 
 
 class Schedule:
-    """A picklable per-step lr multiplier for ``LambdaLR``."""
+    """A per-step lr multiplier for ``LambdaLR``, holding plain data only.
+
+    ``LambdaLR.state_dict()`` saves this object's attributes, so they must be plain
+    numbers and strings: a checkpoint is loaded with ``weights_only=True``.
+    """
+
+    FIELDS = ("warmup_epochs", "schedule", "min_lr_ratio", "lr_milestones", "lr_gamma")
 
     def __init__(self, steps_per_epoch: int, total_steps: int, cfg):
-        self.steps_per_epoch, self.total_steps, self.cfg = steps_per_epoch, total_steps, cfg
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        for name in self.FIELDS:
+            setattr(self, name, getattr(cfg, name))
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.steps_per_epoch, self.total_steps, self.cfg)
+        return lr_factor(step, self.steps_per_epoch, self.total_steps, self)
 
 
 def build_scheduler(cfg, optimizer, steps_per_epoch: int, total_steps: int):
