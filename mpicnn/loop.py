@@ -52,7 +52,7 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
     """Run the remaining steps of ``state.epoch``; returns the mean loss over all ranks."""
     model.train()
     timer, loss_meter = PhaseTimer(), Meter()
-    batches = loader.epoch(state.epoch, start_step=state.step_in_epoch)
+    batches = strategy.batches(loader, state, run_steps)
     last = time.perf_counter()
     while state.global_step < run_steps:
         with timer.phase("data"):
@@ -71,15 +71,14 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
             strategy.step()
         loss_value = loss.item()
         loss_meter.add(loss_value * len(labels), len(labels))
-        state.step_in_epoch += 1
-        state.global_step += 1
+        images = strategy.advance(state, global_batch)
         timer.steps += 1
         now = time.perf_counter()
-        throughput.add(now - last, global_batch, state.global_step - 1)
+        throughput.add(now - last, images, state.global_step - 1)
         last = now
         if on_step is not None:
             on_step(state, loss_value, timer)
-    total, count = reduce_sums(strategy.world.comm, [loss_meter.sum, loss_meter.count])
+    total, count = reduce_sums(strategy.comm, [loss_meter.sum, loss_meter.count])
     return EpochResult(train_loss=total / max(count, 1), steps=timer.steps, timer=timer)
 
 

@@ -16,6 +16,7 @@ from .metrics import MetricsWriter, Progress
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
 from .resume import restore, save, save_config
+from .straggler import slow_down
 from .sync import make_strategy
 from .world import bind_device, describe, run_guarded
 
@@ -33,14 +34,15 @@ def train(world, argv) -> int:
         torch.use_deterministic_algorithms(True)
     log.info(describe(world))
     log.info(f"config: {cfg.summary()}")
+    strategy = make_strategy(cfg, world)     # decides which ranks train (workers)
 
     data = world.agree(lambda: open_dataset(cfg.data, cfg.images_key, cfg.labels_key,
                                             cfg.layout, cfg.val_fraction))
     steps_per_epoch = world.agree(lambda: shard.check_fits(
-        len(data.train), cfg.batch_size, world.size, cfg.shuffle))
+        len(data.train), cfg.batch_size, strategy.workers, cfg.shuffle))
     if cfg.checkpoint_dir:
         world.agree(lambda: world.is_root and save_config(cfg))
-    global_batch = cfg.batch_size * world.size
+    global_batch = cfg.batch_size * strategy.workers
     run_steps = total_steps(cfg, steps_per_epoch)
 
     torch.manual_seed(cfg.seed)
@@ -48,13 +50,15 @@ def train(world, argv) -> int:
                                             data.num_classes)).to(device)
     optimizer = build_optimizer(cfg, model.parameters(), global_batch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
-    strategy = make_strategy(cfg, world)
     state = restore(world, cfg, model, optimizer, scheduler)
     strategy.attach(model, optimizer, scheduler)
+    if world.rank == cfg.slow_rank:
+        slow_down(model, cfg.slow_factor)
 
-    train_loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
-                          cfg.seed, cfg.shuffle)
-    val_loader = Loader(data, data.val, device, cfg.batch_size, world.size, world.rank)
+    train_loader = Loader(data, data.train, device, cfg.batch_size, strategy.workers,
+                          strategy.worker_index, cfg.seed, cfg.shuffle)
+    val_loader = Loader(data, data.val, device, cfg.batch_size, strategy.workers,
+                        strategy.worker_index)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
     metrics.write("config", **cfg.to_dict(), world_size=world.size)
     log.info(f"{data.path}: {len(data.train)} train / {len(data.val)} val samples of "
@@ -64,13 +68,14 @@ def train(world, argv) -> int:
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
     try:
-        while state.epoch < cfg.epochs and state.global_step < run_steps:
+        strategy.serve()       # parameter servers answer the workers here until they are done
+        while strategy.trains and state.epoch < cfg.epochs and state.global_step < run_steps:
             bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
                                  throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"))
             bar.close()
             strategy.sync_buffers()
-            val_loss, val_acc = evaluate(model, val_loader, world.comm)
+            val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
             train_loss = result.train_loss
             finished_epoch = state.step_in_epoch >= steps_per_epoch
             if finished_epoch:
@@ -93,7 +98,8 @@ def train(world, argv) -> int:
     wall = time.perf_counter() - started
     metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
                   images_per_s=throughput.images_per_s, steps=state.global_step,
-                  epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall)
+                  epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall,
+                  **strategy.report())
     metrics.close()
     log.info(f"done: {world.size} rank(s), {cfg.mode}, {state.epoch} epoch(s), "
              f"{state.global_step} steps, val acc {val_acc:.4f}, val loss {val_loss:.4f}, "

@@ -1,0 +1,79 @@
+"""What workers and servers share: the role layout, communicators, ranges and run statistics."""
+from __future__ import annotations
+
+from collections import Counter
+
+from ...config import staleness_bound
+from ...errors import MpicnnError
+from ..base import Strategy
+from ..collectives import broadcast_module
+from .layout import Roles, partition
+
+
+class PSRole(Strategy):
+    """One rank of a parameter-server job; :class:`PSWorker` and :class:`PSServer` specialise it."""
+
+    def __init__(self, world, cfg, roles: Roles, train_comm, ps_comm):
+        super().__init__(world, cfg)
+        self.name = cfg.mode
+        self.roles, self.train_comm, self.ps_comm = roles, train_comm, ps_comm
+        self.sync = cfg.mode == "ps-sync"
+        self.bound = 0 if self.sync else staleness_bound(cfg.staleness)
+        # Unbounded async hands batches out on demand so fast workers take more of them;
+        # under a bound the slowest worker sets the pace anyway, so shards stay fixed.
+        self.dispatched = self.bound is None
+        self.params, self.ranges, self.stats = [], [], Counter()
+        self.staleness, self._report = Counter(), {}
+
+    @property
+    def comm(self):
+        return self.train_comm
+
+    @property
+    def workers(self) -> int:
+        return self.roles.workers
+
+    @property
+    def worker_index(self) -> int:
+        return self.world.rank          # workers are ranks 0 .. workers-1
+
+    def attach(self, model, optimizer, scheduler) -> None:
+        super().attach(model, optimizer, scheduler)
+        broadcast_module(self.world.comm, model)     # every rank starts from rank 0's weights
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise MpicnnError(f"--mode {self.cfg.mode} needs all trainable parameters in one "
+                              f"dtype, the model has {sorted(map(str, dtypes))}",
+                              collective=True)
+        numel = sum(p.numel() for p in self.params)
+        self.ranges = partition(numel, self.roles.servers, self.params[0].element_size())
+
+    def finish(self) -> None:
+        """Gather every rank's counters to rank 0 for the end record, then free communicators."""
+        rows = self.world.comm.gather((self.roles.is_server(self.world.rank), dict(self.stats),
+                                       dict(self.staleness)), root=0)
+        if rows is not None:
+            self._report = summarize(rows, self.roles)
+        for comm in (self.ps_comm, self.train_comm):
+            comm.Free()
+
+    def report(self) -> dict:
+        return self._report
+
+
+def summarize(rows, roles: Roles) -> dict:
+    """The end-record fields from (is_server, counters, staleness histogram) of every rank."""
+    staleness = Counter()
+    for _, _, hist in rows:
+        staleness.update(hist)
+    total = sum(staleness.values())
+    return {
+        "ps_workers": roles.workers, "ps_servers": roles.servers,
+        "ps_updates": [stats.get("updates", 0) for server, stats, _ in rows if server],
+        "ps_deferred": sum(stats.get("deferred", 0) for _, stats, _ in rows),
+        "ps_unreceived": sum(stats.get("unreceived", 0) for _, stats, _ in rows),
+        "ps_staleness": {str(k): staleness[k] for k in sorted(staleness)},
+        "ps_staleness_mean": sum(k * v for k, v in staleness.items()) / total if total else 0.0,
+        "ps_staleness_max": max(staleness, default=0),
+    }

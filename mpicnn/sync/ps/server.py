@@ -1,0 +1,175 @@
+"""A parameter-server rank: one range of the flat parameters, its optimizer, and the loop."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from ...errors import MpicnnError
+from ...optim import build_optimizer
+from . import protocol as P
+from .flatstate import flat_state, flatten_params, set_flat_state, state_keys
+from .policy import Dispatcher, may_proceed
+from .role import PSRole
+
+
+class PSServer(PSRole):
+    """Applies pushed gradients to its range with the run's optimizer and schedule.
+
+    ps-sync: one update per step from all workers' gradients, summed in worker order,
+    then every worker gets the new parameters. ps-async: each push is one update on
+    arrival, its reply deferred (never blocking the loop) while the pusher is more than
+    ``--staleness`` clocks ahead of the slowest worker.
+    """
+
+    @property
+    def trains(self) -> bool:
+        return False
+
+    @property
+    def worker_index(self) -> int:
+        return 0                        # servers read no data
+
+    def attach(self, model, optimizer, scheduler) -> None:
+        super().attach(model, optimizer, scheduler)
+        index = self.world.rank - self.roles.workers
+        self.lo, self.hi = self.ranges[index]
+        self.param = torch.nn.Parameter(flatten_params(self.params)[self.lo: self.hi].clone())
+        self.server_opt = build_optimizer(self.cfg, [self.param],
+                                          self.cfg.batch_size * self.workers)
+        restored = flat_state(optimizer, self.params, self.cfg)
+        if restored is not None:
+            step, vectors = restored
+            set_flat_state(self.server_opt, [self.param], self.cfg, step,
+                           {k: v[self.lo: self.hi] for k, v in vectors.items()})
+        # The workers' schedule, at the restored position, drives this range's lr.
+        self.server_sched = torch.optim.lr_scheduler.LambdaLR(self.server_opt,
+                                                              scheduler.lr_lambdas[0])
+        self.server_sched.load_state_dict(scheduler.state_dict())
+        for ours, theirs in zip(self.server_opt.param_groups, optimizer.param_groups):
+            ours["lr"] = theirs["lr"]
+        self.per_step = 1 if self.sync else self.workers   # updates per global step
+        self.version = scheduler.last_epoch * self.per_step
+        workers = self.workers
+        self.param_np = self.param.detach().numpy()
+        self.grads = [np.empty_like(self.param_np) for _ in range(workers if self.sync else 1)]
+        self.outs = [np.empty_like(self.param_np) for _ in range(workers)]
+        self.reply_headers = [P.header() for _ in range(workers)]
+        self.sends = [[] for _ in range(workers)]
+        self.state_sends, self.state_bufs = [], []
+        self.clocks, self.seen = [0] * workers, [self.version] * workers
+        self.done, self.deferred, self.arrived = [False] * workers, set(), 0
+        self.dispatcher = Dispatcher() if self.dispatched and index == 0 else None
+
+    def serve(self) -> None:
+        from mpi4py import MPI
+
+        request, status = P.header(), MPI.Status()
+        while not all(self.done):
+            self.ps_comm.Recv(request, source=MPI.ANY_SOURCE, tag=P.TAG_REQUEST, status=status)
+            worker, kind = status.Get_source(), int(request[P.KIND])
+            if kind == P.PUSH:
+                self._push(worker)
+            elif kind == P.PULL:
+                if self.dispatcher is not None and request[P.EPOCH] >= 0:
+                    self.dispatcher.open(*map(int, request[[P.EPOCH, P.FIRST, P.END]]))
+                self._reply(worker, dispatch=request[P.EPOCH] >= 0)
+            elif kind == P.STATE:
+                self._send_state(worker)
+            elif kind == P.DONE:
+                self.done[worker] = True
+                self._release()
+            else:
+                raise MpicnnError(f"parameter server: unknown request {kind} from rank {worker}")
+        for requests in self.sends + [self.state_sends]:
+            MPI.Request.Waitall(requests)
+        self.stats["updates"] = self.version
+        self.stats["unreceived"] = P.drain(self.ps_comm)
+
+    def _push(self, worker: int) -> None:
+        from mpi4py import MPI
+
+        grad = self.grads[worker if self.sync else 0]
+        MPI.Request.Waitall(P.irecv_array(self.ps_comm, grad, worker))
+        self.clocks[worker] += 1
+        staleness = self.version - self.seen[worker]
+        self.staleness[staleness] += 1
+        if self.sync:
+            self.arrived += 1
+            if self.arrived < self.workers:
+                return
+            total = self.grads[0].copy()
+            for other in self.grads[1:]:        # a fixed order: reproducible sums
+                total += other
+            self.arrived = 0
+            self._apply(total, 1)
+            for w in range(self.workers):
+                self._reply(w)
+            return
+        lr_divisor = max(1, staleness) if self.cfg.staleness_lr else 1
+        self._apply(grad, lr_divisor)
+        if self._may_proceed(worker):
+            self._reply(worker, dispatch=True)
+        else:
+            self.deferred.add(worker)
+            self.stats["deferred"] += 1
+        self._release()
+
+    def _apply(self, grad_sum: np.ndarray, lr_divisor: int) -> None:
+        """One optimizer step on this range with the mean gradient of the workers."""
+        grad_sum /= self.workers     # async: one worker's share of a global batch
+        self.param.grad = torch.from_numpy(grad_sum)
+        group = self.server_opt.param_groups[0]
+        lr = group["lr"]
+        group["lr"] = lr / lr_divisor
+        self.server_opt.step()
+        group["lr"] = lr
+        self.param.grad = None
+        self.version += 1
+        if self.version % self.per_step == 0:
+            self.server_sched.step()
+
+    def _may_proceed(self, worker: int) -> bool:
+        return may_proceed(self.clocks[worker], self.clocks, [not d for d in self.done],
+                           self.bound)
+
+    def _release(self) -> None:
+        """Send the deferred replies whose workers are back within the staleness bound."""
+        for worker in sorted(self.deferred):
+            if self._may_proceed(worker):
+                self.deferred.discard(worker)
+                self._reply(worker)
+
+    def _reply(self, worker: int, dispatch: bool = False) -> None:
+        """Start sending the current parameters (and, when asked, the worker's next batch)."""
+        from mpi4py import MPI
+
+        # The worker asked again, so it has received the previous reply: this cannot block.
+        MPI.Request.Waitall(self.sends[worker])
+        out, head = self.outs[worker], self.reply_headers[worker]
+        out[:] = self.param_np
+        head[:] = 0
+        head[P.VERSION] = self.version
+        head[P.ITEM] = self.dispatcher.take() if dispatch and self.dispatcher is not None \
+            else P.NO_ITEM
+        self.sends[worker] = [self.ps_comm.Isend(head, dest=worker, tag=P.TAG_REPLY),
+                              *P.isend_array(self.ps_comm, out, worker)]
+        self.seen[worker] = self.version
+
+    def _send_state(self, worker: int) -> None:
+        """Start sending this range's optimizer state (for a checkpoint on ``worker``)."""
+        from mpi4py import MPI
+
+        MPI.Request.Waitall(self.state_sends)
+        state = flat_state(self.server_opt, [self.param], self.cfg)
+        head = P.header()
+        head[P.VERSION] = self.version
+        if state is not None:
+            head[P.STEP] = state[0]
+            head[P.VECTORS] = len(state[1])
+        self.state_bufs = [head] + ([state[1][k].numpy() for k in state_keys(self.cfg)]
+                                    if state is not None else [])
+        self.state_sends = [self.ps_comm.Isend(head, dest=worker, tag=P.TAG_REPLY)]
+        for vector in self.state_bufs[1:]:
+            self.state_sends += P.isend_array(self.ps_comm, vector, worker)
