@@ -71,6 +71,8 @@ def summarize(rows, roles: Roles) -> dict:
     return {
         "ps_workers": roles.workers, "ps_servers": roles.servers,
         "ps_updates": [stats.get("updates", 0) for server, stats, _ in rows if server],
+        "ps_pushes": next(stats.get("pushes") for server, stats, _ in rows if server),
+        "ps_max_lead": max(stats.get("max_lead", 0) for _, stats, _ in rows),
         "ps_deferred": sum(stats.get("deferred", 0) for _, stats, _ in rows),
         "ps_unreceived": sum(stats.get("unreceived", 0) for _, stats, _ in rows),
         "ps_staleness": {str(k): staleness[k] for k in sorted(staleness)},

@@ -50,7 +50,7 @@ class PSServer(PSRole):
         for ours, theirs in zip(self.server_opt.param_groups, optimizer.param_groups):
             ours["lr"] = theirs["lr"]
         self.per_step = 1 if self.sync else self.workers   # updates per global step
-        self.version = scheduler.last_epoch * self.per_step
+        self.version = self.restored_version = scheduler.last_epoch * self.per_step
         workers = self.workers
         self.param_np = self.param.detach().numpy()
         self.grads = [np.empty_like(self.param_np) for _ in range(workers if self.sync else 1)]
@@ -84,7 +84,8 @@ class PSServer(PSRole):
                 raise MpicnnError(f"parameter server: unknown request {kind} from rank {worker}")
         for requests in self.sends + [self.state_sends]:
             MPI.Request.Waitall(requests)
-        self.stats["updates"] = self.version
+        self.stats["updates"] = self.version - self.restored_version
+        self.stats["pushes"] = list(self.clocks)
         self.stats["unreceived"] = P.drain(self.ps_comm)
 
     def _push(self, worker: int) -> None:
@@ -105,12 +106,12 @@ class PSServer(PSRole):
             self.arrived = 0
             self._apply(total, 1)
             for w in range(self.workers):
-                self._reply(w)
+                self._proceed(w)
             return
         lr_divisor = max(1, staleness) if self.cfg.staleness_lr else 1
         self._apply(grad, lr_divisor)
         if self._may_proceed(worker):
-            self._reply(worker, dispatch=True)
+            self._proceed(worker)
         else:
             self.deferred.add(worker)
             self.stats["deferred"] += 1
@@ -139,7 +140,14 @@ class PSServer(PSRole):
         for worker in sorted(self.deferred):
             if self._may_proceed(worker):
                 self.deferred.discard(worker)
-                self._reply(worker)
+                self._proceed(worker)
+
+    def _proceed(self, worker: int) -> None:
+        """Let a worker compute its next gradient: reply to its push (recording its lead)."""
+        live = [c for c, d in zip(self.clocks, self.done) if not d]
+        lead = self.clocks[worker] - min(live, default=self.clocks[worker])
+        self.stats["max_lead"] = max(self.stats["max_lead"], lead)
+        self._reply(worker, dispatch=True)
 
     def _reply(self, worker: int, dispatch: bool = False) -> None:
         """Start sending the current parameters (and, when asked, the worker's next batch)."""

@@ -1,0 +1,240 @@
+"""Parameter-server modes: pure helpers, parity with allreduce and serial SGD, SSP, no hangs."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, mpirun, mpirun_command, read_jsonl, run_command
+from mpicnn.config import parse_config, staleness_bound
+from mpicnn.errors import MpicnnError
+from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
+from mpicnn.sync.ps.layout import partition, roles
+from mpicnn.sync.ps.policy import Dispatcher, may_proceed
+from mpicnn.sync.ps.protocol import NO_ITEM, chunk_bounds
+
+QUIET = ["--progress", "off"]
+SGD = ["--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--lr", "0.05"]
+
+
+# --- pure functions ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("numel,servers,itemsize", [(1000, 1, 4), (1000, 3, 4), (1003, 4, 4),
+                                                    (7, 3, 4), (2, 5, 4), (0, 2, 4),
+                                                    (12345, 7, 8), (100_000, 16, 2)])
+def test_partition_is_contiguous_complete_and_balanced_by_bytes(numel, servers, itemsize):
+    ranges = partition(numel, servers, itemsize, align_bytes=64)
+    assert len(ranges) == servers
+    assert ranges[0][0] == 0 and ranges[-1][1] == numel
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [(hi - lo) * itemsize for lo, hi in ranges]
+    assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 64
+    assert all(lo * itemsize % 64 == 0 for lo, _ in ranges if lo < numel)
+
+
+def test_partition_lets_one_big_tensor_span_servers():
+    # digitnet-sized: one 65,536-element weight is bigger than a third of everything
+    sizes = [288, 32, 18432, 64, 131072, 128, 1280, 10]
+    bounds = partition(sum(sizes), 3)
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + n)
+    big_lo, big_hi = starts[4], starts[5]
+    assert sum(1 for lo, hi in bounds if lo < big_hi and hi > big_lo) >= 2
+
+
+def test_chunk_bounds_split_large_payloads():
+    assert chunk_bounds(0, 4, 20) == [(0, 0)]
+    assert chunk_bounds(5, 4, 20) == [(0, 5)]
+    assert chunk_bounds(12, 4, 20) == [(0, 5), (5, 10), (10, 12)]
+    gib = 1 << 30
+    bounds = chunk_bounds(3 * gib // 4 + 1, 4)          # 3 GiB + 4 bytes of float32
+    assert len(bounds) == 4 and all((hi - lo) * 4 <= gib for lo, hi in bounds)
+    assert bounds[-1][1] == 3 * gib // 4 + 1
+
+
+def test_ssp_rule():
+    assert may_proceed(10, [10, 2, 3], [True] * 3, None)           # unbounded
+    assert not may_proceed(3, [3, 2, 3], [True] * 3, 0)             # sync: wait for rank 1
+    assert may_proceed(3, [3, 3, 3], [True] * 3, 0)
+    assert may_proceed(4, [4, 2, 3], [True] * 3, 2)
+    assert not may_proceed(5, [5, 2, 3], [True] * 3, 2)
+    assert may_proceed(5, [5, 2, 3], [True, False, True], 2)        # a done worker cannot block
+
+
+def test_dispatcher_hands_out_each_item_once_per_epoch():
+    d = Dispatcher()
+    d.open(0, 2, 5)
+    assert [d.take(), d.take()] == [2, 3]
+    d.open(0, 0, 5)                                                  # same epoch: no reset
+    assert [d.take(), d.take()] == [4, NO_ITEM]
+    d.open(1, 0, 2)
+    assert [d.take(), d.take(), d.take()] == [0, 1, NO_ITEM]
+
+
+def test_roles_and_bad_layouts():
+    layout = roles(5, 2, "ps-sync")
+    assert layout.workers == 3 and [layout.is_server(r) for r in range(5)] == \
+        [False, False, False, True, True] and layout.server_rank(1) == 4
+    with pytest.raises(MpicnnError, match="at least 2 ranks"):
+        roles(1, 1, "ps-sync")
+    with pytest.raises(MpicnnError, match="--servers 3 leaves no worker"):
+        roles(3, 3, "ps-async")
+
+
+def test_staleness_option():
+    assert staleness_bound("none") is None and staleness_bound("0") == 0
+    assert parse_config(["--mode", "ps-async", "--staleness", "4"]).staleness == "4"
+    for bad in ("-1", "1.5", "soon"):
+        with pytest.raises(MpicnnError, match="--staleness must be"):
+            parse_config(["--mode", "ps-async", "--staleness", bad])
+    with pytest.raises(MpicnnError, match="--servers must be at least 1"):
+        parse_config(["--servers", "0"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_optimizer_state_survives_flattening_and_sharding(optimizer):
+    cfg = parse_config(["--optimizer", optimizer])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    params = list(model.parameters())
+    from mpicnn.optim import build_optimizer
+
+    opt = build_optimizer(cfg, params, 32)
+    for _ in range(3):
+        model(torch.randn(8, 5)).square().sum().backward()
+        opt.step()
+    step, vectors = flat_state(opt, params, cfg)
+    # shard over two "servers", then gather back into a fresh per-parameter optimizer
+    numel = sum(p.numel() for p in params)
+    shards = []
+    for lo, hi in partition(numel, 2, align_bytes=16):
+        flat = torch.nn.Parameter(torch.zeros(hi - lo))
+        server_opt = build_optimizer(cfg, [flat], 32)
+        set_flat_state(server_opt, [flat], cfg, step, {k: v[lo:hi] for k, v in vectors.items()})
+        shards.append(flat_state(server_opt, [flat], cfg))
+    gathered = {k: torch.cat([s[1][k] for s in shards]) for k in vectors}
+    fresh = build_optimizer(cfg, params, 32)
+    set_flat_state(fresh, params, cfg, shards[0][0], gathered)
+    for p in params:
+        for key, value in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(fresh.state[p][key]))
+
+
+# --- real MPI runs -----------------------------------------------------------------------
+
+def final(directory) -> dict:
+    return torch.load(directory / "final.pt", weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest difference between two checkpoints' parameters and optimizer states."""
+    diffs = [(a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]]
+    for i, state in a["optimizer"]["state"].items():
+        diffs += [(torch.as_tensor(v) - torch.as_tensor(b["optimizer"]["state"][i][k]))
+                  .abs().max().item() for k, v in state.items()]
+    return max(diffs)
+
+
+def end_record(path) -> dict:
+    return [r for r in read_jsonl(path) if r["event"] == "end"][-1]
+
+
+def train(tmp_path, name, n, *args) -> tuple:
+    """Launch one run writing into tmp_path/name; return (checkpoint dir, end record)."""
+    out = tmp_path / name
+    mpirun(n, [*args, "--checkpoint-dir", out, "--metrics", out / "m.jsonl", *QUIET])
+    return out, end_record(out / "m.jsonl")
+
+
+@pytest.mark.mpi
+def test_ps_sync_equals_allreduce_for_any_server_count_and_resumes_exactly(tmp_path):
+    # batch 32 at 2 workers: 22 steps/epoch, so a checkpoint lands at step 22 of 30
+    common = ["--batch-size", "32", "--max-steps", "30"]
+    ref, ref_end = train(tmp_path, "allreduce", 2, *common)
+    one, one_end = train(tmp_path, "s1", 3, "--mode", "ps-sync", *common)
+    three, three_end = train(tmp_path, "s3", 5, "--mode", "ps-sync", "--servers", "3", *common,
+                             "--resume", tmp_path / "s1" / "checkpoint-00000022.pt")
+    assert max_diff(final(ref), final(one)) <= 1e-5              # server-side AdamW == local
+    assert max_diff(final(one), final(three)) <= 1e-5            # S=1 == S=3, across a resume
+    assert final(one)["scheduler"]["last_epoch"] == 30
+    assert abs(one_end["val_acc"] - ref_end["val_acc"]) < 1e-9
+    assert one_end["steps"] == three_end["steps"] == 30
+    assert one_end["ps_updates"] == [30] and three_end["ps_updates"] == [8, 8, 8]
+    assert one_end["ps_staleness"] == {"0": 60} and one_end["ps_max_lead"] == 0
+    assert one_end["ps_unreceived"] == three_end["ps_unreceived"] == 0
+    assert one_end["images_per_s"] > 0
+
+
+@pytest.mark.mpi
+def test_ps_async_with_one_worker_equals_serial_training(tmp_path):
+    serial, _ = train(tmp_path, "serial", 1, "--max-steps", "20")
+    ps, end = train(tmp_path, "ps", 2, "--mode", "ps-async", "--max-steps", "20")
+    assert max_diff(final(serial), final(ps)) <= 1e-5
+    assert end["ps_updates"] == [20] and end["ps_staleness"] == {"0": 20}
+
+
+@pytest.mark.mpi
+def test_ssp_with_zero_staleness_equals_ps_sync(tmp_path):
+    # Plain SGD: W in-order updates of g_i / W equal one update with their mean, so the
+    # runs agree exactly when every gradient of a clock saw all of the previous clock.
+    common = [*SGD, "--max-steps", "20"]
+    sync, _ = train(tmp_path, "sync", 4, "--mode", "ps-sync", *common)
+    ssp, end = train(tmp_path, "ssp", 4, "--mode", "ps-async", "--staleness", "0", *common,
+                     "--slow-rank", "1", "--slow-factor", "3")
+    assert max_diff(final(sync), final(ssp)) <= 1e-5
+    assert end["ps_max_lead"] == 0
+    assert end["ps_deferred"] == 2 * 20        # the first two pushes of every clock wait
+    assert end["ps_pushes"] == [20, 20, 20] and end["ps_unreceived"] == 0
+
+
+@pytest.mark.mpi
+def test_async_workers_finishing_at_different_times_never_hang_and_resume(tmp_path):
+    # Downpour with a 3x straggler and two servers: batches are handed out on demand,
+    # the run stops mid-epoch (29 steps/epoch at 3 workers), every push is applied.
+    first, end = train(tmp_path, "downpour", 5, "--mode", "ps-async", "--servers", "2",
+                       "--max-steps", "40", "--slow-rank", "1", "--slow-factor", "3")
+    assert end["steps"] == 40 and end["ps_updates"] == [120, 120]
+    assert sum(end["ps_pushes"]) == 120 and end["ps_unreceived"] == 0
+    assert sum(end["ps_staleness"].values()) == 240
+    saved = final(first)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 11, 40)
+    # Continue mid-epoch under SSP (fixed shards, staleness 1) with one server.
+    _, end = train(tmp_path, "ssp", 4, "--mode", "ps-async", "--staleness", "1",
+                   "--max-steps", "50", "--slow-rank", "2", "--slow-factor", "3",
+                   "--resume", first / "final.pt")
+    assert end["steps"] == 50 and end["ps_updates"] == [30] and end["ps_pushes"] == [10] * 3
+    assert end["ps_max_lead"] <= 1 and end["ps_unreceived"] == 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n,args,message", [
+    (1, ["--mode", "ps-sync"], "--mode ps-sync needs at least 2 ranks"),
+    (2, ["--mode", "ps-async", "--servers", "2"], "--servers 2 leaves no worker among 2 ranks"),
+    (2, ["--mode", "ps-async", "--staleness", "-1"], "--staleness must be a whole number"),
+])
+def test_bad_parameter_server_options_fail_before_training(n, args, message):
+    run = mpirun(n, [*args, *QUIET], timeout=120, check=False)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("mpicnn: error:")]
+    assert run.returncode != 0 and len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in run.stderr and "epoch 1/" not in run.stdout
+
+
+@pytest.mark.mpi
+def test_chunked_payloads_arrive_intact_over_mpi():
+    cmd = mpirun_command(2, [], module="x")[:3] + [sys.executable, str(ROOT / "tests" /
+                                                                    "ps_transport_check.py")]
+    run = run_command(cmd, timeout=120)
+    assert run.returncode == 0, run.stderr
+    # 1 + 1 + 1 + 3 + 200 messages for 0, 1, 5, 12 and 1000 float32 at 20 bytes each
+    assert "intact=True messages=206 leftover=1 again=0" in run.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ps-sync", "ps-async"])
+def test_parameter_server_modes_learn_digits(tmp_path, mode):
+    _, end = train(tmp_path, mode, 5, "--mode", mode, "--epochs", "12")
+    assert end["ps_workers"] == 4 and end["ps_servers"] == 1
+    assert end["val_acc"] >= 0.97
