@@ -223,8 +223,8 @@ def test_bad_parameter_server_options_fail_before_training(n, args, message):
 
 @pytest.mark.mpi
 def test_chunked_payloads_arrive_intact_over_mpi():
-    cmd = mpirun_command(2, [], module="x")[:3] + [sys.executable, str(ROOT / "tests" /
-                                                                    "ps_transport_check.py")]
+    script = ROOT / "tests" / "ps_transport_check.py"
+    cmd = mpirun_command(2, [])[:3] + [sys.executable, str(script)]
     run = run_command(cmd, timeout=120)
     assert run.returncode == 0, run.stderr
     # 1 + 1 + 1 + 3 + 200 messages for 0, 1, 5, 12 and 1000 float32 at 20 bytes each

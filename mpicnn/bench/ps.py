@@ -20,13 +20,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m mpicnn.bench ps", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mpicnn.bench ps",
+                                description="Images/s and accuracy of allreduce, ps-sync and "
+                                            "ps-async, with and without a straggler.")
     p.add_argument("--workers", type=int, default=4, help="training ranks (default 4)")
     p.add_argument("--servers", type=int, default=1, help="PS server ranks (default 1)")
     p.add_argument("--epochs", type=int, default=12, help="epochs per job (default 12)")
     p.add_argument("--slow-factor", type=float, default=2.0,
                    help="straggler: the last worker computes this many times slower")
-    p.add_argument("--modes", default="allreduce,ps-sync,ps-async")
+    p.add_argument("--modes", default="allreduce,ps-sync,ps-async",
+                   help="comma-separated modes to run (default: all three)")
     p.add_argument("--out", default="", help="also write the results as JSON here")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: more mpicnn.train flags for every job (e.g. --model lenet)")

@@ -1,8 +1,6 @@
 """A parameter-server rank: one range of the flat parameters, its optimizer, and the loop."""
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import torch
 

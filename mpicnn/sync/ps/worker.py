@@ -36,7 +36,10 @@ class PSWorker(PSRole):
         offset = 0
         for p in self.params:      # host copy; unused parameters push zeros
             piece = self.flat_grads[offset: offset + p.numel()]
-            piece.copy_(p.grad.reshape(-1)) if p.grad is not None else piece.zero_()
+            if p.grad is None:
+                piece.zero_()
+            else:
+                piece.copy_(p.grad.reshape(-1))
             offset += p.numel()
         self.clock += 1
         self._exchange(P.PUSH)
