@@ -23,7 +23,7 @@ class PSRole(Strategy):
         # under a bound the slowest worker sets the pace anyway, so shards stay fixed.
         self.dispatched = self.bound is None
         self.params, self.ranges, self.stats = [], [], Counter()
-        self.staleness, self._report = Counter(), {}
+        self.staleness, self._report, self.attached = Counter(), {}, False
 
     @property
     def comm(self):
@@ -48,6 +48,7 @@ class PSRole(Strategy):
                               collective=True)
         numel = sum(p.numel() for p in self.params)
         self.ranges = partition(numel, self.roles.servers, self.params[0].element_size())
+        self.attached = True
 
     def finish(self) -> None:
         """Gather every rank's counters to rank 0 for the end record, then free communicators."""

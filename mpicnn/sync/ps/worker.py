@@ -30,7 +30,6 @@ class PSWorker(PSRole):
         self.item, self.window, self.plans = P.NO_ITEM, (0, 0), (None, None)
         # images one update trains on: a global batch (ps-sync) or one worker's batch
         self.images_per_update = self.cfg.batch_size * (self.workers if self.sync else 1)
-        self.attached = True
 
     def after_backward(self) -> None:
         offset = 0
@@ -143,7 +142,7 @@ class PSWorker(PSRole):
                            int(self.replies[0][P.STEP]), vectors)
 
     def finish(self) -> None:
-        if getattr(self, "attached", False):
+        if self.attached:
             from mpi4py import MPI
 
             done = []
