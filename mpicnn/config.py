@@ -46,6 +46,9 @@ class Config:
                           "training")
     max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit)",
                          "training")
+    stop_epoch: int = opt(0, "end this invocation after this epoch with a checkpoint, keeping "
+                          "the schedule of --epochs (split a long run over several jobs; "
+                          "continue with --resume auto)", "training")
     optimizer: str = opt("adamw", "optimizer", "training", ["sgd", "adamw"])
     lr: float = opt(0.002, "peak learning rate (after warmup, before scaling); for SGD try "
                     "0.05", "training")
@@ -96,6 +99,11 @@ class Config:
     progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
     debug: bool = opt(False, "show tracebacks on errors", "output")
     config: str = opt("", "TOML file of settings (flags override it)", "output")
+    # --- timeline (see README "Metrics, timeline and reports") -------------------
+    timeline: str = opt("", "write a Chrome-trace/Perfetto JSON of every rank's phases to "
+                        "this file (open in ui.perfetto.dev)", "output")
+    timeline_steps: str = opt("0:20", "global steps a:b (b excluded) recorded by --timeline",
+                              "output", metavar="A:B")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -244,7 +252,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             raise MpicnnError(f"--{name.replace('_', '-')} must be at least 1, got "
                               f"{getattr(cfg, name)}", collective=True)
-    for name in ["max_steps", "threads", "warmup_epochs", "weight_decay", "momentum",
+    for name in ["max_steps", "stop_epoch", "threads", "warmup_epochs", "weight_decay", "momentum",
                  "min_lr_ratio"]:
         if getattr(cfg, name) < 0:
             raise MpicnnError(f"--{name.replace('_', '-')} must not be negative",

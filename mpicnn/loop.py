@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import timeline
 from .metrics import Meter, PhaseTimer, reduce_sums
 
 WARMUP_STEPS_UNTIMED = 5
@@ -55,6 +56,7 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
     batches = strategy.batches(loader, state, run_steps)
     last = time.perf_counter()
     while state.global_step < run_steps:
+        timeline.step(state.global_step)
         with timer.phase("data"):
             batch = next(batches, None)
         if batch is None:
@@ -71,10 +73,10 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
             strategy.step()
         loss_value = loss.item()
         loss_meter.add(loss_value * len(labels), len(labels))
-        images = strategy.advance(state, global_batch)
+        trained = strategy.advance(state, global_batch)
         timer.steps += 1
         now = time.perf_counter()
-        throughput.add(now - last, images, state.global_step - 1)
+        throughput.add(now - last, trained, state.global_step - 1)
         last = now
         if on_step is not None:
             on_step(state, loss_value, timer)

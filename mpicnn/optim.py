@@ -21,37 +21,34 @@ def build_optimizer(cfg, params, global_batch: int) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
-def lr_factor(step: int, steps_per_epoch: int, total_steps: int, cfg) -> float:
+def lr_factor(step: int, steps_per_epoch: int, total_steps: int, schedule: str,
+              warmup_epochs: float, min_lr_ratio: float = 0.0, milestones=(),
+              gamma: float = 0.1) -> float:
     """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = int(round(warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
-    if cfg.schedule == "cosine":
+    if schedule == "cosine":
         span = max(1, total_steps - warmup)
         progress = min(1.0, (step - warmup) / span)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "step":
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "step":
         epoch = step / max(1, steps_per_epoch)
-        return cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+        return gamma ** sum(epoch >= m for m in milestones)
     return 1.0
 
 
 class Schedule:
-    """A per-step lr multiplier for ``LambdaLR``, holding plain data only.
-
-    ``LambdaLR.state_dict()`` saves this object's attributes, so they must be plain
-    numbers and strings: a checkpoint is loaded with ``weights_only=True``.
-    """
-
-    FIELDS = ("warmup_epochs", "schedule", "min_lr_ratio", "lr_milestones", "lr_gamma")
+    """A per-step lr multiplier for ``LambdaLR``; holds plain data only, so it checkpoints."""
 
     def __init__(self, steps_per_epoch: int, total_steps: int, cfg):
-        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        for name in self.FIELDS:
-            setattr(self, name, getattr(cfg, name))
+        self.args = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                         schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+                         min_lr_ratio=cfg.min_lr_ratio, milestones=list(cfg.lr_milestones),
+                         gamma=cfg.lr_gamma)
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.steps_per_epoch, self.total_steps, self)
+        return lr_factor(step, **self.args)
 
 
 def build_scheduler(cfg, optimizer, steps_per_epoch: int, total_steps: int):

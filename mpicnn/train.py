@@ -6,13 +6,13 @@ import time
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, timeline
 from .config import parse_config
 from .data import shard
 from .data.loader import Loader
 from .data.schema import open_dataset
 from .loop import RunState, Throughput, evaluate, train_epoch
-from .metrics import MetricsWriter, Progress
+from .metrics import IntervalLog, MetricsWriter, Progress
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
 from .resume import restore, save, save_config
@@ -29,6 +29,7 @@ def train(world, argv) -> int:
     started = time.perf_counter()
     cfg = parse_config(argv)
     log = world.log
+    timeline.start(world, cfg.timeline, cfg.timeline_steps)
     device = bind_device(world, cfg.device, cfg.threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -60,41 +61,54 @@ def train(world, argv) -> int:
     val_loader = Loader(data, data.val, device, cfg.batch_size, strategy.workers,
                         strategy.worker_index)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
-    metrics.write("config", **cfg.to_dict(), world_size=world.size)
+    metrics.write("config", **cfg.to_dict(), world_size=world.size,
+                  steps_per_epoch=steps_per_epoch)
     log.info(f"{data.path}: {len(data.train)} train / {len(data.val)} val samples of "
              f"{data.input_shape}, {data.num_classes} classes; {cfg.model}, "
              f"{steps_per_epoch} steps/epoch at global batch {global_batch}")
-    bar = Progress(world.is_root, cfg.progress)
+    bar = Progress(world.is_root, cfg.progress, log)
+    bar.start(run_steps, state.global_step, cfg.epochs, global_batch)
+    intervals = IntervalLog(strategy.comm, metrics, bar, cfg.log_every, cfg.batch_size,
+                            global_batch, steps_per_epoch, lambda: scheduler.get_last_lr()[0],
+                            mid_epoch=strategy.lockstep)
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
+    last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
     try:
         strategy.serve()       # parameter servers answer the workers here until they are done
-        while strategy.trains and state.epoch < cfg.epochs and state.global_step < run_steps:
-            bar.start(steps_per_epoch - state.step_in_epoch, f"epoch {state.epoch + 1}")
+        while strategy.trains and state.epoch < last_epoch and state.global_step < run_steps:
+            intervals.begin()
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
-                                 throughput, on_step=lambda s, loss, t: bar.update(loss=f"{loss:.3f}"))
-            bar.close()
+                                 throughput, on_step=intervals.on_step)
+            intervals.flush(state)
             strategy.sync_buffers()
-            val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
+            with timeline.span("evaluate"):
+                val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
             train_loss = result.train_loss
-            finished_epoch = state.step_in_epoch >= steps_per_epoch
-            if finished_epoch:
+            if state.step_in_epoch >= steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                           train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
                           lr=scheduler.get_last_lr()[0], images_per_s=throughput.images_per_s,
-                          **result.timer.snapshot_ms())
+                          **result.timer.snapshot_ms(), **strategy.report())
             log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
                      f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
-            if cfg.checkpoint_dir and world.is_root and finished_epoch and \
-                    state.epoch % cfg.checkpoint_every == 0 and state.epoch < cfg.epochs:
-                save(cfg, model, optimizer, scheduler, state,
-                     checkpoint.checkpoint_name(state.global_step))
-        if cfg.checkpoint_dir and world.is_root:
-            save(cfg, model, optimizer, scheduler, state, checkpoint.FINAL)
+            done = state.epoch >= cfg.epochs or state.global_step >= run_steps
+            due = state.epoch % cfg.checkpoint_every == 0 or state.epoch == last_epoch
+            if cfg.checkpoint_dir and world.is_root and (done or due):
+                name = checkpoint.FINAL if done else checkpoint.checkpoint_name(state.global_step)
+                save(cfg, model, optimizer, scheduler, state, name)
+        if strategy.trains and val_acc != val_acc:   # nothing left to train (finished run)
+            strategy.sync_buffers()
+            val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
     finally:
         bar.close()
         strategy.finish()
+    trace = timeline.finish(world, cfg.timeline)
+    if trace:
+        metrics.write("timeline", **trace)
+        log.info(f"timeline: {trace['events']} events of steps {trace['steps'][0]}:"
+                 f"{trace['steps'][1]} written to {cfg.timeline}")
     wall = time.perf_counter() - started
     metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
                   images_per_s=throughput.images_per_s, steps=state.global_step,

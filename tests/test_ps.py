@@ -1,6 +1,7 @@
 """Parameter-server modes: pure helpers, parity with allreduce and serial SGD, SSP, no hangs."""
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -9,10 +10,12 @@ import torch
 from conftest import ROOT, mpirun, mpirun_command, read_jsonl, run_command
 from mpicnn.config import parse_config, staleness_bound
 from mpicnn.errors import MpicnnError
+from mpicnn.metrics import check_record
 from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
 from mpicnn.sync.ps.layout import partition, roles
 from mpicnn.sync.ps.policy import Dispatcher, may_proceed
 from mpicnn.sync.ps.protocol import NO_ITEM, chunk_bounds
+from mpicnn.sync.ps.role import decode_stats, encode_stats, summarize
 
 QUIET = ["--progress", "off"]
 SGD = ["--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--lr", "0.05"]
@@ -93,6 +96,23 @@ def test_staleness_option():
         parse_config(["--servers", "0"])
 
 
+def test_server_counters_travel_as_int64_and_summarize():
+    layout = roles(5, 2, "ps-async")
+    a = ({"updates": 6, "deferred": 2, "max_lead": 1, "pushes": [3, 2, 1]}, {0: 2, 3: 4})
+    b = ({"updates": 6, "deferred": 1, "max_lead": 2, "pushes": [3, 2, 1]}, {1: 6})
+    rows = [(True, *decode_stats(encode_stats(*x, 3), 3)) for x in (a, b)]
+    assert rows[0][1:] == a and rows[1][1:] == b
+    fields = summarize(rows, layout, final=False)
+    assert fields["staleness_hist"] == {"0": 2, "1": 6, "3": 4}
+    assert fields["updates_per_server"] == [6, 6] and fields["ps_pushes"] == [3, 2, 1]
+    assert (fields["ps_deferred"], fields["ps_max_lead"], fields["ps_staleness_max"]) == (3, 2, 3)
+    assert fields["ps_staleness_mean"] == (6 + 12) / 12 and "ps_unreceived" not in fields
+    assert not check_record({"event": "end", "schema": 2, "time": 0.0, "val_acc": 1.0,
+                             "val_loss": 0.1, "train_loss": 0.1, "images_per_s": 1.0,
+                             "steps": 1, "epochs": 1, "world_size": 5, "mode": "ps-async",
+                             "wall_s": 1.0, **fields})
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_optimizer_state_survives_flattening_and_sharding(optimizer):
     cfg = parse_config(["--optimizer", optimizer])
@@ -137,15 +157,17 @@ def max_diff(a: dict, b: dict) -> float:
     return max(diffs)
 
 
-def end_record(path) -> dict:
-    return [r for r in read_jsonl(path) if r["event"] == "end"][-1]
-
-
 def train(tmp_path, name, n, *args) -> tuple:
     """Launch one run writing into tmp_path/name; return (checkpoint dir, end record)."""
     out = tmp_path / name
     mpirun(n, [*args, "--checkpoint-dir", out, "--metrics", out / "m.jsonl", *QUIET])
-    return out, end_record(out / "m.jsonl")
+    records = read_jsonl(out / "m.jsonl")
+    assert not [p for r in records for p in check_record(r)]      # schema-valid metrics
+    return out, records[-1]
+
+
+def records(directory, event: str) -> list[dict]:
+    return [r for r in read_jsonl(directory / "m.jsonl") if r["event"] == event]
 
 
 @pytest.mark.mpi
@@ -153,7 +175,8 @@ def test_ps_sync_equals_allreduce_for_any_server_count_and_resumes_exactly(tmp_p
     # batch 32 at 2 workers: 22 steps/epoch, so a checkpoint lands at step 22 of 30
     common = ["--batch-size", "32", "--max-steps", "30"]
     ref, ref_end = train(tmp_path, "allreduce", 2, *common)
-    one, one_end = train(tmp_path, "s1", 3, "--mode", "ps-sync", *common)
+    one, one_end = train(tmp_path, "s1", 3, "--mode", "ps-sync", *common,
+                         "--timeline", tmp_path / "trace.json", "--timeline-steps", "3:5")
     three, three_end = train(tmp_path, "s3", 5, "--mode", "ps-sync", "--servers", "3", *common,
                              "--resume", tmp_path / "s1" / "checkpoint-00000022.pt")
     assert max_diff(final(ref), final(one)) <= 1e-5              # server-side AdamW == local
@@ -161,10 +184,15 @@ def test_ps_sync_equals_allreduce_for_any_server_count_and_resumes_exactly(tmp_p
     assert final(one)["scheduler"]["last_epoch"] == 30
     assert abs(one_end["val_acc"] - ref_end["val_acc"]) < 1e-9
     assert one_end["steps"] == three_end["steps"] == 30
-    assert one_end["ps_updates"] == [30] and three_end["ps_updates"] == [8, 8, 8]
-    assert one_end["ps_staleness"] == {"0": 60} and one_end["ps_max_lead"] == 0
+    assert one_end["updates_per_server"] == [30]
+    assert three_end["updates_per_server"] == [8, 8, 8]
+    assert one_end["staleness_hist"] == {"0": 60} and one_end["ps_max_lead"] == 0
     assert one_end["ps_unreceived"] == three_end["ps_unreceived"] == 0
     assert one_end["images_per_s"] > 0
+    assert records(one, "epoch")[0]["updates_per_server"] == [22]     # counters per epoch
+    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    names = {(e["pid"], e["name"]) for e in trace if e.get("ph") == "X"}
+    assert {(0, "ps_push"), (1, "ps_pull"), (2, "ps_apply")} <= names
 
 
 @pytest.mark.mpi
@@ -172,7 +200,7 @@ def test_ps_async_with_one_worker_equals_serial_training(tmp_path):
     serial, _ = train(tmp_path, "serial", 1, "--max-steps", "20")
     ps, end = train(tmp_path, "ps", 2, "--mode", "ps-async", "--max-steps", "20")
     assert max_diff(final(serial), final(ps)) <= 1e-5
-    assert end["ps_updates"] == [20] and end["ps_staleness"] == {"0": 20}
+    assert end["updates_per_server"] == [20] and end["staleness_hist"] == {"0": 20}
 
 
 @pytest.mark.mpi
@@ -195,16 +223,20 @@ def test_async_workers_finishing_at_different_times_never_hang_and_resume(tmp_pa
     # the run stops mid-epoch (29 steps/epoch at 3 workers), every push is applied.
     first, end = train(tmp_path, "downpour", 5, "--mode", "ps-async", "--servers", "2",
                        "--max-steps", "40", "--slow-rank", "1", "--slow-factor", "3")
-    assert end["steps"] == 40 and end["ps_updates"] == [120, 120]
+    assert end["steps"] == 40 and end["updates_per_server"] == [120, 120]
     assert sum(end["ps_pushes"]) == 120 and end["ps_unreceived"] == 0
-    assert sum(end["ps_staleness"].values()) == 240
+    assert sum(end["staleness_hist"].values()) == 240
+    # async workers log one interval per epoch (no mid-epoch collectives), all images counted
+    intervals = records(first, "interval")
+    assert [r["step"] for r in intervals] == [29, 40]
+    assert all(r["images_per_s"] > 0 for r in intervals)
     saved = final(first)
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 11, 40)
     # Continue mid-epoch under SSP (fixed shards, staleness 1) with one server.
     _, end = train(tmp_path, "ssp", 4, "--mode", "ps-async", "--staleness", "1",
                    "--max-steps", "50", "--slow-rank", "2", "--slow-factor", "3",
                    "--resume", first / "final.pt")
-    assert end["steps"] == 50 and end["ps_updates"] == [30] and end["ps_pushes"] == [10] * 3
+    assert end["steps"] == 50 and end["updates_per_server"] == [30] and end["ps_pushes"] == [10] * 3
     assert end["ps_max_lead"] <= 1 and end["ps_unreceived"] == 0
 
 

@@ -17,6 +17,11 @@ class Strategy:
         return True
 
     @property
+    def lockstep(self) -> bool:
+        """Whether all training ranks run the same steps, so collectives between steps match."""
+        return True
+
+    @property
     def comm(self):
         """Communicator of the ranks that train (for metrics and evaluation)."""
         return self.world.comm

@@ -14,13 +14,14 @@ import numpy as np
 PUSH = 1     # a gradient slice follows; reply: parameters (+ next batch when dispatching)
 PULL = 2     # reply: parameters; EPOCH >= 0 also asks the dispatcher for a batch
 STATE = 3    # reply: optimizer-state slices (for checkpoints)
-DONE = 4     # no reply: this worker sends nothing more
+STATS = 4    # reply: the server's counters and staleness histogram (int64, for metrics)
+DONE = 5     # no reply: this worker sends nothing more
 
 TAG_REQUEST, TAG_REPLY, TAG_PAYLOAD = 101, 102, 103
 
 HEADER_LEN = 5
 KIND, CLOCK, EPOCH, FIRST, END = range(HEADER_LEN)          # request fields
-VERSION, ITEM, STEP, VECTORS = range(4)                      # reply fields
+VERSION, ITEM, STEP, COUNT = range(4)           # reply fields (COUNT: arrays or length)
 NO_ITEM = -1         # no batch for you: this epoch's batches are all handed out
 
 MAX_MESSAGE_BYTES = 1 << 30  # split payloads well below MPI's 2**31-1 count limit

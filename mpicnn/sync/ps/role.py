@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from ...config import staleness_bound
 from ...errors import MpicnnError
 from ..base import Strategy
@@ -24,6 +26,10 @@ class PSRole(Strategy):
         self.dispatched = self.bound is None
         self.params, self.ranges, self.stats = [], [], Counter()
         self.staleness, self._report, self.attached = Counter(), {}, False
+
+    @property
+    def lockstep(self) -> bool:
+        return self.sync           # async workers run different steps at different times
 
     @property
     def comm(self):
@@ -55,28 +61,54 @@ class PSRole(Strategy):
         rows = self.world.comm.gather((self.roles.is_server(self.world.rank), dict(self.stats),
                                        dict(self.staleness)), root=0)
         if rows is not None:
-            self._report = summarize(rows, self.roles)
+            self._report = summarize(rows, self.roles, final=True)
         for comm in (self.ps_comm, self.train_comm):
             comm.Free()
 
     def report(self) -> dict:
+        """The latest PS counters: as of the last epoch's end, or of the whole run."""
         return self._report
 
 
-def summarize(rows, roles: Roles) -> dict:
-    """The end-record fields from (is_server, counters, staleness histogram) of every rank."""
+COUNTERS = ("updates", "deferred", "max_lead")
+
+
+def encode_stats(stats: dict, staleness: dict, workers: int) -> np.ndarray:
+    """A server's counters as one int64 vector: counters, pushes per worker, histogram."""
+    hist = np.zeros(max(staleness, default=-1) + 1, dtype=np.int64)
+    for value, count in staleness.items():
+        hist[value] = count
+    return np.concatenate([[stats.get(k, 0) for k in COUNTERS],
+                           stats.get("pushes", [0] * workers), hist]).astype(np.int64)
+
+
+def decode_stats(vector: np.ndarray, workers: int) -> tuple[dict, dict]:
+    """Inverse of :func:`encode_stats`: (counters, staleness histogram)."""
+    stats = dict(zip(COUNTERS, map(int, vector[:len(COUNTERS)])))
+    stats["pushes"] = [int(v) for v in vector[len(COUNTERS): len(COUNTERS) + workers]]
+    hist = vector[len(COUNTERS) + workers:]
+    return stats, {value: int(count) for value, count in enumerate(hist) if count}
+
+
+def summarize(rows, roles: Roles, final: bool) -> dict:
+    """Metrics fields from (is_server, counters, staleness histogram) of ranks.
+
+    ``final``: all ranks' rows at the end of the run, which adds ``ps_unreceived``.
+    """
     staleness = Counter()
     for _, _, hist in rows:
         staleness.update(hist)
     total = sum(staleness.values())
-    return {
+    fields = {
         "ps_workers": roles.workers, "ps_servers": roles.servers,
-        "ps_updates": [stats.get("updates", 0) for server, stats, _ in rows if server],
-        "ps_pushes": next(stats.get("pushes") for server, stats, _ in rows if server),
-        "ps_max_lead": max(stats.get("max_lead", 0) for _, stats, _ in rows),
-        "ps_deferred": sum(stats.get("deferred", 0) for _, stats, _ in rows),
-        "ps_unreceived": sum(stats.get("unreceived", 0) for _, stats, _ in rows),
-        "ps_staleness": {str(k): staleness[k] for k in sorted(staleness)},
+        "updates_per_server": [stats.get("updates", 0) for server, stats, _ in rows if server],
+        "staleness_hist": {str(k): staleness[k] for k in sorted(staleness)},
         "ps_staleness_mean": sum(k * v for k, v in staleness.items()) / total if total else 0.0,
         "ps_staleness_max": max(staleness, default=0),
+        "ps_pushes": next(stats.get("pushes") for server, stats, _ in rows if server),
+        "ps_deferred": sum(stats.get("deferred", 0) for _, stats, _ in rows),
+        "ps_max_lead": max(stats.get("max_lead", 0) for _, stats, _ in rows),
     }
+    if final:
+        fields["ps_unreceived"] = sum(stats.get("unreceived", 0) for _, stats, _ in rows)
+    return fields

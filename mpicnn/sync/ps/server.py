@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ... import timeline
 from ...errors import MpicnnError
 from ...optim import build_optimizer
 from . import protocol as P
 from .flatstate import flat_state, flatten_params, set_flat_state, state_keys
 from .policy import Dispatcher, may_proceed
-from .role import PSRole
+from .role import PSRole, encode_stats
 
 
 class PSServer(PSRole):
@@ -55,7 +56,7 @@ class PSServer(PSRole):
         self.outs = [np.empty_like(self.param_np) for _ in range(workers)]
         self.reply_headers = [P.header() for _ in range(workers)]
         self.sends = [[] for _ in range(workers)]
-        self.state_sends, self.state_bufs = [], []
+        self.extra_sends, self.extra_bufs = [], []
         self.clocks, self.seen = [0] * workers, [self.version] * workers
         self.done, self.deferred, self.arrived = [False] * workers, set(), 0
         self.dispatcher = Dispatcher() if self.dispatched and index == 0 else None
@@ -75,20 +76,27 @@ class PSServer(PSRole):
                 self._reply(worker, dispatch=request[P.EPOCH] >= 0)
             elif kind == P.STATE:
                 self._send_state(worker)
+            elif kind == P.STATS:
+                vector = encode_stats(self._counters(), self.staleness, self.workers)
+                self._send_extra(worker, P.header(), [vector], vector.size)
             elif kind == P.DONE:
                 self.done[worker] = True
                 self._release()
             else:
                 raise MpicnnError(f"parameter server: unknown request {kind} from rank {worker}")
-        for requests in self.sends + [self.state_sends]:
+        for requests in self.sends + [self.extra_sends]:
             MPI.Request.Waitall(requests)
-        self.stats["updates"] = self.version - self.restored_version
-        self.stats["pushes"] = list(self.clocks)
-        self.stats["unreceived"] = P.drain(self.ps_comm)
+        self.stats = {**self._counters(), "unreceived": P.drain(self.ps_comm)}
+
+    def _counters(self) -> dict:
+        """This run's counters: updates applied, pushes per worker, deferrals, largest lead."""
+        return {**self.stats, "updates": self.version - self.restored_version,
+                "pushes": list(self.clocks)}
 
     def _push(self, worker: int) -> None:
         from mpi4py import MPI
 
+        timeline.step(self.version // self.per_step)     # the global step being applied
         grad = self.grads[worker if self.sync else 0]
         MPI.Request.Waitall(P.irecv_array(self.ps_comm, grad, worker))
         self.clocks[worker] += 1
@@ -102,12 +110,14 @@ class PSServer(PSRole):
             for other in self.grads[1:]:        # a fixed order: reproducible sums
                 total += other
             self.arrived = 0
-            self._apply(total, 1)
+            with timeline.span("ps_apply", workers=self.workers):
+                self._apply(total, 1)
             for w in range(self.workers):
                 self._proceed(w)
             return
         lr_divisor = max(1, staleness) if self.cfg.staleness_lr else 1
-        self._apply(grad, lr_divisor)
+        with timeline.span("ps_apply", worker=worker, staleness=staleness):
+            self._apply(grad, lr_divisor)
         if self._may_proceed(worker):
             self._proceed(worker)
         else:
@@ -165,17 +175,22 @@ class PSServer(PSRole):
 
     def _send_state(self, worker: int) -> None:
         """Start sending this range's optimizer state (for a checkpoint on ``worker``)."""
-        from mpi4py import MPI
-
-        MPI.Request.Waitall(self.state_sends)
         state = flat_state(self.server_opt, [self.param], self.cfg)
         head = P.header()
-        head[P.VERSION] = self.version
-        if state is not None:
+        if state is None:
+            self._send_extra(worker, head, [], 0)
+        else:
             head[P.STEP] = state[0]
-            head[P.VECTORS] = len(state[1])
-        self.state_bufs = [head] + ([state[1][k].numpy() for k in state_keys(self.cfg)]
-                                    if state is not None else [])
-        self.state_sends = [self.ps_comm.Isend(head, dest=worker, tag=P.TAG_REPLY)]
-        for vector in self.state_bufs[1:]:
-            self.state_sends += P.isend_array(self.ps_comm, vector, worker)
+            vectors = [state[1][k].numpy() for k in state_keys(self.cfg)]
+            self._send_extra(worker, head, vectors, len(vectors))
+
+    def _send_extra(self, worker: int, head: np.ndarray, arrays: list, count: int) -> None:
+        """Start sending a reply header and ``arrays`` (rare requests: STATE, STATS)."""
+        from mpi4py import MPI
+
+        MPI.Request.Waitall(self.extra_sends)      # the worker asked again: already received
+        head[P.VERSION], head[P.COUNT] = self.version, count
+        self.extra_bufs = [head, *arrays]          # alive until the sends complete
+        self.extra_sends = [self.ps_comm.Isend(head, dest=worker, tag=P.TAG_REPLY)]
+        for array in arrays:
+            self.extra_sends += P.isend_array(self.ps_comm, array, worker)

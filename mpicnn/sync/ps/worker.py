@@ -4,12 +4,14 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import torch
 
+from ... import timeline
 from ..collectives import average_buffers
 from . import protocol as P
 from .flatstate import flatten_params, set_flat_state, state_keys, unflatten_into
-from .role import PSRole
+from .role import PSRole, decode_stats, summarize
 
 
 class PSWorker(PSRole):
@@ -101,25 +103,45 @@ class PSWorker(PSRole):
         self._exchange(P.PULL)
         self.step()
         self.counted = self.version
-        if self.cfg.checkpoint_dir and self.world.is_root:
-            self._fetch_state()
+        if self.world.is_root:
+            self._fetch_stats()
+            if self.cfg.checkpoint_dir:
+                self._fetch_state()
+
+    def _fetch_stats(self) -> None:
+        """Ask every server for its counters so far (for the epoch metrics record)."""
+        from mpi4py import MPI
+
+        rows = []
+        for s, request in enumerate(self.requests):
+            server = self.roles.server_rank(s)
+            request[:] = (P.STATS, self.clock, -1, 0, 0)
+            self.ps_comm.Send(request, dest=server, tag=P.TAG_REQUEST)
+            self.ps_comm.Recv(self.replies[s], source=server, tag=P.TAG_REPLY)
+            vector = np.empty(int(self.replies[s][P.COUNT]), dtype=np.int64)
+            MPI.Request.Waitall(P.irecv_array(self.ps_comm, vector, server))
+            rows.append((True, *decode_stats(vector, self.workers)))
+        self._report = summarize(rows, self.roles, final=False)
 
     def _exchange(self, kind: int, epoch: int = -1, first: int = 0, end: int = 0) -> None:
         """Send one request to every server and wait for all their parameter replies."""
         from mpi4py import MPI
 
-        comm, pending = self.ps_comm, []
-        for s, (lo, hi) in enumerate(self.ranges):
+        comm, receives, sends = self.ps_comm, [], []
+        for s, (lo, hi) in enumerate(self.ranges):      # receives first: no unexpected messages
             server = self.roles.server_rank(s)
-            pending.append(comm.Irecv(self.replies[s], source=server, tag=P.TAG_REPLY))
-            pending += P.irecv_array(comm, self.params_np[lo:hi], server)
+            receives.append(comm.Irecv(self.replies[s], source=server, tag=P.TAG_REPLY))
+            receives += P.irecv_array(comm, self.params_np[lo:hi], server)
         for s, (lo, hi) in enumerate(self.ranges):
             server, request = self.roles.server_rank(s), self.requests[s]
             request[:] = (kind, self.clock, epoch, first, end)
-            pending.append(comm.Isend(request, dest=server, tag=P.TAG_REQUEST))
+            sends.append(comm.Isend(request, dest=server, tag=P.TAG_REQUEST))
             if kind == P.PUSH:
-                pending += P.isend_array(comm, self.grads_np[lo:hi], server)
-        MPI.Request.Waitall(pending)
+                sends += P.isend_array(comm, self.grads_np[lo:hi], server)
+        with timeline.span("ps_push" if kind == P.PUSH else "ps_pull"):
+            MPI.Request.Waitall(sends)
+        with timeline.span("ps_pull"):
+            MPI.Request.Waitall(receives)
         self.version = int(self.replies[0][P.VERSION])
         self.item = int(self.replies[0][P.ITEM])
 
@@ -134,10 +156,10 @@ class PSWorker(PSRole):
             request[:] = (P.STATE, self.clock, -1, 0, 0)
             comm.Send(request, dest=server, tag=P.TAG_REQUEST)
             comm.Recv(self.replies[s], source=server, tag=P.TAG_REPLY)
-            if self.replies[s][P.VECTORS]:
+            if self.replies[s][P.COUNT]:
                 MPI.Request.Waitall([r for k in keys for r in
                                      P.irecv_array(comm, vectors[k].numpy()[lo:hi], server)])
-        if all(reply[P.VECTORS] for reply in self.replies):
+        if all(reply[P.COUNT] for reply in self.replies):
             set_flat_state(self.optimizer, self.params, self.cfg,
                            int(self.replies[0][P.STEP]), vectors)
 

@@ -1,0 +1,64 @@
+"""Config parsing, TOML files and rejection of bad settings."""
+import pytest
+
+from mpicnn.config import Config, parse_config
+from mpicnn.errors import MpicnnError
+
+
+def test_defaults_and_overrides():
+    cfg = parse_config([])
+    assert cfg == Config()
+    cfg = parse_config(["--epochs", "3", "--lr", "0.1", "--betas", "0.8,0.9",
+                        "--no-nesterov", "--deterministic", "--lr-milestones", "5,8"])
+    assert (cfg.epochs, cfg.lr, cfg.betas, cfg.nesterov, cfg.deterministic) == \
+        (3, 0.1, (0.8, 0.9), False, True)
+    assert cfg.lr_milestones == (5.0, 8.0)
+
+
+def test_toml_file_and_flag_precedence(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[training]\nepochs = 7\nbatch-size = 4\n[data]\nshuffle = "local"\n')
+    cfg = parse_config(["--config", str(path), "--epochs", "9"])
+    assert (cfg.epochs, cfg.batch_size, cfg.shuffle) == (9, 4, "local")
+
+
+def test_dump_round_trips_through_config(tmp_path):
+    cfg = parse_config(["--epochs", "4", "--model", "lenet", "--betas", "0.5,0.6"])
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.dump())
+    again = parse_config(["--config", str(path)])
+    assert again.epochs == 4 and again.model == "lenet" and again.betas == (0.5, 0.6)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochz", "3"], "did you mean --epochs"),
+    (["--epochs", "three"], "--epochs: expected int"),
+    (["--epochs", "2.5"], "--epochs: expected int"),
+    (["--optimizer", "adam"], "choose from sgd, adamw"),
+    (["--mode", "gossip"], "choose from"),
+    (["--batch-size", "0"], "at least 1"),
+    (["--lr", "-1"], "positive"),
+    (["--val-fraction", "1.5"], "val-fraction"),
+    (["--resume", "auto"], "needs --checkpoint-dir"),
+    (["--deterministic", "maybe"], "expected bool"),
+    (["--config", "/nonexistent/run.toml"], "not found"),
+])
+def test_bad_settings_are_rejected_with_help(argv, message):
+    with pytest.raises(MpicnnError, match=message) as info:
+        parse_config(argv)
+    assert info.value.collective
+
+
+def test_bad_toml_keys_and_types(tmp_path):
+    bad_key = tmp_path / "a.toml"
+    bad_key.write_text("epoch = 3\n")
+    with pytest.raises(MpicnnError, match="unknown setting 'epoch'.*epochs"):
+        parse_config(["--config", str(bad_key)])
+    bad_type = tmp_path / "b.toml"
+    bad_type.write_text('epochs = "many"\n')
+    with pytest.raises(MpicnnError, match="expected int"):
+        parse_config(["--config", str(bad_type)])
+    bad_syntax = tmp_path / "c.toml"
+    bad_syntax.write_text("epochs = = 3\n")
+    with pytest.raises(MpicnnError, match="not valid TOML"):
+        parse_config(["--config", str(bad_syntax)])

@@ -1,0 +1,99 @@
+"""The scaling report: cost models, the alpha/beta fit, and a short real measurement."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import run_command
+from mpicnn.bench import scale
+from mpicnn.errors import MpicnnError
+from test_metrics_report import png_size
+
+
+def test_fit_recovers_alpha_and_beta_of_exact_ring_costs():
+    sizes = [2 ** k for k in range(12, 24, 2)]
+    for ranks in (2, 4):
+        seconds = [scale.ring_seconds(ranks, m, 7e-6, 2e-10) for m in sizes]
+        alpha, beta = scale.fit_alpha_beta(sizes, seconds, ranks)
+        assert alpha == pytest.approx(7e-6, rel=1e-6) and beta == pytest.approx(2e-10, rel=1e-6)
+
+
+def test_fit_balances_the_largest_relative_error():
+    sizes = [1e5, 1e6, 1e7]
+    seconds = [1.2e-4, 0.8e-3, 1.1e-2]          # no straight line through these
+    alpha, beta = scale.fit_alpha_beta(sizes, seconds)
+    errors = [scale.ring_seconds(2, m, alpha, beta) / t - 1 for m, t in zip(sizes, seconds)]
+    worst = max(map(abs, errors))
+    # minimax: the extreme errors are equal in size (alternating signs)
+    assert sorted(map(abs, errors))[-2] == pytest.approx(worst, rel=1e-2)
+    assert worst < 0.2      # least squares on absolute error gives ~50 % on the smallest
+
+
+def test_cost_models():
+    inter, intra = (10e-6, 1e-9), (1e-6, 1e-10)
+    assert scale.ring_seconds(1, 1e6, *inter) == 0.0
+    assert scale.ring_seconds(2, 1e6, *inter) == pytest.approx(2 * 10e-6 + 1e6 * 1e-9)
+    # one node: hierarchical and flat ring are the same intra-node ring
+    assert scale.hierarchical_seconds(8, 1e6, 8, inter, intra) == \
+        pytest.approx(scale.flat_ring_seconds(8, 1e6, 8, inter, intra))
+    # one rank per node: hierarchical is the inter-node ring
+    assert scale.hierarchical_seconds(16, 1e6, 1, inter, intra) == \
+        pytest.approx(scale.ring_seconds(16, 1e6, *inter))
+    # many nodes: the hierarchy sends 1/8 of the bytes over the slow links
+    assert scale.hierarchical_seconds(512, 1e8, 8, inter, intra) < \
+        scale.flat_ring_seconds(512, 1e8, 8, inter, intra)
+    # a server's link carries every worker's share
+    assert scale.ps_seconds(64, 1e6, 4, *inter) == pytest.approx(2 * (4 * 10e-6 + 16e6 * 1e-9))
+    rows = scale.predict(0.01, 32, 1e7, inter, intra, 8, 4, 1024)
+    assert [r["ranks"] for r in rows] == [2 ** k for k in range(11)]
+    for key in ("ring", "hierarchical", "ps"):
+        eff = [r[f"{key}_efficiency"] for r in rows]
+        assert eff[0] == 1.0 and all(a >= b for a, b in zip(eff, eff[1:]))
+    fast = scale.predict(0.01, 32, 1e7, (10e-6, 1 / 25e9), intra, 8, 4, 1024)
+    assert fast[-1]["ring_efficiency"] > rows[-1]["ring_efficiency"]
+
+
+def test_sizes():
+    assert scale.parse_bytes("64K") == 65536 and scale.parse_bytes("1.5MiB") == 1572864
+    assert scale.parse_bytes("1000") == 1000
+    with pytest.raises(MpicnnError, match="--sizes"):
+        scale.parse_bytes("lots")
+    sizes = scale.probe_sizes(40 * 2 ** 20, short=False)
+    assert sizes[0] == 40 * 2 ** 20 // 32 and sizes[-1] <= 40 * 2 ** 20 and len(sizes) == 6
+    assert scale.probe_sizes(1000, short=True) == [65536, 262144, 1048576]
+
+
+@pytest.mark.mpi
+def test_short_scaling_report_fits_its_own_measurements(tmp_path, digits):
+    out, png = tmp_path / "scale.json", tmp_path / "scale.png"
+    run = run_command([sys.executable, "-m", "mpicnn.bench", "scale", "--short", "--data",
+                       str(digits), "--json", str(out), "--plot", str(png),
+                       "--alpha", "5e-6", "--bandwidth", "25"], timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    probe = result["probe"]
+    assert len(probe["sizes"]) >= 3 and probe["rounds"] >= 5
+    for size, measured in zip(probe["sizes"], probe["seconds"]):
+        fitted = scale.ring_seconds(2, size, result["alpha"], result["beta"])
+        assert fitted == pytest.approx(measured, rel=0.25), (size, measured, fitted)
+    assert result["alpha"] >= 0 and result["beta"] > 0
+    assert result["inter"] == pytest.approx([5e-6, 1 / 25e9]) and result["inter_given"]
+    assert result["intra"] == pytest.approx([result["alpha"], result["beta"]])
+    assert result["gradient_bytes"] == 605224           # digitnet on 1x8x8, float32
+    assert [r["ranks"] for r in result["predictions"]] == [2 ** k for k in range(11)]
+    assert [m["ranks"] for m in result["measured"]] == [1, 2]
+    assert all(m["images_per_s"] > 0 and m["predicted"] > 0 for m in result["measured"])
+    for text in ["alpha", "ranks |", "1024 |", "measured here vs predicted", "2 rank(s): measured"]:
+        assert text in run.stdout
+    assert png_size(png) == (1300, 500)
+
+    # the same measurements, modelled on a slower interconnect: no new measurement
+    again = run_command([sys.executable, "-m", "mpicnn.bench", "scale", "--reuse", str(out),
+                         "--bandwidth", "1", "--plot", "", "--json", str(tmp_path / "slow.json")],
+                        timeout=120)
+    assert again.returncode == 0, again.stderr
+    slow = json.loads((tmp_path / "slow.json").read_text())
+    assert slow["probe"] == probe and slow["alpha"] == result["alpha"]
+    assert slow["predictions"][-1]["ring_efficiency"] < result["predictions"][-1]["ring_efficiency"]

@@ -1,0 +1,123 @@
+"""End-to-end training over real MPI ranks on real HDF5 files."""
+import pytest
+import torch
+
+from conftest import DIGITS, mpirun, read_jsonl
+from mpicnn.data.loader import Loader
+from mpicnn.data.schema import open_dataset
+from mpicnn.loop import evaluate
+from mpicnn.models import build_model
+
+END_FIELDS = {"event", "val_acc", "val_loss", "train_loss", "images_per_s", "steps", "epochs",
+              "world_size", "mode", "wall_s"}
+
+
+def final_params(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def max_difference(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+class _SingleRank:
+    def Allreduce(self, _inplace, buf, op=None):
+        return None
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_default_run_reaches_97_percent(n, tmp_path):
+    """The no-argument run: accuracy, outputs, and evaluation equal to a single process."""
+    metrics, ckpt = tmp_path / "run.jsonl", tmp_path / "ckpt"
+    run = mpirun(n, ["--metrics", metrics, "--checkpoint-dir", ckpt], timeout=300)
+    records = read_jsonl(metrics)
+    end = records[-1]
+    assert END_FIELDS <= set(end) and end["event"] == "end"
+    assert end["world_size"] == n and end["mode"] == "allreduce" and end["epochs"] == 20
+    assert end["val_acc"] >= 0.97, end
+    assert end["images_per_s"] > 0
+    assert [r["event"] for r in records].count("epoch") == 20
+    assert records[0]["event"] == "config"
+    assert run.stdout.count("mpicnn: done:") == 1            # one summary, from rank 0
+    assert (ckpt / "config.toml").exists() and (ckpt / "final.pt").exists()
+
+    data = open_dataset(str(DIGITS))
+    model = build_model("digitnet", data.input_shape, data.num_classes)
+    model.load_state_dict(final_params(ckpt / "final.pt"))
+    loader = Loader(data, data.val, torch.device("cpu"), 16)
+    val_loss, val_acc = evaluate(model, loader, _SingleRank())
+    assert val_acc == pytest.approx(end["val_acc"], abs=1e-12)
+    assert val_loss == pytest.approx(end["val_loss"], rel=1e-5)
+
+
+@pytest.mark.mpi
+def test_four_ranks_match_one_rank_with_the_global_batch(tmp_path):
+    common = ["--model", "kerasnet", "--max-steps", 20, "--deterministic", "--optimizer", "sgd",
+              "--lr", 0.05, "--weight-decay", 5e-4, "--seed", 3]
+    mpirun(4, common + ["--batch-size", 8, "--checkpoint-dir", tmp_path / "n4"])
+    mpirun(1, common + ["--batch-size", 32, "--checkpoint-dir", tmp_path / "n1"])
+    four = final_params(tmp_path / "n4" / "final.pt")
+    one = final_params(tmp_path / "n1" / "final.pt")
+    assert max_difference(four, one) <= 1e-4
+    initial = build_model("kerasnet", (1, 8, 8), 10).state_dict()
+    assert max_difference(four, initial) > 1e-2               # it did train
+
+
+@pytest.mark.mpi
+def test_resume_continues_exactly(tmp_path):
+    common = ["--epochs", 3, "--deterministic", "--model", "lenet", "--seed", 5]
+    mpirun(2, common + ["--checkpoint-dir", tmp_path / "whole"])
+    first = mpirun(2, common + ["--checkpoint-dir", tmp_path / "split", "--stop-epoch", 1])
+    assert not (tmp_path / "split" / "final.pt").exists()
+    assert "epoch 1/3" in first.stdout
+    second = mpirun(2, common + ["--checkpoint-dir", tmp_path / "split", "--resume", "auto",
+                                 "--metrics", tmp_path / "resumed.jsonl"])
+    assert "resumed from" in second.stdout
+    epochs = [r["epoch"] for r in read_jsonl(tmp_path / "resumed.jsonl") if r["event"] == "epoch"]
+    assert epochs == [2, 3]
+    whole = final_params(tmp_path / "whole" / "final.pt")
+    split = final_params(tmp_path / "split" / "final.pt")
+    assert max_difference(whole, split) == 0.0
+
+
+@pytest.mark.mpi
+def test_exception_on_one_rank_ends_the_job(tmp_path):
+    import time
+
+    stamp = tmp_path / "failed_at"
+    run = mpirun(2, ["--model", "tests.custom_model:FailOnRankOne", "--epochs", 50],
+                 timeout=120, check=False, env={"FAIL_STAMP": str(stamp)})
+    ended = time.time()
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("mpicnn: error:")]
+    assert errors == ["mpicnn: error: rank 1: ValueError: injected failure on one rank "
+                      "(rerun with --debug for the traceback)"]
+    assert "Traceback" not in run.stderr
+    assert ended - float(stamp.read_text()) < 30          # every rank gone soon after
+
+
+@pytest.mark.mpi
+def test_bad_arguments_fail_once_before_training(tmp_path):
+    run = mpirun(2, ["--epochz", 2], timeout=60, check=False)
+    assert run.returncode == 2
+    assert run.stderr.count("mpicnn: error:") == 1
+    assert "did you mean --epochs" in run.stderr
+    missing = mpirun(2, ["--data", tmp_path / "nope.h5"], timeout=60, check=False)
+    assert missing.returncode == 2 and missing.stderr.count("mpicnn: error:") == 1
+    assert "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_help_groups_the_flags():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mpicnn.train", "--help"], capture_output=True,
+                         text=True, timeout=60, cwd=DIGITS.parent.parent).stdout
+    for heading in ("data:", "model:", "training:", "distribution:", "output and control:"):
+        assert heading in out
+    for flag in ("--data", "--model", "--epochs", "--batch-size", "--lr", "--seed", "--optimizer",
+                 "--mode", "--device", "--checkpoint-dir", "--checkpoint-every", "--resume",
+                 "--metrics", "--config", "--images-key", "--labels-key", "--layout",
+                 "--val-fraction", "--shuffle", "--deterministic", "--debug"):
+        assert flag in out
