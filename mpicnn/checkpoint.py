@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from . import digest
 from .errors import MpicnnError
 
 FINAL = "final.pt"
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
+LEFTOVER = re.compile(r"\.(checkpoint-\d+\.pt|final\.pt)\.tmp(\d+)$")   # an interrupted write
 
 
 def checkpoint_name(step: int) -> str:
@@ -18,12 +20,12 @@ def checkpoint_name(step: int) -> str:
 
 
 def atomic_save(state: dict, path: str | os.PathLike) -> None:
-    """Write ``state`` to a temporary file, fsync it, then rename over ``path``."""
+    """Write ``state`` (with its checksum) to a temporary file, fsync it, rename over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            torch.save(digest.seal(state) if isinstance(state, dict) else state, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -38,26 +40,79 @@ def atomic_save(state: dict, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike) -> dict:
-    """Load a checkpoint onto the CPU, refusing anything but tensors and plain data."""
+    """Load a checkpoint onto the CPU, refusing anything but tensors and plain data.
+
+    The checksum stored by :func:`atomic_save` is verified and removed.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MpicnnError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MpicnnError(f"cannot load checkpoint {str(path)!r} (damaged, or it holds "
-                          f"objects other than tensors and plain data): {first}") from None
+        text = str(exc).strip()
+        refused = re.search(r"GLOBAL ([\w.]+)", text)   # weights_only stopped an object
+        if refused:
+            raise MpicnnError(f"refusing checkpoint {str(path)!r}: it holds objects other than "
+                              f"tensors and plain data ({refused.group(1)}), and loading them "
+                              f"could run code; resume from a checkpoint written by "
+                              f"mpicnn") from None
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        raise MpicnnError(f"cannot load checkpoint {str(path)!r} (damaged or not a "
+                          f"checkpoint): {_first_sentence(why.group(1) if why else text)}; "
+                          f"resume from another checkpoint or start without --resume") from None
+    problem = digest.verify(state)
+    if problem:
+        raise MpicnnError(f"refusing checkpoint {str(path)!r}: {problem}; resume from "
+                          f"another checkpoint or start without --resume")
+    del state[digest.KEY]
+    return state
+
+
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0]
+
+
+def candidates(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoints in ``directory``, newest first: ``final.pt``, then by step, highest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = sorted(((int(m.group(1)), p) for p in directory.iterdir()
+                    if (m := PATTERN.match(p.name))), reverse=True)
+    final = [directory / FINAL] if (directory / FINAL).exists() else []
+    return final + [p for _, p in steps]
 
 
 def latest(directory: str | os.PathLike) -> Path | None:
     """The newest checkpoint in ``directory``: ``final.pt`` if present, else the highest step."""
+    found = candidates(directory)
+    return found[0] if found else None
+
+
+def load_newest(directory: str | os.PathLike, warn) -> tuple[Path | None, dict | None]:
+    """Load the newest checkpoint that passes its checks, warning about each one skipped."""
+    found = candidates(directory)
+    for path in found:
+        try:
+            return path, load(path)
+        except MpicnnError as exc:
+            warn(f"resume: {exc}; trying the next older one")
+    if found:
+        raise MpicnnError(f"none of the {len(found)} checkpoint(s) in {str(directory)!r} can "
+                          f"be loaded; move them away to start fresh")
+    return None, None
+
+
+def prune(directory: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` step checkpoints, and leftovers of interrupted writes."""
     directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    if (directory / FINAL).exists():
-        return directory / FINAL
-    steps = [(int(m.group(1)), p) for p in directory.iterdir() if (m := PATTERN.match(p.name))]
-    return max(steps)[1] if steps else None
+    doomed = [p for p in directory.iterdir()
+              if (m := LEFTOVER.match(p.name)) and int(m.group(2)) != os.getpid()]
+    if keep > 0:
+        doomed += [p for p in candidates(directory) if p.name != FINAL][keep:]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
 
 
 def resolve_resume(resume: str, directory: str) -> Path | None:
@@ -67,7 +122,8 @@ def resolve_resume(resume: str, directory: str) -> Path | None:
     if resume == "auto":
         return latest(directory) if directory else None
     if not os.path.exists(resume):
-        raise MpicnnError(f"--resume {resume!r}: no such checkpoint")
+        raise MpicnnError(f"--resume {resume!r}: no such checkpoint; give an existing file, "
+                          f"or 'auto' to continue from the newest one in --checkpoint-dir")
     return Path(resume)
 
 
@@ -80,4 +136,4 @@ def ensure_writable(directory: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise MpicnnError(f"checkpoint directory {directory!r} is not writable: "
-                          f"{exc.strerror or exc}") from None
+                          f"{exc.strerror or exc}; choose another --checkpoint-dir") from None

@@ -38,6 +38,18 @@ class Config:
     shuffle: str = opt("global", "global: world-size-invariant global batches; local: each "
                        "rank keeps one contiguous shard and shuffles within it", "data",
                        ["global", "local"])
+    # --- data pipeline: read order, prefetch, cache, augmentation (issue 7) -------
+    shuffle_block: int = opt(0, "global order: blocks of this many consecutive rows are "
+                             "shuffled (0: the file's chunk rows; 1: single samples)", "data")
+    shuffle_window: int = opt(0, "then each window of this many rows is dealt into its "
+                              "batches (0: 64 global batches, at most 64 MiB)", "data")
+    prefetch: int = opt(2, "batches a background reader keeps ready (0: read in the loop)",
+                        "data")
+    prefetch_mode: str = opt("thread", "where the reader runs", "data", ["thread", "process"])
+    cache: bool = opt(False, "keep rows in RAM once read (the rank's shard with --shuffle "
+                      "local, else the split); checked against node memory", "data")
+    augment: str = opt("", "comma-separated augmentations: crop (pad and random crop), flip "
+                       "(horizontal); e.g. crop,flip", "data", metavar="LIST")
     # --- model ----------------------------------------------------------------
     model: str = opt("digitnet", "model name from the zoo, or package.module:Class", "model")
     # --- training -------------------------------------------------------------
@@ -77,6 +89,23 @@ class Config:
                       "distributed", ["auto", "cpu", "cuda"])
     threads: int = opt(0, "torch CPU threads per rank (0: cores per node / ranks per node)",
                        "distributed")
+    # --- gradient communication (the allreduce engine) ---
+    bucket_mb: float = opt(25.0, "gradient bucket size in MB, reduced while backward goes on "
+                           "(the first bucket is 1 MB); 0: one blocking Allreduce of all "
+                           "gradients after backward", "distributed")
+    accum_steps: int = opt(1, "micro-batches per optimizer step: each rank's --batch-size batch "
+                           "runs as this many slices, gradients are summed locally and "
+                           "communicated once", "distributed")
+    compression: str = opt("none", "gradient precision on the wire (fp16/bf16 halve the bytes)",
+                           "distributed", ["none", "fp16", "bf16"])
+    cuda_aware: str = opt("auto", "CUDA buffers straight to MPI (on), staged through pinned "
+                          "host memory (off), or probe the MPI library (auto)", "distributed",
+                          ["auto", "on", "off"])
+    hierarchical: bool = opt(False, "reduce within each node, allreduce across node leaders, "
+                             "broadcast within the node", "distributed")
+    shared_memory: str = opt("auto", "auto: ranks of one node average CPU buckets in MPI "
+                             "shared-memory windows; off: always MPI Allreduce", "distributed",
+                             ["auto", "off"])
     # parameter-server modes (ps-sync, ps-async) and straggler simulation
     servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "
                        "others are workers", "distributed")
@@ -104,6 +133,19 @@ class Config:
                         "this file (open in ui.perfetto.dev)", "output")
     timeline_steps: str = opt("0:20", "global steps a:b (b excluded) recorded by --timeline",
                               "output", metavar="A:B")
+    # --- failure handling -----------------------------------------------------
+    nan_policy: str = opt("abort", "on a non-finite loss or gradient: abort the run, or skip "
+                          "that update on every rank", "failure", ["abort", "skip"])
+    stall_warn: float = opt(60.0, "seconds ranks may wait at a gradient exchange before rank 0 "
+                            "names the missing ranks (0: off)", "failure")
+    stall_abort: float = opt(0.0, "abort the job after ranks have waited this many seconds at "
+                             "one exchange (0: never)", "failure")
+    keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
+                                "is always kept)", "failure")
+    # --- preemption (mpicnn/preempt.py, jobs/) ---------------------------------
+    stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
+                                "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "
+                                "leave signals alone", "output")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -120,7 +162,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 GROUP_TITLES = {"data": "data", "model": "model", "training": "training",
-                "distributed": "distribution", "output": "output and control"}
+                "distributed": "distribution", "output": "output and control",
+                "failure": "failure handling"}
 
 
 def _field_type(name: str):
@@ -234,11 +277,12 @@ def load_toml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Build the effective Config from defaults, ``--config`` and flags."""
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
+    """Build the effective Config from defaults (``defaults`` first), ``--config`` and flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given = vars(build_parser().parse_args(argv))
-    values = load_toml(given["config"]) if given.get("config") else {}
+    values = dict(defaults or {})
+    values.update(load_toml(given["config"]) if given.get("config") else {})
     values.update(given)
     cfg = Config(**{k: coerce(k, v) for k, v in values.items()})
     validate(cfg)
@@ -265,6 +309,28 @@ def validate(cfg: Config) -> None:
         raise MpicnnError("--resume auto needs --checkpoint-dir", collective=True)
     if len(cfg.betas) != 2:
         raise MpicnnError("--betas takes two numbers, e.g. 0.9,0.999", collective=True)
+    if cfg.bucket_mb < 0:
+        raise MpicnnError("--bucket-mb must not be negative (0: one flat Allreduce)",
+                          collective=True)
+    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+        raise MpicnnError(f"--accum-steps {cfg.accum_steps} must be at least 1 and divide "
+                          f"--batch-size {cfg.batch_size} (each micro-batch is batch-size / "
+                          f"accum-steps samples)", collective=True)
+    # data pipeline (issue 7)
+    for name in ["shuffle_block", "shuffle_window", "prefetch"]:
+        if getattr(cfg, name) < 0:
+            raise MpicnnError(f"--{name.replace('_', '-')} must not be negative",
+                              collective=True)
+    from .data.augment import parse_augment
+    parse_augment(cfg.augment)
+    for name in ["stall_warn", "stall_abort", "keep_checkpoints"]:
+        if not getattr(cfg, name) >= 0:
+            raise MpicnnError(f"--{name.replace('_', '-')} must not be negative (0 turns it "
+                              f"off)", collective=True)
+    # preemption
+    if cfg.stop_check_every < 0:
+        raise MpicnnError("--stop-check-every must not be negative (0 leaves signals alone)",
+                          collective=True)
     if cfg.servers < 1:
         raise MpicnnError(f"--servers must be at least 1, got {cfg.servers}", collective=True)
     staleness_bound(cfg.staleness)

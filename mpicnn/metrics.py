@@ -35,6 +35,9 @@ SCHEMA = {     # event -> required fields and their types (more fields may follo
             "mode": TEXT, "wall_s": NUMBER},
     "timeline": {"path": TEXT, "events": INT, "dropped": INT, "steps": list,
                  "clock_offsets_ms": list},
+    # a stop signal ended the run early (mpicnn/preempt.py); "end" does not follow
+    "stopped": {"signal": TEXT, "step": INT, "epoch": INT, "step_in_epoch": INT,
+                "checkpoint": TEXT, "exit_code": INT},
 }
 OPTIONAL = {   # written when the run has them (parameter-server modes, PS waits)
     "staleness_hist": dict,        # {"staleness": updates}, keys are decimal strings

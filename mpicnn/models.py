@@ -126,7 +126,12 @@ def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
         model = factory(tuple(input_shape), num_classes)
     except (RuntimeError, ValueError) as exc:
         raise MpicnnError(f"model {name!r} cannot be built for inputs {tuple(input_shape)}: "
-                          f"{exc}", collective=True) from None
+                          f"{exc}; choose a model that fits this input size",
+                          collective=True) from None
+    if not isinstance(model, nn.Module):
+        raise MpicnnError(f"--model {name!r} gave a {type(model).__name__}, not a "
+                          f"torch.nn.Module; name a zoo model or an nn.Module class",
+                          collective=True)
     check_model_accepts(model, name, input_shape, num_classes)
     return model
 
@@ -140,8 +145,8 @@ def check_model_accepts(model: nn.Module, name: str, input_shape, num_classes: i
             out = model(torch.zeros(2, *input_shape))
     except RuntimeError as exc:
         raise MpicnnError(f"model {name!r} does not accept inputs of shape "
-                          f"{tuple(input_shape)}: {str(exc).splitlines()[0]}",
-                          collective=True) from None
+                          f"{tuple(input_shape)}: {str(exc).splitlines()[0]}; choose a model "
+                          f"that fits this input size", collective=True) from None
     finally:
         model.train(was_training)
     if tuple(out.shape) != (2, num_classes):

@@ -10,9 +10,21 @@ from .errors import MpicnnError
 from .loop import RunState
 
 
+def plain_scheduler_state(scheduler) -> dict:
+    """The scheduler's state without its lr function, which holds the Config object.
+
+    weights_only loading refuses arbitrary objects; the function is rebuilt from the
+    config at start, and ``None`` entries tell LambdaLR to keep it.
+    """
+    state = scheduler.state_dict()
+    if "lr_lambdas" in state:
+        state["lr_lambdas"] = [None] * len(state["lr_lambdas"])
+    return state
+
+
 def training_state(cfg, model, optimizer, scheduler, state: RunState) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": state.epoch,
+            "scheduler": plain_scheduler_state(scheduler), "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
             "rng": torch.get_rng_state(), "model_name": cfg.model, "mode": cfg.mode,
             "config": cfg.to_dict()}
@@ -22,6 +34,7 @@ def save(cfg, model, optimizer, scheduler, state: RunState, name: str) -> Path:
     """Write the training state atomically into ``cfg.checkpoint_dir`` (rank 0 only)."""
     path = Path(cfg.checkpoint_dir) / name
     checkpoint.atomic_save(training_state(cfg, model, optimizer, scheduler, state), path)
+    checkpoint.prune(cfg.checkpoint_dir, cfg.keep_checkpoints)
     return path
 
 
@@ -34,9 +47,10 @@ def save_config(cfg) -> None:
 def check_compatible(saved: dict, cfg, path) -> None:
     for key, ours in (("model_name", cfg.model), ("mode", cfg.mode)):
         if saved.get(key) != ours:
+            what = key.replace("_name", "")
             raise MpicnnError(f"cannot resume from {str(path)!r}: it was written with "
-                              f"{key.replace('_name', '')} {saved.get(key)!r}, this run uses "
-                              f"{ours!r}")
+                              f"{what} {saved.get(key)!r}, this run uses {ours!r}; pass "
+                              f"--{what} {saved.get(key)}, or start without --resume")
 
 
 def restore(world, cfg, model, optimizer, scheduler) -> RunState:
@@ -44,20 +58,22 @@ def restore(world, cfg, model, optimizer, scheduler) -> RunState:
     def load_on_root():
         if not world.is_root:
             return None
-        path = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+        if cfg.resume == "auto":      # a damaged newest checkpoint falls back to an older one
+            path, saved = checkpoint.load_newest(cfg.checkpoint_dir, world.log.warning)
+        else:
+            path = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+            saved = checkpoint.load(path) if path else None
         if path is None:
             return None
-        saved = checkpoint.load(path)
         check_compatible(saved, cfg, path)
-        return str(path)
+        return str(path), saved
 
-    path = world.agree(load_on_root)
-    path = world.comm.bcast(path, root=0)
-    if path is None:
+    found = world.comm.bcast(world.agree(load_on_root), root=0)
+    if found is None:
         if cfg.resume:
             world.log.info("resume: no checkpoint found, starting fresh")
         return RunState()
-    saved = world.comm.bcast(checkpoint.load(path) if world.is_root else None, root=0)
+    path, saved = found
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

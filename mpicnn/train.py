@@ -7,15 +7,18 @@ import time
 import torch
 
 from . import checkpoint, timeline
+from .batchjob import job_defaults
 from .config import parse_config
 from .data import shard
-from .data.loader import Loader
+from .data.loader import make_loaders
 from .data.schema import open_dataset
 from .loop import RunState, Throughput, evaluate, train_epoch
 from .metrics import IntervalLog, MetricsWriter, Progress
 from .models import build_model
 from .optim import build_optimizer, build_scheduler, total_steps
+from .preempt import Preemption
 from .resume import restore, save, save_config
+from .supervisor import Supervised
 from .straggler import slow_down
 from .sync import make_strategy
 from .world import bind_device, describe, run_guarded
@@ -27,7 +30,9 @@ def main(argv=None) -> int:
 
 def train(world, argv) -> int:
     started = time.perf_counter()
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, defaults=job_defaults(world.job))
+    preempt = Preemption(cfg.stop_check_every)
+    preempt.install()                    # early, so a stop signal during setup is not fatal
     log = world.log
     timeline.start(world, cfg.timeline, cfg.timeline_steps)
     device = bind_device(world, cfg.device, cfg.threads)
@@ -52,14 +57,14 @@ def train(world, argv) -> int:
     optimizer = build_optimizer(cfg, model.parameters(), global_batch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
     state = restore(world, cfg, model, optimizer, scheduler)
+    strategy = Supervised(strategy, cfg, world, state)   # NaN policy, stall watchdog
+    preempt.agree = strategy.agree_stop
     strategy.attach(model, optimizer, scheduler)
     if world.rank == cfg.slow_rank:
         slow_down(model, cfg.slow_factor)
 
-    train_loader = Loader(data, data.train, device, cfg.batch_size, strategy.workers,
-                          strategy.worker_index, cfg.seed, cfg.shuffle)
-    val_loader = Loader(data, data.val, device, cfg.batch_size, strategy.workers,
-                        strategy.worker_index)
+    train_loader, val_loader = make_loaders(cfg, data, world, strategy.workers,
+                                            strategy.worker_index)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
     metrics.write("config", **cfg.to_dict(), world_size=world.size,
                   steps_per_epoch=steps_per_epoch)
@@ -71,6 +76,7 @@ def train(world, argv) -> int:
     intervals = IntervalLog(strategy.comm, metrics, bar, cfg.log_every, cfg.batch_size,
                             global_batch, steps_per_epoch, lambda: scheduler.get_last_lr()[0],
                             mid_epoch=strategy.lockstep)
+    saved = None
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
@@ -79,9 +85,15 @@ def train(world, argv) -> int:
         while strategy.trains and state.epoch < last_epoch and state.global_step < run_steps:
             intervals.begin()
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
-                                 throughput, on_step=intervals.on_step)
+                                 throughput, on_step=intervals.on_step,
+                                 accum_steps=cfg.accum_steps, should_stop=preempt.should_stop)
             intervals.flush(state)
             strategy.sync_buffers()
+            if preempt.stopped:          # mid-epoch is fine: the loader skips done steps
+                if cfg.checkpoint_dir and world.is_root:
+                    saved = save(cfg, model, optimizer, scheduler, state,
+                                 checkpoint.checkpoint_name(state.global_step))
+                break
             with timeline.span("evaluate"):
                 val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
             train_loss = result.train_loss
@@ -90,7 +102,8 @@ def train(world, argv) -> int:
             metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                           train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
                           lr=scheduler.get_last_lr()[0], images_per_s=throughput.images_per_s,
-                          **result.timer.snapshot_ms(), **strategy.report())
+                          **result.timer.snapshot_ms(), **strategy.timings_ms(),
+                          **strategy.report())
             log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
                      f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
             done = state.epoch >= cfg.epochs or state.global_step >= run_steps
@@ -98,18 +111,26 @@ def train(world, argv) -> int:
             if cfg.checkpoint_dir and world.is_root and (done or due):
                 name = checkpoint.FINAL if done else checkpoint.checkpoint_name(state.global_step)
                 save(cfg, model, optimizer, scheduler, state, name)
-        if strategy.trains and val_acc != val_acc:   # nothing left to train (finished run)
+        if strategy.trains and val_acc != val_acc and not preempt.stopped:  # finished run
             strategy.sync_buffers()
             val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
     finally:
+        preempt.restore()
         bar.close()
         strategy.finish()
+        train_loader.close()
+        val_loader.close()
     trace = timeline.finish(world, cfg.timeline)
     if trace:
         metrics.write("timeline", **trace)
         log.info(f"timeline: {trace['events']} events of steps {trace['steps'][0]}:"
                  f"{trace['steps'][1]} written to {cfg.timeline}")
     wall = time.perf_counter() - started
+    if preempt.stopped:
+        code = preempt.report(log, metrics, state, saved)
+        metrics.close()
+        data.close()
+        return code
     metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
                   images_per_s=throughput.images_per_s, steps=state.global_step,
                   epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall,

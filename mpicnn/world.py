@@ -16,6 +16,10 @@ from .errors import MpicnnError
 # Testing aid: group consecutive ranks into fake nodes of this many ranks.
 FAKE_RANKS_PER_NODE_ENV = "MPICNN_RANKS_PER_NODE"
 CUDA_AWARE_ENV = "MPICNN_CUDA_AWARE"
+# Testing aid: ask MPI for a lower thread level (single, funneled, serialized).
+THREAD_LEVEL_ENV = "MPICNN_THREAD_LEVEL"
+# Testing aid: 'rank:step:seconds[,...]' makes that rank stall before that step's exchange.
+TEST_SLEEP_ENV = "MPICNN_TEST_SLEEP"
 
 
 @dataclass
@@ -33,6 +37,7 @@ class World:
     hostname: str = field(default_factory=socket.gethostname)
     device: object = None            # torch.device, set by bind_device()
     log: logging.Logger = None
+    job: "BatchJob | None" = None    # the SLURM/PBS job this run belongs to, if any
 
     @property
     def is_root(self) -> bool:
@@ -42,17 +47,21 @@ class World:
         """Run ``check()`` on every rank; if any rank fails, raise the same error on all.
 
         The first failing rank's message wins, so all ranks stop together and
-        rank 0 alone reports it.
+        rank 0 alone reports it. Unexpected exceptions are agreed on too (as
+        ``Type: message``) so that a check failing everywhere prints one line.
         """
+        cause = None
         try:
             result, error = check(), None
         except MpicnnError as exc:
             result, error = None, str(exc)
+        except Exception as exc:      # noqa: B902 - reported once below, cause kept for --debug
+            result, error, cause = None, f"{type(exc).__name__}: {exc}", exc
         errors = self.comm.allgather(error)
         for rank, message in enumerate(errors):
             if message is not None:
                 where = f" (rank {rank})" if self.size > 1 and errors.count(None) else ""
-                raise MpicnnError(message + where, collective=True)
+                raise MpicnnError(message + where, collective=True) from cause
         return result
 
     def abort(self, code: int = 1) -> None:
@@ -65,7 +74,7 @@ class World:
 def init_world() -> World:
     """Start MPI (thread-multiple when offered) and find this rank's node."""
     import mpi4py
-    mpi4py.rc.thread_level = "multiple"
+    mpi4py.rc.thread_level = os.environ.get(THREAD_LEVEL_ENV, "multiple")
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -81,7 +90,8 @@ def init_world() -> World:
     node = local_comm.bcast(node, root=0)
     world = World(comm=comm, rank=rank, size=size, local_comm=local_comm,
                   local_rank=local_rank, local_size=local_size,
-                  node=node, num_nodes=sum(leaders))
+                  node=node, num_nodes=sum(leaders),
+                  job=comm.bcast(batch_job(), root=0))   # rank 0's view, so all agree
     world.log = make_logger(world.is_root)
     return world
 
@@ -141,8 +151,49 @@ def describe(world: World) -> str:
         return ""
     hosts = sorted({h for h, _ in rows})
     devices = sorted({d for _, d in rows})
+    job = f"; {world.job}" if world.job else ""
     return (f"world: {world.num_nodes} node(s) x {world.local_size} rank(s)/node = "
-            f"{world.size} rank(s) on {', '.join(hosts)}; devices {', '.join(devices)}")
+            f"{world.size} rank(s) on {', '.join(hosts)}; devices {', '.join(devices)}{job}")
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """The batch-scheduler job (SLURM or PBS) this process runs in."""
+
+    scheduler: str                   # "slurm" or "pbs"
+    job_id: str                      # array tasks: "<array job id>_<task index>"
+    name: str = ""
+    restarts: int = 0                # times the scheduler requeued the job
+
+    def __str__(self) -> str:
+        again = f", restart {self.restarts}" if self.restarts else ""
+        return f"{self.scheduler.upper()} job {self.job_id} ({self.name or 'unnamed'}{again})"
+
+
+def batch_job(env=None) -> BatchJob | None:
+    """The SLURM or PBS job from the launcher's environment; None outside a batch job."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_ID"):
+        job_id = env["SLURM_JOB_ID"]
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+        restarts = env.get("SLURM_RESTART_COUNT", "0")
+        return BatchJob("slurm", job_id, env.get("SLURM_JOB_NAME", ""),
+                        int(restarts) if restarts.isdigit() else 0)
+    if env.get("PBS_JOBID"):
+        # "1234.server" or, for an array task, "1234[5].server"
+        job_id = env["PBS_JOBID"].split(".", 1)[0].replace("[]", "")
+        if "[" in job_id:
+            job_id = job_id.replace("[", "_").rstrip("]")
+        elif env.get("PBS_ARRAY_INDEX"):
+            job_id = f"{job_id}_{env['PBS_ARRAY_INDEX']}"
+        return BatchJob("pbs", job_id, env.get("PBS_JOBNAME", ""))
+    return None
+
+
+def drill_sleep_spec() -> str:
+    """The stall drill's 'rank:step:seconds' list (empty outside tests)."""
+    return os.environ.get(TEST_SLEEP_ENV, "")
 
 
 def cuda_aware_override() -> str | None:

@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import ROOT, mpirun, mpirun_command, read_jsonl, run_command
+from conftest import ROOT, job_env, mpirun, mpirun_command, read_jsonl, run_command
 from mpicnn.config import parse_config, staleness_bound
 from mpicnn.errors import MpicnnError
 from mpicnn.metrics import check_record
 from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
 from mpicnn.sync.ps.layout import partition, roles
-from mpicnn.sync.ps.policy import Dispatcher, may_proceed
+from mpicnn.sync.ps.policy import Dispatcher, may_proceed, stop_step
 from mpicnn.sync.ps.protocol import NO_ITEM, chunk_bounds
 from mpicnn.sync.ps.role import decode_stats, encode_stats, summarize
 
@@ -66,14 +70,33 @@ def test_ssp_rule():
     assert may_proceed(5, [5, 2, 3], [True, False, True], 2)        # a done worker cannot block
 
 
-def test_dispatcher_hands_out_each_item_once_per_epoch():
-    d = Dispatcher()
-    d.open(0, 2, 5)
-    assert [d.take(), d.take()] == [2, 3]
-    d.open(0, 0, 5)                                                  # same epoch: no reset
-    assert [d.take(), d.take()] == [4, NO_ITEM]
-    d.open(1, 0, 2)
-    assert [d.take(), d.take(), d.take()] == [0, 1, NO_ITEM]
+def test_dispatcher_gives_each_worker_its_first_batch_then_serves_in_order():
+    d = Dispatcher(3)
+    d.open(0, 0, 9, base=0)
+    assert [d.take(2), d.take(2), d.take(0), d.take(2)] == [2, 3, 0, 4]
+    d.open(0, 0, 9, base=0)                                       # same epoch: no reset
+    assert [d.take(1)] + [d.take(1) for _ in range(5)] == [1, 5, 6, 7, 8, NO_ITEM]
+    d.open(1, 3, 9, base=9)                  # the next epoch, resumed at its second step
+    assert [d.take(1), d.take(1), d.take(0)] == [4, 6, 3]
+    short = Dispatcher(3)
+    short.open(0, 0, 0, base=0)                                  # nothing left to do
+    assert short.take(0) == NO_ITEM
+
+
+def test_a_stop_lands_on_a_checked_step_after_every_batch_handed_out():
+    assert [stop_step(5, 1), stop_step(5, 4), stop_step(8, 4), stop_step(3, 0)] == [5, 8, 8, 3]
+    d = Dispatcher(2)
+    d.open(0, 0, 10, base=20)                          # global items 20.. (global step 10)
+    assert [d.take(0), d.take(1), d.take(0)] == [0, 1, 2]
+    assert d.stop(every=1) == 12                   # global step 11 (items 2, 3) completes
+    assert [d.take(1), d.take(0)] == [3, NO_ITEM]
+    assert d.stop(every=1) == 12                                 # decided once
+    d = Dispatcher(2)
+    d.open(0, 0, 4, base=0)
+    assert [d.take(w) for w in (0, 1, 0, 1)] == [0, 1, 2, 3]      # the epoch is all out
+    assert d.stop(every=1) == 3            # a worker may have ended it: stop in the next
+    d.open(1, 0, 4, base=4)
+    assert [d.take(1), d.take(0), d.take(0)] == [1, 0, NO_ITEM]
 
 
 def test_roles_and_bad_layouts():
@@ -238,6 +261,65 @@ def test_async_workers_finishing_at_different_times_never_hang_and_resume(tmp_pa
                    "--resume", first / "final.pt")
     assert end["steps"] == 50 and end["updates_per_server"] == [30] and end["ps_pushes"] == [10] * 3
     assert end["ps_max_lead"] <= 1 and end["ps_unreceived"] == 0
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{MPI rank: pid} of the ranks this launcher started (its descendants only)."""
+    parents, env = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as fh, \
+                    open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                if b"mpicnn.train" in cmd.read():
+                    env[int(entry)] = fh.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+    below, todo = set(), [launcher_pid]
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        below.update(children)
+        todo += children
+    found = {}
+    for pid in below:
+        ranks = [item.split(b"=", 1)[1] for item in env.get(pid, []) if
+                 item.startswith(b"PMI_RANK=")]
+        if ranks:
+            found[int(ranks[0])] = pid
+    return found
+
+
+@pytest.mark.mpi
+def test_stop_signal_to_one_async_worker_stops_all_at_one_step_and_resumes(tmp_path):
+    # batch 4 at 3 workers: 119 steps/epoch, so the signal lands inside an epoch
+    args = ["--mode", "ps-async", "--epochs", "4", "--batch-size", "4", "--progress", "off",
+            "--checkpoint-dir", tmp_path, "--metrics", tmp_path / "m.jsonl"]
+    launcher = subprocess.Popen(mpirun_command(4, args), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=job_env(), cwd=ROOT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while '"epoch"' not in ((tmp_path / "m.jsonl").exists() and
+                                (tmp_path / "m.jsonl").read_text() or ""):
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(rank_pids(launcher.pid)[1], signal.SIGTERM)     # one worker, not rank 0
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 75, out                       # stopped, checkpoint written
+    stopped = read_jsonl(tmp_path / "m.jsonl")[-1]
+    assert stopped["event"] == "stopped" and 119 < stopped["step"] < 4 * 119
+    saved = torch.load(tmp_path / f"checkpoint-{stopped['step']:08d}.pt", weights_only=True)
+    assert saved["epoch"] * 119 + saved["step_in_epoch"] == saved["global_step"] == \
+        stopped["step"]
+    mpirun(4, [*args, "--resume", "auto"])
+    end = read_jsonl(tmp_path / "m.jsonl")[-1]
+    assert end["event"] == "end" and end["steps"] == 4 * 119 and end["ps_unreceived"] == 0
+    assert sum(end["ps_pushes"]) == 3 * (4 * 119 - stopped["step"])   # each batch once
 
 
 @pytest.mark.mpi

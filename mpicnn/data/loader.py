@@ -1,24 +1,25 @@
-"""Read this rank's batches from HDF5 and hand them to the device, normalised."""
+"""Read this rank's batches from HDF5 and hand them to the device, normalised.
+
+Per step the shard plan names the rows; a source (inline, thread or process, see
+:mod:`prefetch`) reads them through chunk-aligned units (:mod:`reader`), optionally
+kept in RAM (:mod:`cache`); on the device they become float, normalised and augmented.
+"""
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from . import shard
+from .augment import Augmenter
+from .cache import check_cache_fits
+from .prefetch import InlineSource, ProcessSource, ThreadSource
+from .reader import ReaderSpec, to_nchw, unit_rows  # noqa: F401 - to_nchw re-exported
 from .schema import Dataset, Split
 
 EVAL_BATCH = 512
-
-
-def to_nchw(images: np.ndarray, layout: str) -> np.ndarray:
-    """Stored layout -> contiguous (N, C, H, W)."""
-    if layout == "nhwc":
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    if layout == "nhw":
-        return images[:, None]
-    return images
 
 
 class Normalizer:
@@ -31,49 +32,204 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float()
-        return (x - self.mean) / self.std
+        if x is images:              # already float on the device: keep the caller's tensor
+            x = x.clone()
+        return x.sub_(self.mean).div_(self.std)
 
 
 class Loader:
-    """This rank's view of one split: per-step reads planned by :mod:`shard`."""
+    """This rank's view of one split: per-step reads planned by :mod:`shard`.
+
+    ``block``/``window``: the chunk-aware shuffle (0: the file's chunk rows / see
+    :func:`shard.auto_window`; ``block=1`` and ``window >= len(split)`` give a plain
+    permutation).
+    ``prefetch``: batches read ahead (0: read in the loop); ``prefetch_mode`` thread or
+    process. ``cache``: keep every row read in RAM. ``augment``: names from
+    :mod:`augment`.
+    """
 
     def __init__(self, data: Dataset, split: Split, device, batch: int, world: int = 1,
-                 rank: int = 0, seed: int = 0, shuffle: str = "global"):
+                 rank: int = 0, seed: int = 0, shuffle: str = "global", *,
+                 prefetch: int = 0, prefetch_mode: str = "thread", cache: bool = False,
+                 augment=(), block: int = 0, window: int = 0):
         self.data, self.split = data, split
         self.batch, self.world, self.rank = batch, world, rank
         self.seed, self.shuffle = seed, shuffle
         self.normalize = Normalizer(data.mean, data.std, device)
+        self.augment = Augmenter(augment, data.input_shape, seed)
         self.device = device
+        self.prefetch, self.prefetch_mode, self.cache = prefetch, prefetch_mode, cache
+        self.unit = unit_rows(split.images)
+        self.block = block or self.unit
+        self.planned = batch * world if shuffle == "global" else batch   # rows per step
+        self.window = window or shard.auto_window(self.planned, self.block, self.sample_bytes)
+        self.sources: dict = {}
 
     @property
     def steps(self) -> int:
         return shard.steps_per_epoch(len(self.split), self.batch, self.world, self.shuffle)
 
+    # --- what is read ---------------------------------------------------------------
+    def plan(self, epoch: int) -> np.ndarray:
+        """Rows of this rank for every step of ``epoch``: (steps, batch), rows sorted."""
+        n, start = len(self.split), self.split.start
+        if self.shuffle == "local":
+            size = n // self.world
+            first = start + self.rank * size
+            order = shard.chunk_order(size, self.seed, epoch, self.block, self.window,
+                                      offset=-first, rank=self.rank, batch=self.batch)
+        else:
+            order = shard.chunk_order(n, self.seed, epoch, self.block, self.window,
+                                      offset=-start, batch=self.planned)
+        return shard.rank_batches(n, self.batch, self.world, self.rank, self.seed, epoch,
+                                  self.shuffle, order=order)
+
+    def ranges(self, kind: str) -> tuple[int, int]:
+        """Split rows that ``epoch`` (kind "epoch") or ``eval_batches`` ("eval") may read."""
+        n = len(self.split)
+        if kind == "eval":
+            return shard.eval_range(n, self.world, self.rank)
+        if self.shuffle == "local":
+            size = n // self.world
+            return self.rank * size, (self.rank + 1) * size
+        return 0, n
+
+    def spec(self, kind: str) -> ReaderSpec:
+        """How to read for ``kind``: unit size, store capacity in units, cached range."""
+        lo, hi = self.ranges(kind)
+        sample_level = kind == "epoch" and self.block == 1 and not self.cache
+        unit = 1 if sample_level else self.unit
+        if kind == "eval":                        # forward: the units under one batch
+            capacity = math.ceil(EVAL_BATCH / unit) + 2
+        else:            # the units of one rank's stretch of a window, and its two edges
+            spread = self.world if self.shuffle == "global" else 1
+            window = -(-self.window // self.planned) * self.planned
+            capacity = math.ceil(window / (spread * min(self.block, unit))) + 3
+        capacity = min(capacity, math.ceil((hi - lo) / unit) + 1)
+        return ReaderSpec(self.data.path, self.split.images.name, self.split.start,
+                          len(self.split), self.data.layout, unit, capacity,
+                          (lo, hi) if self.cache else None)
+
+    # --- memory -----------------------------------------------------------------------
+    @property
+    def sample_bytes(self) -> int:
+        return int(np.prod(self.split.images.shape[1:])) * self.split.images.dtype.itemsize
+
+    def cache_bytes(self, kind: str) -> int:
+        """RAM that ``--cache`` will hold for ``kind`` once every row has been read."""
+        lo, hi = self.ranges(kind)
+        return (hi - lo) * self.sample_bytes if self.cache else 0
+
+    def footprint(self, kind: str = "epoch") -> int:
+        """Upper bound of the bytes this loader holds: unit store + batches in flight."""
+        rows = self.batch if kind == "epoch" else EVAL_BATCH
+        # queued, being read and being used: stored pixels, float and augmented copies
+        batch_bytes = rows * (self.sample_bytes + 8 * int(np.prod(self.data.input_shape)))
+        return self.spec(kind).store_bytes(self.sample_bytes) + \
+            (self.prefetch + 3) * batch_bytes
+
+    # --- reading ----------------------------------------------------------------------
+    def source(self, kind: str):
+        """The (lazily opened) source that reads rows for ``kind``."""
+        if kind not in self.sources:
+            spec = self.spec(kind)
+            if self.prefetch > 0 and self.prefetch_mode == "process":
+                slot_rows = self.batch if kind == "epoch" else EVAL_BATCH
+                self.sources[kind] = ProcessSource(spec, self.prefetch, slot_rows,
+                                                   self.data.input_shape,
+                                                   self.split.images.dtype)
+            else:
+                read = spec.open(self.split.images).read
+                self.sources[kind] = (ThreadSource(read, self.prefetch)
+                                      if self.prefetch > 0 else InlineSource(read))
+        return self.sources[kind]
+
     def read(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw images (N,C,H,W, stored dtype) and labels for sorted split rows."""
-        start = self.split.start
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-            images = self.split.images[start + rows[0]: start + rows[-1] + 1]
-        else:
-            images = self.split.images[start + rows]
-        images = to_nchw(images, self.data.layout)
+        images = self.spec("epoch").open(self.split.images).read(rows)
         return torch.from_numpy(images), torch.from_numpy(self.split.labels[rows])
 
-    def plan(self, epoch: int) -> np.ndarray:
-        return shard.rank_batches(len(self.split), self.batch, self.world, self.rank,
-                                  self.seed, epoch, self.shuffle)
+    def _batches(self, kind: str, rows_list, epoch: int | None):
+        cuda = self.device.type == "cuda"
+
+        def host(images: np.ndarray, rows) -> torch.Tensor:
+            tensor = torch.from_numpy(images)
+            return tensor.pin_memory() if cuda else tensor
+
+        def device(images: torch.Tensor, rows):
+            x = self.normalize(images)
+            if epoch is not None and self.augment:
+                x = self.augment(x, rows, epoch)
+            labels = torch.from_numpy(self.split.labels[rows])
+            return x, labels.to(self.device, non_blocking=True)
+
+        source = self.source(kind)
+        if cuda or isinstance(source, ProcessSource):
+            for rows, images in zip(rows_list, source.map(rows_list, host)):
+                yield device(images, rows)
+        else:       # the CPU is the device: the reader thread prepares whole batches
+            yield from source.map(rows_list, lambda images, rows: device(host(images, rows),
+                                                                         rows))
 
     def epoch(self, epoch: int, start_step: int = 0
               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) on the device, one pair per step of ``epoch`` from ``start_step``."""
-        for rows in self.plan(epoch)[start_step:]:
-            images, labels = self.read(rows)
-            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+        return self._batches("epoch", list(self.plan(epoch)[start_step:]), epoch)
+
+    def rows_batch(self, rows: np.ndarray, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch of these sorted rows, as ``epoch`` would yield it (work handed
+        out one batch at a time, e.g. by a parameter server)."""
+        return next(self._batches("epoch", [rows], epoch))
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's contiguous part of the split, in order, for evaluation."""
-        lo, hi = shard.eval_range(len(self.split), self.world, self.rank)
-        for first in range(lo, hi, EVAL_BATCH):
-            rows = np.arange(first, min(hi, first + EVAL_BATCH))
-            images, labels = self.read(rows)
-            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+        lo, hi = self.ranges("eval")
+        rows_list = [np.arange(a, min(hi, a + EVAL_BATCH)) for a in range(lo, hi, EVAL_BATCH)]
+        return self._batches("eval", rows_list, None)
+
+    def close(self) -> None:
+        """Stop reader threads and processes."""
+        for source in self.sources.values():
+            source.close()
+        self.sources.clear()
+
+
+def check_cache(loaders_kinds, local_size: int) -> None:
+    """Fail clearly unless the node can hold what ``--cache`` will keep for these loaders."""
+    need = sum(loader.cache_bytes(kind) for loader, kind in loaders_kinds)
+    if need:
+        shuffle = loaders_kinds[0][0].shuffle
+        hint = " or with --shuffle local (each rank caches its shard only)" \
+            if shuffle == "global" else ""
+        check_cache_fits(need, local_size, hint=hint)
+
+
+def make_loaders(cfg, data: Dataset, world, workers: int | None = None,
+                 index: int | None = None) -> tuple[Loader, Loader]:
+    """The train and val loaders of this rank, as configured; checks --cache memory.
+
+    ``workers``/``index``: the ranks that read data and this rank's place among them
+    (default: all ranks of ``world``; parameter servers read none).
+    """
+    workers = world.size if workers is None else workers
+    index = world.rank if index is None else index
+    from .augment import parse_augment
+
+    options = dict(prefetch=cfg.prefetch, prefetch_mode=cfg.prefetch_mode, cache=cfg.cache,
+                   block=cfg.shuffle_block, window=cfg.shuffle_window)
+    train = Loader(data, data.train, world.device, cfg.batch_size, workers, index,
+                   cfg.seed, cfg.shuffle, augment=parse_augment(cfg.augment), **options)
+    val = Loader(data, data.val, world.device, cfg.batch_size, workers, index, **options)
+    if cfg.cache:
+        world.agree(lambda: check_cache([(train, "epoch"), (val, "eval")], world.local_size))
+    train.source("epoch"), val.source("eval")     # start reader processes before step 1
+    mib = 2 ** 20
+    cached = (train.cache_bytes("epoch") + val.cache_bytes("eval")) / mib
+    world.log.info(
+        f"data: blocks of {train.block} rows shuffled, then rows within {train.window}; "
+        f"prefetch {cfg.prefetch} ({cfg.prefetch_mode}); cache "
+        f"{f'{cached:.1f} MiB per rank' if cfg.cache else 'off'}; "
+        f"reader memory <= {train.footprint('epoch') / mib:.1f} MiB per rank"
+        + ("" if data.stats_in_file else "; no mean/std in the file, using dtype defaults "
+           "(python -m mpicnn.data inspect FILE --write-stats)"))
+    return train, val

@@ -44,6 +44,7 @@ class Dataset:
     val: Split
     classes: list
     file: object = None               # the open h5py.File
+    stats_in_file: bool = True        # False: mean/std are the dtype defaults
 
     def close(self) -> None:
         if self.file is not None:
@@ -56,16 +57,20 @@ def open_h5(path: str, rdcc_nbytes: int = CHUNK_CACHE_BYTES):
     import h5py
 
     if not os.path.exists(path):
-        raise MpicnnError(f"data file {path!r} does not exist")
+        raise MpicnnError(f"data file {path!r} does not exist; check --data")
     if os.path.isdir(path):
-        raise MpicnnError(f"data path {path!r} is a directory, not an HDF5 file")
+        raise MpicnnError(f"data path {path!r} is a directory; give --data the .h5 file")
     try:
         return h5py.File(path, "r", locking=False, rdcc_nbytes=rdcc_nbytes)
     except OSError as exc:
         if not h5py.is_hdf5(path):
-            raise MpicnnError(f"{path!r} is not an HDF5 file (or it is truncated): "
-                              f"{exc}") from None
-        raise MpicnnError(f"cannot open {path!r}: {exc}") from None
+            raise MpicnnError(f"{path!r} is not an HDF5 file; give --data a file in the "
+                              f"mpicnn schema (see the README)") from None
+        if "truncated" in str(exc):
+            raise MpicnnError(f"{path!r} is truncated ({exc}); copy or write it "
+                              f"again") from None
+        raise MpicnnError(f"cannot open {path!r}: {exc}; check that it is readable and "
+                          f"not damaged") from None
 
 
 def _get(container, key: str, where: str):
@@ -92,26 +97,31 @@ def detect_layout(shape: tuple, layout: str) -> str:
 def _check_images(images, where: str) -> None:
     if images.ndim not in (3, 4):
         raise MpicnnError(f"{where} images must be 4-d (N,C,H,W or N,H,W,C), got shape "
-                          f"{images.shape}")
+                          f"{images.shape}; store one image per row")
     kind = images.dtype.kind
     if not (images.dtype == np.uint8 or kind == "f"):
-        raise MpicnnError(f"{where} images must be uint8 or float, got {images.dtype}")
+        raise MpicnnError(f"{where} images must be uint8 or float, got {images.dtype}; "
+                          f"convert them to uint8 or float32")
 
 
 def _read_labels(labels, where: str, rows: slice = slice(None)) -> np.ndarray:
     if labels.ndim != 1 and not (labels.ndim == 2 and labels.shape[1] == 1):
-        raise MpicnnError(f"{where} labels must be 1-d (N,), got shape {labels.shape}")
+        raise MpicnnError(f"{where} labels must be 1-d (N,), got shape {labels.shape}; "
+                          f"store one class index per image")
     if labels.dtype.kind not in "iu":
-        raise MpicnnError(f"{where} labels must be integers, got {labels.dtype}")
+        raise MpicnnError(f"{where} labels must be integers, got {labels.dtype}; store "
+                          f"class indices 0..classes-1 as integers")
     values = np.asarray(labels[rows]).reshape(-1).astype(np.int64)
     if values.size and values.min() < 0:
-        raise MpicnnError(f"{where} labels contain negative values (min {values.min()})")
+        raise MpicnnError(f"{where} labels contain negative values (min {values.min()}); "
+                          f"class indices start at 0")
     return values
 
 
 def _check_lengths(images, labels, where: str) -> None:
     if len(images) != len(labels):
-        raise MpicnnError(f"{where} has {len(images)} images but {len(labels)} labels")
+        raise MpicnnError(f"{where} has {len(images)} images but {len(labels)} labels; "
+                          f"every image needs exactly one label")
 
 
 def _check_finite(split: Split, where: str) -> None:
@@ -136,7 +146,8 @@ def open_dataset(path: str, images_key: str = "images", labels_key: str = "label
         raise
     except Exception as exc:          # corrupt internals surface as h5py errors
         f.close()
-        raise MpicnnError(f"cannot read {path!r}: {type(exc).__name__}: {exc}") from None
+        raise MpicnnError(f"cannot read {path!r}: {type(exc).__name__}: {exc}; the file "
+                          f"may be damaged") from None
 
 
 def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
@@ -167,7 +178,8 @@ def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
 
     for split in splits.values():
         if len(split) == 0:
-            raise MpicnnError(f"the {split.name} split of {path!r} is empty")
+            raise MpicnnError(f"the {split.name} split of {path!r} is empty; add samples "
+                              f"to it")
 
     first = splits["train"].images
     if first.ndim == 3:
@@ -179,7 +191,8 @@ def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
     for split in splits.values():
         if split.images.shape[1:] != first.shape[1:]:
             raise MpicnnError(f"train and val images differ in shape: "
-                              f"{first.shape[1:]} vs {split.images.shape[1:]}")
+                              f"{first.shape[1:]} vs {split.images.shape[1:]}; store both "
+                              f"splits at one size")
 
     classes = [c.decode() if isinstance(c, bytes) else str(c)
                for c in np.atleast_1d(f.attrs["classes"])] if "classes" in f.attrs else []
@@ -187,7 +200,8 @@ def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
     num_classes = len(classes) or top
     if top > num_classes:
         raise MpicnnError(f"labels go up to {top - 1} but the file declares "
-                          f"{num_classes} classes")
+                          f"{num_classes} classes; fix the labels or the 'classes' "
+                          f"attribute")
 
     channels = shape[0]
     default_std = 255.0 if first.dtype == np.uint8 else 1.0
@@ -199,4 +213,5 @@ def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
         _check_finite(split, f"{path}:/{split.name}")
     return Dataset(path=path, layout=stored_layout, input_shape=shape,
                    num_classes=num_classes, mean=mean.copy(), std=std.copy(),
-                   train=splits["train"], val=splits["val"], classes=classes, file=f)
+                   train=splits["train"], val=splits["val"], classes=classes, file=f,
+                   stats_in_file="mean" in f.attrs and "std" in f.attrs)

@@ -2,7 +2,8 @@
 
 With ``shuffle="global"`` the global batch of every step depends only on
 (dataset size, seed, epoch, global batch), never on how many ranks share it:
-rank ``r`` of ``W`` takes the ``r``-th slice of each global batch. Samples that do
+rank ``r`` of ``W`` takes the ``r``-th slice of each global batch, sorted by row, so
+each rank reads a compact stretch of the file. Samples that do
 not fill a whole global batch are dropped for that epoch (they are different
 samples every epoch), so every rank runs the same number of steps and no
 collective can wait on a rank that ran out of data.
@@ -19,6 +20,56 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def chunk_order(n: int, seed: int, epoch: int, block: int = 1, window: int = 0,
+                offset: int = 0, rank: int | None = None, batch: int = 1) -> np.ndarray:
+    """A permutation of ``range(n)`` that keeps reads contiguous, fixed by (seed, epoch).
+
+    Blocks of ``block`` consecutive rows (boundaries at ``offset + k * block``: the
+    file's chunks) are put in random order and the sequence is cut into windows of
+    ``window`` rows (rounded up to whole batches of ``batch`` rows; 0: one window).
+    Each window is dealt into its batches stratified: its rows, sorted, form ``batch``
+    strata of neighbouring rows and every batch takes one random row of each stratum.
+    A batch thus spans its whole window, while the r-th slice of every sorted batch
+    comes from the r-th stretch of the window: one rank reads the same few chunks for
+    the whole window. ``block=1`` with one window is the plain :func:`epoch_order`.
+    ``rank`` gives each rank its own order (``--shuffle local``: ``n`` is its shard).
+    """
+    stream = [seed, epoch] if rank is None else [seed, epoch, rank]
+    if block <= 1 and (window <= 0 or window >= n):
+        return np.random.default_rng(stream).permutation(n)
+    window = max(batch, -(-(window or n) // batch) * batch)
+    rng = np.random.default_rng(stream + [block, window, batch])
+    first = offset % block
+    edges = np.unique(np.r_[0, np.arange(first, n, block), n])
+    lengths = np.diff(edges)
+    pick = rng.permutation(len(lengths))
+    # row i of the block-permuted sequence = start of its block + position inside it
+    starts = np.repeat(edges[:-1][pick] - (np.cumsum(lengths[pick]) - lengths[pick]),
+                       lengths[pick])
+    blocks = starts + np.arange(n)
+    order = np.empty(n, np.int64)
+    for a in range(0, n, window):
+        part = blocks[a: a + window]
+        steps = len(part) // batch
+        if len(part) > steps * batch:          # the last window: random rows left over
+            part = rng.permutation(part)
+            order[a + steps * batch: a + len(part)] = part[steps * batch:]
+            part = part[: steps * batch]
+        strata = np.sort(part).reshape(batch, steps)
+        dealt = np.take_along_axis(strata, np.argsort(rng.random((batch, steps)), 1), 1)
+        order[a: a + steps * batch] = dealt.T.reshape(-1)
+    return order
+
+
+WINDOW_BATCHES = 64
+WINDOW_BYTES = 64 << 20
+
+
+def auto_window(batch: int, block: int, sample_bytes: int = 1) -> int:
+    """Default shuffle window: 64 batches, at most 64 MiB; at least a batch and 4 blocks."""
+    return max(batch, 4 * block, min(WINDOW_BATCHES * batch, WINDOW_BYTES // sample_bytes))
+
+
 def steps_per_epoch(n: int, batch: int, world: int = 1, shuffle: str = "global") -> int:
     """Steps every rank runs per epoch (the same on every rank)."""
     if shuffle == "local":
@@ -31,19 +82,23 @@ def rank_batches(n: int, batch: int, world: int = 1, rank: int = 0, seed: int = 
                  order: np.ndarray | None = None) -> np.ndarray:
     """Sample indices of this rank for each step of an epoch: shape (steps, batch), rows sorted.
 
-    ``order`` overrides the global permutation (e.g. a chunk-aware order); it must
-    itself be a pure function of (n, seed, epoch).
+    ``order`` overrides the permutation (e.g. :func:`chunk_order`): of ``range(n)`` for
+    ``global``, of this rank's shard ``range(n // world)`` for ``local``; it must itself
+    be a pure function of (n, seed, epoch) (and of the rank, for ``local``).
     """
     steps = steps_per_epoch(n, batch, world, shuffle)
     if shuffle == "local":
         shard = n // world
-        rng = np.random.default_rng([seed, epoch, rank])
-        local = rng.permutation(shard) + rank * shard
+        if order is None:
+            order = np.random.default_rng([seed, epoch, rank]).permutation(shard)
+        local = order + rank * shard
         rows = local[: steps * batch].reshape(steps, batch)
     else:
         order = epoch_order(n, seed, epoch) if order is None else order
-        glob = order[: steps * batch * world].reshape(steps, world, batch)
-        rows = glob[:, rank, :]
+        # sorting the global batch (a set that does not depend on the world size) before
+        # slicing gives each rank neighbouring rows: few chunks per rank per step
+        glob = np.sort(order[: steps * batch * world].reshape(steps, world * batch), axis=1)
+        rows = glob.reshape(steps, world, batch)[:, rank, :]
     return np.sort(rows, axis=1)
 
 

@@ -1,11 +1,18 @@
-"""Write arrays as an mpicnn HDF5 file: train/val groups, chunked per sample, with stats."""
+"""Write mpicnn HDF5 files block by block: whole-sample chunks, per-channel statistics.
+
+Memory stays bounded by one block whatever the number of samples; files appear
+atomically (written under a temporary name, renamed when complete).
+"""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 
 SAMPLES_PER_CHUNK_BYTES = 1 << 20
+BLOCK_BYTES = 16 << 20          # rows handed to HDF5 per write by the tools
+STATS_ELEMENTS = 1 << 22        # float statistics are summed in pieces this large
 
 
 def chunk_rows(sample_bytes: int) -> int:
@@ -13,34 +20,114 @@ def chunk_rows(sample_bytes: int) -> int:
     return max(1, SAMPLES_PER_CHUNK_BYTES // max(1, sample_bytes))
 
 
+def block_rows(sample_bytes: int) -> int:
+    """Rows per write block: a whole number of chunks, about ``BLOCK_BYTES``."""
+    rows = chunk_rows(sample_bytes)
+    return rows * max(1, BLOCK_BYTES // (rows * max(1, sample_bytes)))
+
+
+class ChannelStats:
+    """Per-channel mean and (population) std of NCHW blocks, exact for uint8."""
+
+    def __init__(self, channels: int):
+        self.counts = np.zeros((channels, 256), np.int64)      # uint8: value histograms
+        self.sums = np.zeros(channels, np.float64)             # float: sums
+        self.squares = np.zeros(channels, np.float64)
+        self.n = 0
+
+    def add(self, images: np.ndarray) -> None:
+        if images.dtype == np.uint8:
+            for c in range(images.shape[1]):
+                self.counts[c] += np.bincount(images[:, c].ravel(), minlength=256)
+        else:
+            step = max(1, STATS_ELEMENTS // max(1, images[0].size))
+            for a in range(0, len(images), step):
+                x = images[a: a + step].astype(np.float64)
+                self.sums += x.sum(axis=(0, 2, 3))
+                self.squares += np.square(x).sum(axis=(0, 2, 3))
+        self.n += images.shape[0] * images.shape[2] * images.shape[3]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) as float32, std at least 1e-6 so normalising never divides by 0."""
+        if self.counts.any():
+            values = np.arange(256, dtype=np.float64)
+            self.sums = self.counts @ values
+            self.squares = self.counts @ np.square(values)
+        n = max(1, self.n)
+        mean = self.sums / n
+        var = np.maximum(self.squares / n - np.square(mean), 0.0)
+        return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-6).astype(np.float32)
+
+
 def channel_stats(images: np.ndarray, layout: str = "nchw"):
     """Per-channel mean and std in stored pixel units."""
-    axes = (0, 2, 3) if layout == "nchw" else (0, 1, 2)
-    x = images.astype(np.float64)
-    return x.mean(axis=axes).astype(np.float32), x.std(axis=axes).astype(np.float32)
+    stats = ChannelStats(images.shape[1] if layout == "nchw" else images.shape[-1])
+    stats.add(images if layout == "nchw" else images.transpose(0, 3, 1, 2))
+    return stats.result()
 
 
-def write_splits(path: str, splits: dict, classes=None, attrs=None,
-                 stats_from: str = "train") -> None:
-    """Write ``{"train": (images, labels), "val": ...}`` atomically (temp file + rename)."""
+@contextmanager
+def atomic_h5(path: str):
+    """An HDF5 file open for writing that appears at ``path`` only if the block succeeds."""
     import h5py
 
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with h5py.File(tmp, "w") as f:
-            for name, (images, labels) in splits.items():
-                group = f.create_group(name)
-                rows = chunk_rows(int(np.prod(images.shape[1:])) * images.dtype.itemsize)
-                group.create_dataset("images", data=images,
-                                     chunks=(min(rows, len(images)),) + images.shape[1:])
-                group.create_dataset("labels", data=labels.astype(np.int64))
-            mean, std = channel_stats(splits[stats_from][0])
-            f.attrs["mean"], f.attrs["std"] = mean, np.maximum(std, 1e-6)
-            if classes is not None:
-                f.attrs["classes"] = np.array(classes, dtype=h5py.string_dtype())
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
+            yield f
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class SplitWriter:
+    """Append (images NCHW, labels) blocks to ``group/images`` and ``group/labels``."""
+
+    def __init__(self, group, n: int, sample_shape, dtype, compression: str | None = None,
+                 stats: bool = False):
+        sample_shape = tuple(sample_shape)
+        rows = chunk_rows(int(np.prod(sample_shape)) * np.dtype(dtype).itemsize)
+        self.images = group.create_dataset(
+            "images", shape=(n,) + sample_shape, dtype=dtype,
+            chunks=(max(1, min(rows, n)),) + sample_shape,
+            compression=compression if compression not in (None, "none") else None)
+        self.labels = group.create_dataset("labels", shape=(n,), dtype=np.int64)
+        self.stats = ChannelStats(sample_shape[0]) if stats else None
+        self.n, self.pos = n, 0
+
+    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
+        end = self.pos + len(images)
+        if end > self.n or len(images) != len(labels):
+            raise ValueError(f"block of {len(images)} images / {len(labels)} labels does "
+                             f"not fit at row {self.pos} of {self.n}")
+        self.images[self.pos: end] = images
+        self.labels[self.pos: end] = labels
+        if self.stats is not None:
+            self.stats.add(images)
+        self.pos = end
+
+
+def write_attrs(f, stats: ChannelStats | None, classes=None, attrs=None) -> None:
+    """Root attributes: mean/std from ``stats``, class names, provenance."""
+    import h5py
+
+    if stats is not None:
+        f.attrs["mean"], f.attrs["std"] = stats.result()
+    if classes is not None:
+        f.attrs["classes"] = np.array([str(c) for c in classes], dtype=h5py.string_dtype())
+    for key, value in (attrs or {}).items():
+        f.attrs[key] = value
+
+
+def write_splits(path: str, splits: dict, classes=None, attrs=None,
+                 stats_from: str = "train") -> None:
+    """Write ``{"train": (images NCHW, labels), "val": ...}`` atomically, with statistics."""
+    with atomic_h5(path) as f:
+        stats = None
+        for name, (images, labels) in splits.items():
+            writer = SplitWriter(f.create_group(name), len(images), images.shape[1:],
+                                 images.dtype, stats=name == stats_from)
+            writer.append(images, labels.astype(np.int64))
+            stats = writer.stats or stats
+        write_attrs(f, stats, classes, attrs)

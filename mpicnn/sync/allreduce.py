@@ -1,36 +1,221 @@
-"""Synchronous data parallelism: average gradients over all ranks every step."""
+"""Synchronous data parallelism: gradients averaged over all ranks, hidden behind backward.
+
+The engine (``--bucket-mb`` > 0), in the manner of DDP's Reducer and Horovod's
+tensor fusion:
+
+* parameters are grouped, in backward order, into flat buckets and every
+  ``.grad`` is a view into its bucket, so nothing is copied in or out;
+* a post-accumulate-grad hook per parameter counts its bucket down; complete
+  buckets are handed, strictly in bucket order (the same on every rank), to the
+  communication thread, which averages them while backward goes on;
+* ``after_backward`` waits only for what is still in flight, then reduces the last
+  bucket (and any holding unused parameters) itself; the loop times this as ``comm``;
+* after the first step the buckets are rebuilt in the order the gradients
+  actually became ready (rank 0's observation, broadcast so all ranks agree).
+
+``--bucket-mb 0`` keeps the plain path: all gradients concatenated, one blocking
+Allreduce after backward, copied back (also the benchmark's simple baseline).
+"""
 from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 
+from ..world import cuda_aware_override
 from .base import Strategy
-from .collectives import average_buffers, broadcast_module, host_view
+from .buckets import FIRST_BUCKET_BYTES, MB, bucket_plan, build_buckets, same_plan
+from .collectives import average_buffers, broadcast_module
+from .comm_thread import make_runner
+from .compression import HALF_DTYPES, Codec
+from .hierarchy import FlatAllreduce, HierarchicalAllreduce
+from .reducer import Reducer
+from .shared import SharedMemoryAllreduce
+from .staging import choose_path, probe_cuda_support
+
+PLAIN_KEY = "plain"
 
 
 class AllreduceStrategy(Strategy):
-    """Plain and correct: one flat Allreduce of all gradients after backward."""
+    """Bucketed allreduce overlapped with backward, or the plain flat Allreduce."""
 
     name = "allreduce"
 
+    def __init__(self, world, cfg):
+        super().__init__(world, cfg)
+        self.params, self.buckets, self.reducer, self.runner = [], [], None, None
+        self._hooks, self._sync, self._recorded = [], True, None
+        self._steps, self._busy_reported, self._inline_seconds = 0, 0.0, 0.0
+
+    # --- setup -------------------------------------------------------------------
     def attach(self, model, optimizer, scheduler) -> None:
         super().attach(model, optimizer, scheduler)
         broadcast_module(self.world.comm, model)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.world.size == 1 or not self.params:
+            self.world.log.info("gradient sync: a single rank, nothing to communicate")
+            return
+        device = self.params[0].device
+        self.reducer = self._make_reducer(device)
+        if self.cfg.bucket_mb > 0:
+            self._start_engine()
+        self.world.log.info(f"gradient sync: {self.describe()}")
 
-    def after_backward(self) -> None:
+    def _make_reducer(self, device: torch.device) -> Reducer:
+        codec = Codec(self.cfg.compression, self.world.size)
+        if self.cfg.hierarchical:
+            collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm)
+        elif (self.cfg.shared_memory == "auto" and self.world.num_nodes == 1
+              and device.type == "cpu" and codec.wire_dtype is None and self.cfg.bucket_mb > 0
+              and self.params[0].dtype in (torch.float32, torch.float64)):
+            collective = SharedMemoryAllreduce(self.world.local_comm)
+        else:
+            collective = FlatAllreduce(self.world.comm)
+        aware, self._buffers_why = choose_path(self.cfg.cuda_aware, device.type,
+                                               cuda_aware_override(), probe_cuda_support)
+        if aware and (codec.wire_dtype is not None or self.params[0].dtype in HALF_DTYPES):
+            aware = False      # MPI would call the Python sum operation on device pointers
+            self._buffers_why += "; but 2-byte floats are summed by a host-side MPI operation"
+        return Reducer(collective, codec, device, aware)
+
+    def _start_engine(self) -> None:
         from mpi4py import MPI
 
-        if self.world.size == 1:
+        level = MPI.Query_thread()
+        self.runner = make_runner(level, MPI.THREAD_MULTIPLE)
+        if not self.runner.overlaps:
+            self.world.log.warning(
+                f"warning: the MPI library provides thread level {level}, not "
+                f"MPI_THREAD_MULTIPLE ({MPI.THREAD_MULTIPLE}); gradients are reduced after "
+                f"backward, without overlap")
+        order = list(reversed(range(len(self.params))))   # autograd runs roughly backwards
+        self._recorded = []
+        self._build(self._plan(order))
+        self._hooks = [p.register_post_accumulate_grad_hook(partial(self._grad_ready, i))
+                       for i, p in enumerate(self.params)]
+
+    def _plan(self, order: list[int]) -> list[list[int]]:
+        return bucket_plan(self.params, order, int(self.cfg.bucket_mb * MB))
+
+    def _build(self, plan: list[list[int]]) -> None:
+        old = self.buckets
+        self.buckets = build_buckets(self.params, plan, self.reducer.collective.allocate)
+        for bucket in old:                 # after the new views took over their values
+            self.reducer.collective.release(bucket.flat)
+        self._bucket_of = [None] * len(self.params)
+        for bucket in self.buckets:
+            for i in bucket.members:
+                self._bucket_of[i] = bucket
+        self._reset()
+
+    def _reset(self) -> None:
+        for bucket in self.buckets:
+            bucket.reset()
+        self._ready = [False] * len(self.buckets)
+        self._next = 0
+
+    def describe(self) -> str:
+        """One line for the startup log: path, buckets, thread, collective, precision, buffers."""
+        reducer = self.reducer
+        codec = reducer.codec
+        precision = ("full precision, divided after the sum" if codec.wire_dtype is None else
+                     f"{codec.name} on the wire, divided before the sum")
+        buffers = ""
+        if reducer.device.type == "cuda":
+            how = ("staged through pinned host memory" if reducer.buffers.staged
+                   else "to MPI directly")
+            buffers = f"; CUDA buffers {how}: {self._buffers_why}"
+        if not self.buckets:
+            path = "plain: one blocking Allreduce of all gradients after backward"
+        else:
+            if not self.runner.overlaps:
+                thread = "the main thread after backward, not overlapped"
+            elif len(self.buckets) == 1:
+                thread = "the main thread after backward (one bucket: nothing to overlap)"
+            else:
+                thread = "a communication thread, overlapped with backward"
+            first = min(FIRST_BUCKET_BYTES / MB, self.cfg.bucket_mb)
+            path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
+                    f"{self.cfg.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
+        return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
+
+    def _sizes(self) -> str:
+        return "[" + ", ".join(f"{b.nbytes / MB:.2f}" for b in self.buckets) + "]"
+
+    # --- the step ----------------------------------------------------------------
+    def zero_grad(self) -> None:
+        if not self.buckets:
+            return super().zero_grad()
+        for bucket in self.buckets:
+            if not bucket.bound():         # someone set .grad to None or a new tensor
+                bucket.bind()
+            bucket.flat.zero_()
+
+    @contextmanager
+    def no_sync(self):
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def _grad_ready(self, index: int, _param) -> None:
+        if not self._sync:
             return
+        if self._recorded is not None:
+            self._recorded.append(index)
+        bucket = self._bucket_of[index]
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._ready[bucket.index] = True
+            # The last bucket completes as backward ends: after_backward reduces it itself,
+            # sparing two thread handoffs when the main thread would only wait.
+            while self._next < len(self.buckets) - 1 and self._ready[self._next]:
+                self._launch(self.buckets[self._next])
+
+    def _launch(self, bucket) -> None:
+        self._next += 1
+        self.runner.submit(partial(self.reducer, bucket.index, bucket.flat,
+                                   self.reducer.ready_event()))
+
+    def after_backward(self) -> None:
+        if self.reducer is None:
+            return
+        self._steps += 1
+        if not self.buckets:
+            return self._plain_allreduce()
+        for done in self.runner.wait():
+            Reducer.consume(done)
+        # What is left (the last bucket, buckets of unused parameters) runs here, in bucket
+        # order after everything the thread did, so all ranks issue the same sequence.
+        start = time.perf_counter()
+        for bucket in self.buckets[self._next:]:
+            Reducer.consume(self.reducer(bucket.index, bucket.flat, self.reducer.ready_event()))
+        self._inline_seconds += time.perf_counter() - start
+        self._reset()
+        if self._recorded is not None:
+            self._rebuild(self._recorded)
+
+    def _rebuild(self, recorded: list[int]) -> None:
+        """Re-bucket in the order gradients became ready on rank 0 (values kept)."""
+        self._recorded = None
+        order = list(dict.fromkeys(self.world.comm.bcast(recorded, root=0)))
+        seen = set(order)
+        order += [i for b in self.buckets for i in b.members if i not in seen]   # unused
+        plan = self._plan(order)
+        if not same_plan(plan, [b.members for b in self.buckets]):
+            self._build(plan)
+            self.world.log.info(f"gradient sync: buckets rebuilt in the order gradients became "
+                                f"ready: {self._sizes()} MB")
+
+    def _plain_allreduce(self) -> None:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in self.params])
-        buf, staged = host_view(flat)
-        self.world.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        if staged:
-            flat.copy_(buf)
-        flat /= self.world.size
+        Reducer.consume(self.reducer(PLAIN_KEY, flat))
         offset = 0
         for p in self.params:
             p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
@@ -38,3 +223,30 @@ class AllreduceStrategy(Strategy):
 
     def sync_buffers(self) -> None:
         average_buffers(self.world.comm, self.model)
+
+    def timings_ms(self) -> dict:
+        """Mean milliseconds per step the reductions ran (hidden or not) since the last call."""
+        if self.runner is None:
+            return {}
+        busy = self.runner.busy_seconds + self._inline_seconds
+        steps, self._steps = self._steps, 0
+        ms = 1000 * (busy - self._busy_reported) / max(1, steps)
+        self._busy_reported = busy
+        return {"comm_busy_ms": round(ms, 3)}
+
+    def finish(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.runner is not None:
+            if not self.runner.idle:       # failed mid-step: a collective may never return
+                return
+            self.runner.close()
+            self.runner = None
+        if self.reducer is not None:
+            for bucket in self.buckets:    # .grad must outlive the (shared) bucket memory
+                bucket.detach()
+            self.buckets = []
+            self.reducer.collective.free()
+            self.reducer.codec.close()
+            self.reducer = None

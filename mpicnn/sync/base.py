@@ -1,6 +1,10 @@
 """The small interface every gradient synchronisation strategy offers the training loop."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+from ..metrics import reduce_sums
+
 
 class Strategy:
     """attach -> (forward, backward, after_backward, step)* -> finish."""
@@ -57,6 +61,10 @@ class Strategy:
         """Clear gradients before backward."""
         self.optimizer.zero_grad(set_to_none=False)
 
+    def no_sync(self):
+        """Context for a micro-batch whose gradients are only accumulated locally."""
+        return nullcontext()
+
     def after_backward(self) -> None:
         """Make every rank's ``.grad`` the average over ranks (may wait for communication)."""
 
@@ -65,8 +73,32 @@ class Strategy:
         self.optimizer.step()
         self.scheduler.step()
 
+    @property
+    def synced_grads(self) -> bool:
+        """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
+        return True
+
+    def skip_step(self) -> None:
+        """Drop this step's update (its gradient was not finite); the schedule moves on."""
+        self.optimizer.zero_grad(set_to_none=False)
+        self.scheduler.step()
+
+    def agree_stop(self, wanted: bool) -> bool:
+        """Whether any training rank wants to stop now; the same answer on all of them.
+
+        Called after every ``--stop-check-every``-th step on every rank that trains, so
+        a collective over those ranks fits when they run the same steps. Override where
+        the training ranks are not all of ``world.comm`` (parameter-server workers), or
+        do not run in lockstep (carry the flag through the strategy's own messages).
+        """
+        return bool(reduce_sums(self.world.comm, [float(wanted)])[0] > 0)
+
     def sync_buffers(self) -> None:
         """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
+
+    def timings_ms(self) -> dict:
+        """Extra per-step timings for the metrics records, since the last call."""
+        return {}
 
     def finish(self) -> None:
         """Release communication resources; called once, also after errors."""

@@ -19,10 +19,11 @@ DONE = 5     # no reply: this worker sends nothing more
 
 TAG_REQUEST, TAG_REPLY, TAG_PAYLOAD = 101, 102, 103
 
-HEADER_LEN = 5
-KIND, CLOCK, EPOCH, FIRST, END = range(HEADER_LEN)          # request fields
-VERSION, ITEM, STEP, COUNT = range(4)           # reply fields (COUNT: arrays or length)
+HEADER_LEN = 7
+KIND, CLOCK, EPOCH, FIRST, END, BASE, FLAGS = range(HEADER_LEN)    # request fields
+VERSION, ITEM, STEP, COUNT, STOP_AT = range(5)    # reply fields (COUNT: arrays or length)
 NO_ITEM = -1         # no batch for you: this epoch's batches are all handed out
+NONFINITE, STOP = 1, 2    # request flags: the gradient holds NaN/Inf; a stop signal arrived
 
 MAX_MESSAGE_BYTES = 1 << 30  # split payloads well below MPI's 2**31-1 count limit
 

@@ -9,7 +9,7 @@ from ...errors import MpicnnError
 from ...optim import build_optimizer
 from . import protocol as P
 from .flatstate import flat_state, flatten_params, set_flat_state, state_keys
-from .policy import Dispatcher, may_proceed
+from .policy import Dispatcher, may_proceed, stop_step
 from .role import PSRole, encode_stats
 
 
@@ -59,7 +59,12 @@ class PSServer(PSRole):
         self.extra_sends, self.extra_bufs = [], []
         self.clocks, self.seen = [0] * workers, [self.version] * workers
         self.done, self.deferred, self.arrived = [False] * workers, set(), 0
-        self.dispatcher = Dispatcher() if self.dispatched and index == 0 else None
+        self.round_finite = True           # ps-sync: every push of this step was finite
+        # Server 0 decides what all workers must agree on: who computes which batch
+        # (ps-async, unbounded) and the global step at which a stop signal takes effect.
+        self.decides = index == 0
+        self.dispatcher = Dispatcher(workers) if self.dispatched and self.decides else None
+        self.stop_at = -1
 
     def serve(self) -> None:
         from mpi4py import MPI
@@ -69,10 +74,12 @@ class PSServer(PSRole):
             self.ps_comm.Recv(request, source=MPI.ANY_SOURCE, tag=P.TAG_REQUEST, status=status)
             worker, kind = status.Get_source(), int(request[P.KIND])
             if kind == P.PUSH:
-                self._push(worker)
+                if request[P.FLAGS] & P.STOP:
+                    self._stop()
+                self._push(worker, finite=not request[P.FLAGS] & P.NONFINITE)
             elif kind == P.PULL:
                 if self.dispatcher is not None and request[P.EPOCH] >= 0:
-                    self.dispatcher.open(*map(int, request[[P.EPOCH, P.FIRST, P.END]]))
+                    self.dispatcher.open(*map(int, request[[P.EPOCH, P.FIRST, P.END, P.BASE]]))
                 self._reply(worker, dispatch=request[P.EPOCH] >= 0)
             elif kind == P.STATE:
                 self._send_state(worker)
@@ -93,7 +100,18 @@ class PSServer(PSRole):
         return {**self.stats, "updates": self.version - self.restored_version,
                 "pushes": list(self.clocks)}
 
-    def _push(self, worker: int) -> None:
+    def _stop(self) -> None:
+        """A worker got a stop signal: fix the global step where every worker stops."""
+        if not self.decides or self.stop_at >= 0:
+            return
+        every = self.cfg.stop_check_every
+        if self.dispatcher is not None:
+            self.stop_at = self.dispatcher.stop(every)
+        else:       # fixed shards: past every clock reached or in flight
+            self.stop_at = stop_step(self.restored_version // self.per_step +
+                                     max(self.clocks) + 1, every)
+
+    def _push(self, worker: int, finite: bool) -> None:
         from mpi4py import MPI
 
         timeline.step(self.version // self.per_step)     # the global step being applied
@@ -104,20 +122,21 @@ class PSServer(PSRole):
         self.staleness[staleness] += 1
         if self.sync:
             self.arrived += 1
+            self.round_finite &= finite
             if self.arrived < self.workers:
                 return
             total = self.grads[0].copy()
             for other in self.grads[1:]:        # a fixed order: reproducible sums
                 total += other
-            self.arrived = 0
             with timeline.span("ps_apply", workers=self.workers):
-                self._apply(total, 1)
+                self._apply(total, 1, self.round_finite)
+            self.arrived, self.round_finite = 0, True
             for w in range(self.workers):
                 self._proceed(w)
             return
         lr_divisor = max(1, staleness) if self.cfg.staleness_lr else 1
         with timeline.span("ps_apply", worker=worker, staleness=staleness):
-            self._apply(grad, lr_divisor)
+            self._apply(grad, lr_divisor, finite)
         if self._may_proceed(worker):
             self._proceed(worker)
         else:
@@ -125,16 +144,23 @@ class PSServer(PSRole):
             self.stats["deferred"] += 1
         self._release()
 
-    def _apply(self, grad_sum: np.ndarray, lr_divisor: int) -> None:
-        """One optimizer step on this range with the mean gradient of the workers."""
-        grad_sum /= self.workers     # async: one worker's share of a global batch
-        self.param.grad = torch.from_numpy(grad_sum)
-        group = self.server_opt.param_groups[0]
-        lr = group["lr"]
-        group["lr"] = lr / lr_divisor
-        self.server_opt.step()
-        group["lr"] = lr
-        self.param.grad = None
+    def _apply(self, grad_sum: np.ndarray, lr_divisor: int, finite: bool) -> None:
+        """One optimizer step on this range with the mean gradient of the workers.
+
+        A gradient that a worker found non-finite (``--nan-policy skip``) is dropped as
+        allreduce drops it: no update, but the version and the schedule move on.
+        """
+        if finite:
+            grad_sum /= self.workers     # async: one worker's share of a global batch
+            self.param.grad = torch.from_numpy(grad_sum)
+            group = self.server_opt.param_groups[0]
+            lr = group["lr"]
+            group["lr"] = lr / lr_divisor
+            self.server_opt.step()
+            group["lr"] = lr
+            self.param.grad = None
+        else:
+            self.stats["skipped"] += 1
         self.version += 1
         if self.version % self.per_step == 0:
             self.server_sched.step()
@@ -167,8 +193,9 @@ class PSServer(PSRole):
         out[:] = self.param_np
         head[:] = 0
         head[P.VERSION] = self.version
-        head[P.ITEM] = self.dispatcher.take() if dispatch and self.dispatcher is not None \
-            else P.NO_ITEM
+        head[P.ITEM] = self.dispatcher.take(worker) if dispatch and self.dispatcher \
+            is not None else P.NO_ITEM
+        head[P.STOP_AT] = self.stop_at
         self.sends[worker] = [self.ps_comm.Isend(head, dest=worker, tag=P.TAG_REPLY),
                               *P.isend_array(self.ps_comm, out, worker)]
         self.seen[worker] = self.version

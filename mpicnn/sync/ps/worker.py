@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from ... import timeline
+from ...guards import grads_finite
+from ...metrics import reduce_sums
 from ..collectives import average_buffers
 from . import protocol as P
 from .flatstate import flatten_params, set_flat_state, state_keys, unflatten_into
@@ -28,12 +30,19 @@ class PSWorker(PSRole):
         self.params_np, self.grads_np = self.flat_params.numpy(), self.flat_grads.numpy()
         self.requests = [P.header() for _ in self.ranges]
         self.replies = [P.header() for _ in self.ranges]
-        self.clock = self.version = self.counted = 0
+        self.clock = self.version = self.counted = self.position = 0
         self.item, self.window, self.plans = P.NO_ITEM, (0, 0), (None, None)
+        self.flags, self.stop_at = 0, -1
         # images one update trains on: a global batch (ps-sync) or one worker's batch
         self.images_per_update = self.cfg.batch_size * (self.workers if self.sync else 1)
 
+    @property
+    def synced_grads(self) -> bool:
+        return False          # .grad is this worker's own gradient: NaN checks may differ
+
     def after_backward(self) -> None:
+        # Checked before pushing so that a non-finite gradient never reaches a server.
+        self.flags = self.flags & P.STOP | (0 if grads_finite(self.params) else P.NONFINITE)
         offset = 0
         for p in self.params:      # host copy; unused parameters push zeros
             piece = self.flat_grads[offset: offset + p.numel()]
@@ -48,11 +57,28 @@ class PSWorker(PSRole):
     def step(self) -> None:
         unflatten_into(self.flat_params, self.params)
 
+    def skip_step(self) -> None:
+        """The servers dropped the non-finite gradient: take their parameters as they are."""
+        self.step()
+
+    def agree_stop(self, wanted: bool) -> bool:
+        """Stop at the global step server 0 fixed once a worker reported a stop signal.
+
+        ps-sync workers run in lockstep and agree by one collective among themselves;
+        ps-async workers carry the wish in their next push and never wait for each other.
+        """
+        if self.lockstep:
+            return bool(reduce_sums(self.train_comm, [float(wanted)])[0] > 0)
+        if wanted:
+            self.flags |= P.STOP
+        return 0 <= self.stop_at <= self.position
+
     def advance(self, state, global_batch: int) -> int:
         if self.dispatched:
             self._position(state)
         else:
             super().advance(state, global_batch)
+        self.position = state.global_step
         with warnings.catch_warnings():    # the local optimizer never steps: only its lr moves
             warnings.simplefilter("ignore", UserWarning)
             while self.scheduler.last_epoch < state.global_step:
@@ -71,15 +97,15 @@ class PSWorker(PSRole):
         workers = self.workers
         end = min(loader.steps, state.step_in_epoch + run_steps - state.global_step) * workers
         self.window = ((state.global_step - state.step_in_epoch) * workers, end)
-        self._exchange(P.PULL, epoch=state.epoch, first=state.step_in_epoch * workers, end=end)
+        self._exchange(P.PULL, epoch=state.epoch, first=state.step_in_epoch * workers, end=end,
+                       base=self.window[0])
         self.step()
         self.counted = self.version
         self._position(state)
         plans = self._plans(loader, state.epoch)
         while self.item != P.NO_ITEM:
             step, rank = divmod(self.item, workers)
-            images, labels = loader.read(plans[rank][step])
-            yield loader.normalize(images), labels.to(loader.device, non_blocking=True)
+            yield loader.rows_batch(plans[rank][step], state.epoch)
 
     def _plans(self, loader, epoch: int):
         """Every worker's shard plan of ``epoch`` (any worker may be handed any item)."""
@@ -93,9 +119,11 @@ class PSWorker(PSRole):
     def _position(self, state) -> None:
         """Where the run is: the global step of this worker's next item, or the epoch's end."""
         base, end = self.window
-        position = self.item if self.item != P.NO_ITEM else end
-        state.step_in_epoch = position // self.workers
-        state.global_step = (base + position) // self.workers
+        position = (base + (self.item if self.item != P.NO_ITEM else end)) // self.workers
+        if self.item == P.NO_ITEM and self.stop_at >= 0:     # the epoch was cut short
+            position = min(position, self.stop_at)
+        state.step_in_epoch = position - base // self.workers
+        state.global_step = position
 
     def sync_buffers(self) -> None:
         """Average buffers over workers, pull the final parameters (and optimizer state)."""
@@ -115,7 +143,7 @@ class PSWorker(PSRole):
         rows = []
         for s, request in enumerate(self.requests):
             server = self.roles.server_rank(s)
-            request[:] = (P.STATS, self.clock, -1, 0, 0)
+            request[:] = (P.STATS, self.clock, -1, 0, 0, 0, 0)
             self.ps_comm.Send(request, dest=server, tag=P.TAG_REQUEST)
             self.ps_comm.Recv(self.replies[s], source=server, tag=P.TAG_REPLY)
             vector = np.empty(int(self.replies[s][P.COUNT]), dtype=np.int64)
@@ -123,7 +151,8 @@ class PSWorker(PSRole):
             rows.append((True, *decode_stats(vector, self.workers)))
         self._report = summarize(rows, self.roles, final=False)
 
-    def _exchange(self, kind: int, epoch: int = -1, first: int = 0, end: int = 0) -> None:
+    def _exchange(self, kind: int, epoch: int = -1, first: int = 0, end: int = 0,
+                  base: int = 0) -> None:
         """Send one request to every server and wait for all their parameter replies."""
         from mpi4py import MPI
 
@@ -134,7 +163,7 @@ class PSWorker(PSRole):
             receives += P.irecv_array(comm, self.params_np[lo:hi], server)
         for s, (lo, hi) in enumerate(self.ranges):
             server, request = self.roles.server_rank(s), self.requests[s]
-            request[:] = (kind, self.clock, epoch, first, end)
+            request[:] = (kind, self.clock, epoch, first, end, base, self.flags)
             sends.append(comm.Isend(request, dest=server, tag=P.TAG_REQUEST))
             if kind == P.PUSH:
                 sends += P.isend_array(comm, self.grads_np[lo:hi], server)
@@ -144,6 +173,7 @@ class PSWorker(PSRole):
             MPI.Request.Waitall(receives)
         self.version = int(self.replies[0][P.VERSION])
         self.item = int(self.replies[0][P.ITEM])
+        self.stop_at = int(self.replies[0][P.STOP_AT])
 
     def _fetch_state(self) -> None:
         """Copy the servers' optimizer state into the local optimizer, for checkpoints."""
@@ -153,7 +183,7 @@ class PSWorker(PSRole):
         vectors = {k: torch.zeros_like(self.flat_params) for k in keys}
         for s, (lo, hi) in enumerate(self.ranges):
             server, request = self.roles.server_rank(s), self.requests[s]
-            request[:] = (P.STATE, self.clock, -1, 0, 0)
+            request[:] = (P.STATE, self.clock, -1, 0, 0, 0, 0)
             comm.Send(request, dest=server, tag=P.TAG_REQUEST)
             comm.Recv(self.replies[s], source=server, tag=P.TAG_REPLY)
             if self.replies[s][P.COUNT]:
@@ -169,7 +199,7 @@ class PSWorker(PSRole):
 
             done = []
             for s, request in enumerate(self.requests):
-                request[:] = (P.DONE, self.clock, -1, 0, 0)
+                request[:] = (P.DONE, self.clock, -1, 0, 0, 0, 0)
                 done.append(self.ps_comm.Isend(request, dest=self.roles.server_rank(s),
                                                tag=P.TAG_REQUEST))
             MPI.Request.Waitall(done)

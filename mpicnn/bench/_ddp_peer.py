@@ -1,0 +1,73 @@
+"""The peer for ``bench comm``: PyTorch DDP over gloo, driven by mpicnn's own loop and loader.
+
+``mpirun -n N python -m mpicnn.bench._ddp_peer [train flags]`` prints one JSON line
+(rank 0) with the training images/s, measured exactly as ``mpicnn.train`` does.
+MPI serves only to number the ranks and share the rendezvous port.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ..config import parse_config
+from ..data import shard
+from ..data.loader import Loader
+from ..data.schema import open_dataset
+from ..loop import RunState, Throughput, train_epoch
+from ..models import build_model
+from ..optim import build_optimizer, build_scheduler, total_steps
+from ..sync.base import Strategy
+from ..world import bind_device, run_guarded
+
+
+class DDPStrategy(Strategy):
+    """DDP reduces inside backward; the loop's after_backward has nothing left to do."""
+
+    name = "ddp-gloo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(world, argv) -> int:
+    cfg = parse_config(argv)
+    device = bind_device(world, cfg.device, cfg.threads)
+    port = world.comm.bcast(free_port() if world.is_root else None, root=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=world.rank, world_size=world.size)
+    try:
+        data = open_dataset(cfg.data)
+        steps_per_epoch = shard.check_fits(len(data.train), cfg.batch_size, world.size,
+                                           cfg.shuffle)
+        global_batch = cfg.batch_size * world.size
+        run_steps = total_steps(cfg, steps_per_epoch)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
+        optimizer = build_optimizer(cfg, ddp.parameters(), global_batch)
+        strategy = DDPStrategy(world, cfg)
+        strategy.attach(ddp, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch,
+                                                        run_steps))
+        loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
+                        cfg.seed, cfg.shuffle)
+        throughput = Throughput()
+        result = train_epoch(ddp, loader, strategy, RunState(), run_steps, global_batch,
+                             throughput)
+        if world.is_root:
+            print(json.dumps({"images_per_s": throughput.images_per_s, "steps": result.steps,
+                              **result.timer.snapshot_ms()}), flush=True)
+        data.close()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(run, sys.argv[1:]))

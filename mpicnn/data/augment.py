@@ -1,0 +1,76 @@
+"""``--augment crop,flip``: random crop with padding and horizontal flip, on the device.
+
+The random choices of a sample are a pure function of (seed, epoch, sample row), so a
+run is reproducible, a resumed run continues identically, and the augmented global
+batch does not depend on the number of ranks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import MpicnnError
+
+AUGMENTATIONS = ("crop", "flip")
+STREAM = 0xA5A5_0001          # keeps these draws apart from any other use of the seed
+
+
+def parse_augment(spec: str) -> tuple[str, ...]:
+    """``"crop,flip"`` -> ("crop", "flip"); unknown names are an error naming the valid ones."""
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    for name in names:
+        if name not in AUGMENTATIONS:
+            raise MpicnnError(f"--augment: unknown augmentation {name!r}; choose from "
+                              f"{', '.join(AUGMENTATIONS)} (comma-separated)", collective=True)
+    return names
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: well-spread 64-bit hashes of 64-bit integers."""
+    x = np.asarray(x, np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_draws(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """64 random bits per sample row, fixed by (seed, epoch, row)."""
+    key = mix64(np.array([(seed & 0xFFFFFFFF) << 32 | (epoch & 0xFFFFFFFF)], np.uint64))
+    with np.errstate(over="ignore"):
+        return mix64(mix64(np.asarray(rows, np.uint64) ^ key) ^ np.uint64(STREAM))
+
+
+class Augmenter:
+    """Apply the chosen augmentations to a normalised (N, C, H, W) float batch."""
+
+    def __init__(self, names, input_shape, seed: int):
+        self.names, self.seed = tuple(names), seed
+        _, h, w = input_shape
+        self.pad = max(1, min(h, w) // 8)        # 4 pixels on 32x32, 1 on 8x8
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def __call__(self, x: torch.Tensor, rows: np.ndarray, epoch: int) -> torch.Tensor:
+        bits = sample_draws(rows, self.seed, epoch)
+        span = np.uint64(2 * self.pad + 1)
+        if "crop" in self.names:
+            dy = (bits % span).astype(np.int64)
+            dx = ((bits >> np.uint64(16)) % span).astype(np.int64)
+            x = self.crop(x, dy, dx)
+        if "flip" in self.names:
+            flip = torch.from_numpy(((bits >> np.uint64(32)) & np.uint64(1)).astype(bool))
+            flip = flip.to(x.device).view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(3), x)
+        return x
+
+    def crop(self, x: torch.Tensor, dy: np.ndarray, dx: np.ndarray) -> torch.Tensor:
+        """Zero-pad by ``pad`` (zero = the mean pixel after normalising), cut H x W at (dy, dx)."""
+        n, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (self.pad,) * 4)
+        dev = x.device
+        ys = torch.from_numpy(dy).to(dev).view(n, 1) + torch.arange(h, device=dev)
+        xs = torch.from_numpy(dx).to(dev).view(n, 1) + torch.arange(w, device=dev)
+        idx = torch.arange(n, device=dev).view(n, 1, 1)
+        out = padded.permute(0, 2, 3, 1)[idx, ys.view(n, h, 1), xs.view(n, 1, w)]
+        return out.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,59 @@
+"""``--cache``: keep a rank's rows in RAM once read, after checking the node can hold them."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import MpicnnError
+
+MEMINFO = "/proc/meminfo"
+USABLE_SHARE = 0.8        # leave room for the OS, page cache and the models
+
+
+class RangeCache:
+    """Split rows ``[lo, hi)`` in one array, filled unit by unit as they are first read."""
+
+    def __init__(self, lo: int, hi: int, units: int, sample_shape: tuple, dtype):
+        from .reader import MISSING
+
+        self.lo, self.hi = lo, hi
+        # np.empty maps pages lazily: memory is used only as units arrive
+        self.rows = np.empty((hi - lo,) + tuple(sample_shape), dtype)
+        self.offsets = np.full(units, MISSING, np.int64)    # as in reader.SlabStore
+        self.filled = 0
+
+    def reserve(self, unit: int, lo: int, n: int, keep=()) -> int:
+        """Position in ``rows`` where the ``n`` rows of ``unit`` from ``lo`` belong."""
+        self.offsets[unit] = -self.lo
+        self.filled += n
+        return lo - self.lo
+
+
+def available_bytes(path: str = MEMINFO) -> int:
+    """Memory the node can still give (MemAvailable), in bytes."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_cache_fits(need: int, local_size: int, available: int | None = None,
+                     hint: str = "") -> None:
+    """Fail clearly unless ``local_size`` ranks can each cache ``need`` bytes on this node."""
+    available = available_bytes() if available is None else available
+    budget = int(available * USABLE_SHARE) // max(1, local_size)
+    if need > budget:
+        raise MpicnnError(
+            f"--cache needs {gib(need)} per rank x {local_size} rank(s) on this node = "
+            f"{gib(need * local_size)}, but the node has {gib(available)} available "
+            f"({USABLE_SHARE:.0%} usable: {gib(budget)} per rank); run without --cache"
+            f"{hint}, or on more nodes")
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"

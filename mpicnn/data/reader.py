@@ -1,0 +1,173 @@
+"""Read rows of one split from HDF5 as whole, chunk-aligned units (numpy and h5py only).
+
+Every file access is one contiguous slice of ``unit`` rows aligned to the file's
+chunks, so HDF5 decompresses each chunk once and the OS reads forward. Units are kept
+in a small LRU (bounded memory) or, with ``--cache``, in a :class:`RangeCache` that
+holds the rank's whole range. This module imports no torch, so a reader process
+starts quickly.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import RangeCache
+
+CHUNK_CACHE_BYTES = 1 << 20     # HDF5's own cache: units are read whole, once
+MISSING = np.iinfo(np.int64).min    # "this unit found no slot" (read its rows directly)
+
+
+def to_nchw(images: np.ndarray, layout: str) -> np.ndarray:
+    """Stored layout -> contiguous (N, C, H, W)."""
+    if layout == "nhwc":
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    if layout == "nhw":
+        return images[:, None]
+    return images
+
+
+def unit_rows(images) -> int:
+    """Rows per read unit: the file's chunk height, or about 1 MiB for contiguous data."""
+    from .writer import chunk_rows
+
+    if images.chunks:
+        return int(images.chunks[0])
+    return chunk_rows(int(np.prod(images.shape[1:])) * images.dtype.itemsize)
+
+
+class SlabStore:
+    """Up to ``capacity`` units in slots of one preallocated array, oldest evicted first.
+
+    ``offsets[u]`` maps a split row of unit ``u`` to its position in ``rows`` (MISSING
+    when absent), so a whole batch is located with one numpy lookup.
+    """
+
+    def __init__(self, capacity: int, unit: int, units: int, sample_shape: tuple, dtype):
+        capacity = max(1, capacity)
+        self.unit = unit
+        self.rows = np.empty((capacity * unit,) + tuple(sample_shape), dtype)
+        self.offsets = np.full(units, MISSING, np.int64)
+        self.loaded: deque = deque()                   # (unit, slot), oldest first
+        self.free = list(range(capacity))[::-1]
+
+    def reserve(self, unit: int, lo: int, n: int, keep) -> int | None:
+        """Position in ``rows`` for the ``n`` rows of ``unit`` starting at split row ``lo``;
+        evicts the oldest unit not in ``keep``, or returns None when all are in it."""
+        if not self.free:
+            for _ in range(len(self.loaded)):
+                old, slot = self.loaded.popleft()
+                if old not in keep:
+                    self.offsets[old] = MISSING
+                    self.free.append(slot)
+                    break
+                self.loaded.append((old, slot))
+            else:
+                return None
+        slot = self.free.pop()
+        self.loaded.append((unit, slot))
+        self.offsets[unit] = slot * self.unit - lo
+        return slot * self.unit
+
+
+@dataclass
+class ReaderSpec:
+    """Everything needed to (re)open a reader, also in another process."""
+
+    path: str
+    dataset: str            # HDF5 path of the images dataset
+    start: int              # first file row of the split
+    n: int                  # rows in the split
+    layout: str
+    unit: int               # rows per read unit (1: read single rows, no unit store)
+    capacity: int           # units kept in the LRU
+    cache_range: tuple | None = None   # (lo, hi) split rows kept in RAM with --cache
+
+    def open(self, images=None) -> "ChunkReader":
+        """A reader on ``images`` (an open h5py dataset), or on the file opened here."""
+        if images is None:
+            from .schema import open_h5
+
+            images = open_h5(self.path, rdcc_nbytes=CHUNK_CACHE_BYTES)[self.dataset]
+        return ChunkReader(images, self)
+
+    def unit_bytes(self, sample_bytes: int) -> int:
+        return self.unit * sample_bytes
+
+    def store_bytes(self, sample_bytes: int) -> int:
+        """Memory the unit store may hold (the LRU, or the whole cached range)."""
+        if self.cache_range is not None:
+            return (self.cache_range[1] - self.cache_range[0]) * sample_bytes
+        return 0 if self.unit == 1 else self.capacity * self.unit * sample_bytes
+
+
+class ChunkReader:
+    """Rows of one split, read through chunk-aligned units."""
+
+    def __init__(self, images, spec: ReaderSpec):
+        self.images, self.spec = images, spec
+        self.sample_shape = tuple(images.shape[1:])
+        self.first_unit = spec.start // spec.unit
+        units = (spec.start + spec.n - 1) // spec.unit - self.first_unit + 1
+        if spec.cache_range is not None:
+            self.store = RangeCache(*spec.cache_range, units, self.sample_shape, images.dtype)
+        else:
+            self.store = SlabStore(spec.capacity if spec.unit > 1 else 0, spec.unit, units,
+                                   self.sample_shape, images.dtype)
+        self.units_read = 0
+
+    def read(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Images (N, C, H, W) of sorted split ``rows``, into ``out`` when given."""
+        rows = np.asarray(rows, np.int64)
+        if self.spec.unit == 1 and self.spec.cache_range is None:
+            stored = np.empty((len(rows),) + self.sample_shape, self.images.dtype)
+            self._read_rows(rows, stored)
+        else:
+            stored = self._read_units(rows)
+        images = to_nchw(stored, self.spec.layout)
+        if out is None:
+            return images
+        out[: len(rows)] = images
+        return out[: len(rows)]
+
+    def _read_rows(self, rows: np.ndarray, stored: np.ndarray) -> None:
+        """Runs of consecutive rows, one h5py call each, into ``stored``."""
+        start = self.spec.start
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            a = start + int(rows[first])
+            self.images.read_direct(stored, np.s_[a: a + last - first], np.s_[first: last])
+
+    def _read_units(self, rows: np.ndarray) -> np.ndarray:
+        """Load the units under ``rows`` that the store lacks, then gather in one indexing."""
+        ids = (rows + self.spec.start) // self.spec.unit - self.first_unit
+        offsets = self.store.offsets[ids]
+        absent = offsets == MISSING
+        if absent.any():
+            keep = set(np.unique(ids).tolist())
+            for u in np.unique(ids[absent]).tolist():
+                self._load(u, keep)
+            offsets = self.store.offsets[ids]
+            absent = offsets == MISSING
+            if absent.any():                  # rare: a batch wider than the whole store
+                stored = np.empty((len(rows),) + self.sample_shape, self.images.dtype)
+                stored[~absent] = self.store.rows[rows[~absent] + offsets[~absent]]
+                extra = np.empty((int(absent.sum()),) + self.sample_shape, stored.dtype)
+                self._read_rows(rows[absent], extra)
+                stored[absent] = extra
+                return stored
+        return self.store.rows[rows + offsets]
+
+    def _load(self, u: int, keep) -> None:
+        """Read unit ``u`` (an index from ``first_unit``) into the store, if it has room."""
+        unit, start = self.spec.unit, self.spec.start
+        lo = max((self.first_unit + u) * unit - start, 0)
+        hi = min((self.first_unit + u + 1) * unit - start, self.spec.n)
+        if self.spec.cache_range is not None:     # only the cached range, never beyond
+            lo, hi = max(lo, self.spec.cache_range[0]), min(hi, self.spec.cache_range[1])
+        at = self.store.reserve(u, lo, hi - lo, keep)
+        if at is not None:
+            self.images.read_direct(self.store.rows, np.s_[start + lo: start + hi],
+                                    np.s_[at: at + hi - lo])
+            self.units_read += 1

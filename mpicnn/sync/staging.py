@@ -1,0 +1,129 @@
+"""How a device buffer reaches MPI: directly (CPU, or CUDA-aware MPI) or staged through host memory.
+
+MPI knows nothing of CUDA streams, so a CUDA buffer is handed over only after
+the stream that produced it has been synchronized.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+MPIX_GPU_SUPPORT_CUDA = 0        # MPICH's mpi.h
+
+
+def _loaded_libmpi():
+    """A ctypes handle on the MPI library this process has loaded (None if not found)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if "/libmpi" in path and ".so" in path:
+                    return ctypes.CDLL(path)
+    except OSError:
+        pass
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def probe_cuda_support(lib=None) -> tuple[bool | None, str]:
+    """Ask the loaded MPI library whether it handles CUDA buffers (None: it cannot say)."""
+    lib = lib if lib is not None else _loaded_libmpi()
+    if lib is None:
+        return None, "the MPI library could not be opened to ask"
+    query = getattr(lib, "MPIX_Query_cuda_support", None)
+    if query is not None:
+        query.restype = ctypes.c_int
+        answer = int(query())
+        return bool(answer), f"MPIX_Query_cuda_support() = {answer}"
+    gpu_query = getattr(lib, "MPIX_GPU_query_support", None)
+    if gpu_query is not None:
+        flag = ctypes.c_int(0)
+        if gpu_query(MPIX_GPU_SUPPORT_CUDA, ctypes.byref(flag)) == 0:
+            return bool(flag.value), f"MPIX_GPU_query_support(CUDA) = {flag.value}"
+    return None, "the MPI library has no CUDA-support query"
+
+
+def choose_path(setting: str, device_type: str, override: str | None, probe) -> tuple[bool, str]:
+    """(hand CUDA buffers straight to MPI?, why) for ``--cuda-aware`` on this device.
+
+    ``override`` is the environment's on/off (``world.cuda_aware_override()``);
+    ``probe`` is called only when the answer depends on the library.
+    """
+    if device_type != "cuda":
+        return False, f"{device_type} tensors go to MPI directly (no staging)"
+    if setting == "on":
+        return True, "--cuda-aware on"
+    if setting == "off":
+        return False, "--cuda-aware off"
+    if override is not None:
+        return override == "on", f"environment override MPICNN_CUDA_AWARE={override}"
+    supported, how = probe()
+    if supported:
+        return True, f"the MPI library is CUDA-aware ({how})"
+    if supported is None:
+        return False, f"{how}; staging is the safe choice"
+    return False, f"the MPI library is not CUDA-aware ({how})"
+
+
+def mpi_buffer(tensor: torch.Tensor, datatype):
+    """A buffer spec mpi4py takes without pickling (numpy for host memory: the cheapest path)."""
+    if tensor.device.type == "cpu":
+        return [tensor.view(torch.uint8).numpy(), datatype]
+    return [tensor, datatype]
+
+
+class DirectBuffers:
+    """MPI reads and writes the bucket's own memory (CPU, or CUDA with a CUDA-aware MPI)."""
+
+    staged = False
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def to_mpi(self, key, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cuda":
+            self.stream.synchronize()      # MPI must not read before the producer finished
+        return tensor
+
+    def from_mpi(self, host: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Nothing to copy: MPI wrote the bucket in place."""
+
+
+class StagedBuffers:
+    """MPI works on a host copy (pinned for CUDA, so the copies are asynchronous DMA)."""
+
+    staged = True
+
+    def __init__(self, stream=None, pin: bool | None = None):
+        self.stream = stream
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self._host = {}
+
+    def host_buffer(self, key, tensor: torch.Tensor) -> torch.Tensor:
+        """The host buffer of bucket ``key``, allocated once and reused every step."""
+        host = self._host.get(key)
+        if host is None or host.numel() != tensor.numel() or host.dtype != tensor.dtype:
+            host = self._host[key] = torch.empty(tensor.numel(), dtype=tensor.dtype,
+                                                 pin_memory=self.pin)
+        return host
+
+    def to_mpi(self, key, tensor: torch.Tensor) -> torch.Tensor:
+        host = self.host_buffer(key, tensor)
+        host.copy_(tensor, non_blocking=self.pin)
+        if self.stream is not None:
+            self.stream.synchronize()      # the device-to-host copy must land before MPI reads
+        return host
+
+    def from_mpi(self, host: torch.Tensor, tensor: torch.Tensor) -> None:
+        # Asynchronous from pinned memory; ordered before the bucket's done event.
+        tensor.copy_(host, non_blocking=self.pin)
+
+
+def make_buffers(aware: bool, device: torch.device, stream=None):
+    """The buffer path for ``device``: direct for CPU or CUDA-aware MPI, else staged."""
+    if device.type != "cuda" or aware:
+        return DirectBuffers(stream)
+    return StagedBuffers(stream, pin=True)

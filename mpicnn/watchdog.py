@@ -1,0 +1,190 @@
+"""Stall detection: rank 0 names the ranks that keep the others waiting at an exchange.
+
+Every rank's main thread marks when it starts waiting at an exchange and when it goes
+on computing. A daemon thread on each rank sends that status to rank 0 every few
+seconds on its own ``Dup()``'d communicator, so heartbeats never match the training
+collectives and keep flowing while the main thread is blocked (or asleep). Rank 0's
+thread compares the statuses: when ranks have waited at one exchange for
+``--stall-warn`` seconds it logs which ranks are missing and where they are; after
+``--stall-abort`` seconds it ends the job. Ranks only send their own elapsed times,
+so clocks need not agree.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPUTE, WAIT, SERVE, DONE = range(4)     # what a rank's main thread is doing
+TAG = 17
+STALL_EXIT = 3
+MAX_LISTED = 8                            # missing ranks described one by one
+
+
+@dataclass
+class Seen:
+    """One rank's status as rank 0 knows it (rank 0's monotonic clock)."""
+
+    state: int = COMPUTE
+    step: int = 1
+    since: float = 0.0                    # when it entered ``state``
+    heard: float = 0.0                    # when its last heartbeat arrived
+
+
+def spans(ranks) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0-2,5'``."""
+    out, ranks = [], sorted(ranks)
+    for i, r in enumerate(ranks):
+        if i and r == ranks[i - 1] + 1:
+            out[-1][1] = r
+        else:
+            out.append([r, r])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def _describe(seen: Seen, now: float) -> str:
+    if seen.state == COMPUTE:
+        return f"computing step {seen.step} for {now - seen.since:.0f} s"
+    if seen.state == WAIT:
+        return f"waiting at step {seen.step}"
+    return "finished" if seen.state == DONE else "serving"
+
+
+def diagnose(seen: list[Seen], now: float, silent_after: float):
+    """(seconds waited, key, text) for the longest wait at one exchange, or None."""
+    waiting = [r for r, s in enumerate(seen) if s.state in (WAIT, DONE)]
+    if not waiting:
+        return None
+    first = min(waiting, key=lambda r: seen[r].since)
+    point = (seen[first].state, seen[first].step)
+    waited = now - seen[first].since
+    there = [r for r in waiting if (seen[r].state, seen[r].step) == point]
+    missing = [r for r, s in enumerate(seen) if r not in there and s.state != SERVE]
+    where = (f"the gradient exchange of step {point[1]}" if point[0] == WAIT
+             else "the end of the run")
+    if not missing:
+        return waited, point, (f"all ranks have waited {waited:.0f} s at {where} and none "
+                               f"is missing (a server or the network may be stuck)")
+    notes = []
+    for r in missing[:MAX_LISTED]:
+        quiet = now - seen[r].heard
+        note = _describe(seen[r], now)
+        notes.append(f"rank {r} ({note})" if quiet < silent_after else
+                     f"rank {r} (silent for {quiet:.0f} s; last {note})")
+    if len(missing) > MAX_LISTED:
+        notes.append(f"ranks {spans(missing[MAX_LISTED:])}")
+    who = f"rank {spans(there)} has" if len(there) == 1 else f"ranks {spans(there)} have"
+    return waited, point, (f"{who} waited {waited:.0f} s at {where}; missing: "
+                           f"{', '.join(notes)}")
+
+
+def heartbeat_interval(warn: float, abort: float) -> float:
+    """Seconds between heartbeats: a quarter of the shortest threshold, within [0.05, 5]."""
+    shortest = min(t for t in (warn, abort) if t > 0)
+    return min(5.0, max(0.05, shortest / 4))
+
+
+class Watchdog:
+    """Heartbeats to rank 0 and stall reports; created on every rank (it ``Dup()``s)."""
+
+    def __init__(self, world, warn: float, abort: float = 0.0):
+        from mpi4py import MPI
+
+        self.world, self.warn, self.abort_after = world, warn, abort
+        self.interval = heartbeat_interval(warn, abort)
+        self.comm = world.comm.Dup()
+        self.status = (COMPUTE, 1, time.monotonic())   # replaced whole: atomic for the thread
+        self.stop = threading.Event()
+        self.abandon = False
+        self.reported = None
+        self.threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        if not self.threaded:
+            world.log.warning("stall detection is off: this MPI library does not offer "
+                              "MPI_THREAD_MULTIPLE")
+            return
+        target = self._watch if world.is_root else self._beat
+        self.thread = threading.Thread(target=target, name="mpicnn-watchdog", daemon=True)
+        self.thread.start()
+
+    def mark(self, state: int, step: int) -> None:
+        """Record what this rank's main thread is doing from now on."""
+        self.status = (state, step, time.monotonic())
+
+    def close(self, orderly: bool) -> None:
+        """Stop the thread; ``orderly`` (every rank closes) waits for all final statuses.
+
+        After a failure on some ranks only, nothing waits: the job is about to abort.
+        """
+        if not self.threaded:
+            return
+        self.mark(DONE, self.status[1])
+        self.abandon = not orderly
+        self.stop.set()
+        if orderly:
+            self.thread.join()
+
+    def _own(self) -> np.ndarray:
+        state, step, since = self.status
+        return np.array([state, step, int(1000 * (time.monotonic() - since))], np.int64)
+
+    def _beat(self) -> None:
+        """Non-root ranks: send this rank's status to rank 0 every interval."""
+        request = None
+        while True:
+            stopping = self.stop.wait(self.interval)
+            if self.abandon:
+                return
+            if request is not None and not stopping and not request.Test():
+                continue                  # rank 0 is behind; skip a beat rather than queue
+            if request is not None:
+                request.Wait()
+            buf = self._own()
+            request = self.comm.Isend(buf, dest=0, tag=TAG)
+            if stopping:
+                request.Wait()
+                return
+
+    def _watch(self) -> None:
+        """Rank 0: collect statuses, warn about stalls, abort after ``--stall-abort``."""
+        from mpi4py import MPI
+
+        start = time.monotonic()
+        seen = [Seen(since=start, heard=start) for _ in range(self.world.size)]
+        finished, buf, probe = set(), np.empty(3, np.int64), MPI.Status()
+        while not self.abandon:
+            if self.stop.is_set():
+                time.sleep(min(self.interval, 0.05))
+            else:
+                self.stop.wait(self.interval)
+            now = time.monotonic()
+            while self.comm.Iprobe(MPI.ANY_SOURCE, TAG, probe):
+                source = probe.Get_source()
+                self.comm.Recv(buf, source=source, tag=TAG)
+                seen[source] = Seen(int(buf[0]), int(buf[1]), now - buf[2] / 1000, now)
+                if buf[0] == DONE:
+                    finished.add(source)
+            state, step, since = self.status
+            seen[0] = Seen(state, step, since, now)
+            self._check(seen, now)
+            if self.stop.is_set() and len(finished) == self.world.size - 1:
+                return
+
+    def _check(self, seen: list[Seen], now: float) -> None:
+        found = diagnose(seen, now, silent_after=max(3 * self.interval, 2.0))
+        if found is None:
+            self.reported = None
+            return
+        waited, point, text = found
+        if self.abort_after and waited >= self.abort_after:
+            print(f"mpicnn: error: stall: {text}; aborting after --stall-abort "
+                  f"{self.abort_after:g} s (check the missing ranks' nodes)",
+                  file=sys.stderr, flush=True)
+            self.world.abort(STALL_EXIT)
+        elif self.warn and waited >= self.warn:
+            level = (point, int(waited // self.warn))
+            if level != self.reported:
+                self.world.log.warning(f"stall: {text}")
+                self.reported = level

@@ -1,0 +1,216 @@
+"""Helpers for failure drills: tagged MPI jobs that can be watched, killed and audited."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import DIGITS, mpirun_command, job_env
+
+TAG_ENV = "MPICNN_DRILL_TAG"      # marks every process of one drill, found through /proc
+RANK_ENVS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
+ERROR = "mpicnn: error:"
+
+
+def tagged_processes(tag: str) -> dict[int, int | None]:
+    """{pid: MPI rank or None (launcher helpers)} of live processes carrying ``tag``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue
+        env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0")
+                   if "=" in item)
+        if env.get(TAG_ENV) == tag:
+            rank = next((env[k] for k in RANK_ENVS if k in env), None)
+            found[int(entry.name)] = int(rank) if rank is not None else None
+    return found
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float            # from launch, or from ``since`` (e.g. the kill) to the exit
+    survivors: dict
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    @property
+    def errors(self) -> list[str]:
+        return [line for line in self.output.splitlines() if line.startswith(ERROR)]
+
+
+class Job:
+    """``mpirun -n N python -m mpicnn.train ...`` in the background, its output collected."""
+
+    def __init__(self, n: int, args, env: dict | None = None, cwd=None,
+                 module: str = "mpicnn.train"):
+        self.tag = uuid.uuid4().hex
+        self.lines = {"stdout": [], "stderr": []}
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            mpirun_command(n, args, module), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=job_env({**(env or {}), TAG_ENV: self.tag}),
+            start_new_session=True, cwd=cwd or DIGITS.parent.parent)
+        self.readers = [threading.Thread(target=self._read, args=(name,), daemon=True)
+                        for name in self.lines]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, name: str) -> None:
+        for line in getattr(self.proc, name):
+            self.lines[name].append(line)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Block until some output line contains ``text``; fail on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for lines in self.lines.values() for line in lines):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.kill_all()
+        pytest.fail(f"never saw {text!r}:\n{''.join(self.lines['stdout'])[-3000:]}\n"
+                    f"{''.join(self.lines['stderr'])[-3000:]}")
+
+    def rank_pid(self, rank: int, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = [p for p, r in tagged_processes(self.tag).items() if r == rank]
+            if pids:
+                return pids[0]
+            time.sleep(0.1)
+        self.kill_all()
+        pytest.fail(f"no process of rank {rank} found")
+
+    def finish(self, timeout: float, since: float | None = None) -> Outcome:
+        """Wait for mpirun to exit; fail the test if it hangs past ``timeout`` seconds."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"job still running after {timeout} s:\n"
+                        f"{''.join(self.lines['stdout'])[-3000:]}\n"
+                        f"{''.join(self.lines['stderr'])[-3000:]}")
+        ended = time.monotonic()
+        for reader in self.readers:
+            reader.join(timeout=10)
+        survivors = self._survivors()
+        self.kill_all()
+        return Outcome(self.proc.returncode, "".join(self.lines["stdout"]),
+                       "".join(self.lines["stderr"]), ended - (since or self.started),
+                       survivors)
+
+    def _survivors(self, grace: float = 5.0) -> dict:
+        """Processes of this job still alive shortly after mpirun exited (should be none)."""
+        deadline = time.monotonic() + grace
+        while (left := tagged_processes(self.tag)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
+    def kill_all(self) -> None:
+        """SIGKILL everything this drill started (launcher group and tagged ranks)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in tagged_processes(self.tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+
+def run_job(n: int, args, timeout: float = 240, env: dict | None = None, cwd=None) -> Outcome:
+    """Run a job to completion and audit it (exit code, output, leftover processes)."""
+    return Job(n, args, env, cwd).finish(timeout)
+
+
+def assert_one_clean_error(outcome: Outcome, expect: str = "") -> str:
+    """Non-zero exit, exactly one ``mpicnn: error:`` line (containing ``expect``), no
+    traceback, no process left; returns the error line."""
+    detail = f"\n{outcome.stdout[-3000:]}\n{outcome.stderr[-3000:]}"
+    assert outcome.returncode != 0, "job succeeded" + detail
+    assert len(outcome.errors) == 1, f"{len(outcome.errors)} error lines" + detail
+    assert "Traceback" not in outcome.output, detail
+    assert not outcome.survivors, f"processes left: {outcome.survivors}"
+    assert expect in outcome.errors[0], f"{expect!r} not in {outcome.errors[0]!r}"
+    return outcome.errors[0]
+
+
+def record(name: str, outcome: Outcome) -> None:
+    """Append one drill result to $MPICNN_DRILL_REPORT (for the closing notes), if set."""
+    path = os.environ.get("MPICNN_DRILL_REPORT")
+    if path:
+        message = outcome.errors[0] if outcome.errors else "(no error line)"
+        with open(path, "a") as fh:
+            fh.write(f"{name}\t{outcome.returncode}\t{outcome.seconds:.1f}\t{message}\n")
+
+
+# --- data files ---------------------------------------------------------------
+
+def digits_arrays():
+    """(train images, train labels, val images, val labels) of the shipped digits."""
+    with h5py.File(DIGITS, "r") as f:
+        return (f["train/images"][:], f["train/labels"][:], f["val/images"][:],
+                f["val/labels"][:])
+
+
+def write_h5(path, splits: dict | None = None, root: dict | None = None,
+             attrs: dict | None = None) -> Path:
+    """Write raw datasets as given, right or wrong: ``{"train": {"images": a, ...}}``."""
+    with h5py.File(path, "w") as f:
+        for group, datasets in (splits or {}).items():
+            g = f.create_group(group)
+            for key, value in datasets.items():
+                g.create_dataset(key, data=value)
+        for key, value in (root or {}).items():
+            f.create_dataset(key, data=value)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+    return Path(path)
+
+
+def small_digits(path, train: int = 128, val: int = 64, dtype=np.uint8) -> Path:
+    """The first samples of the digits as a well-formed file (fast epochs)."""
+    xt, yt, xv, yv = digits_arrays()
+    scale = 1.0 if dtype == np.uint8 else 1 / 255.0
+    return write_h5(path, {"train": {"images": (xt[:train] * scale).astype(dtype),
+                                     "labels": yt[:train]},
+                           "val": {"images": (xv[:val] * scale).astype(dtype),
+                                   "labels": yv[:val]}})
+
+
+def flip_tensor_byte(source: Path, target: Path) -> Path:
+    """Copy ``source`` with one bit flipped inside its largest tensor (zip headers intact)."""
+    import zipfile
+
+    raw = bytearray(Path(source).read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    extra = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + len(info.filename.encode()) + extra
+    raw[start + info.file_size // 2] ^= 0x01
+    Path(target).write_bytes(raw)
+    return Path(target)

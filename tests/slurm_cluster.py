@@ -1,0 +1,304 @@
+"""A real one-node SLURM cluster on localhost for tests: munged, slurmctld and slurmd.
+
+Everything (munge key and socket, configuration, state, logs) lives in one private
+directory, and the daemons run in the foreground as children of this process, so they are
+stopped by process id and never outlive the test session. Client commands find the
+cluster through ``SLURM_CONF``.
+
+``python tests/slurm_cluster.py DIR`` starts a cluster by hand and keeps it until Ctrl-C.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "scontrol", "scancel", "sinfo", "srun")
+PACKAGES = ("slurm-wlm", "munge")
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+class Unavailable(Exception):
+    """SLURM cannot be installed here (not root, no package manager, no package access)."""
+
+
+def find(program: str) -> str | None:
+    return shutil.which(program) or next(
+        (str(p) for d in ("/usr/sbin", "/usr/bin") if (p := Path(d) / program).exists()), None)
+
+
+def ensure_installed() -> None:
+    """Install Debian's slurm-wlm and munge when a program is missing (needs root and apt)."""
+    missing = [p for p in DAEMONS + CLIENTS if find(p) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise Unavailable(f"SLURM programs missing ({', '.join(missing)}) and not root, so "
+                          f"cannot apt-get install {' '.join(PACKAGES)}")
+    if shutil.which("apt-get") is None:
+        raise Unavailable(f"SLURM programs missing ({', '.join(missing)}) and no apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise Unavailable(f"{' '.join(cmd)} failed: {' / '.join(tail)}")
+    still = [p for p in DAEMONS + CLIENTS if find(p) is None]
+    if still:
+        raise RuntimeError(f"installed {' '.join(PACKAGES)} but {', '.join(still)} missing")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies, however it dies."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SLURM_CONF = """\
+# One-node test cluster on localhost (written by tests/slurm_cluster.py).
+ClusterName=mpicnntest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire also delays the restart of a requeued job (default 120 s).
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups in containers: track processes by parent id, bind nothing.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+# Schedule every second, so a requeued job restarts within seconds.
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+# Declare more CPUs than the machine has so multi-rank jobs fit on a small runner.
+SlurmdParameters=config_overrides
+ReturnToService=2
+JobRequeue=1
+MinJobAge=3600
+KillWait=5
+InactiveLimit=0
+MailProg=/bin/true
+# Fake GPUs, so job scripts asking for --gpus-per-node run unchanged.
+GresTypes=gpu
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} Gres=gpu:{gpus} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class LocalSlurm:
+    """Start, use and stop a private one-node SLURM cluster under ``root``."""
+
+    def __init__(self, root: str | os.PathLike, cpus: int = 8, gpus: int = 4):
+        self.root = Path(root).resolve()
+        self.cpus, self.gpus = cpus, gpus
+        self.host = socket.gethostname().split(".")[0]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.conf = self.root / "slurm.conf"
+
+    @property
+    def env(self) -> dict:
+        """Variables that point SLURM's client commands at this cluster."""
+        return {"SLURM_CONF": str(self.conf)}
+
+    def command(self, *args, timeout: float = 30, check: bool = True, env=None, cwd=None
+                ) -> subprocess.CompletedProcess:
+        """Run a SLURM client command against this cluster."""
+        done = subprocess.run([find(args[0]), *map(str, args[1:])], capture_output=True,
+                              text=True, timeout=timeout, cwd=cwd,
+                              env={**(os.environ if env is None else env), **self.env})
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(map(str, args))} exited {done.returncode}: "
+                               f"{done.stderr.strip() or done.stdout.strip()}")
+        return done
+
+    def start(self, timeout: float = 60) -> "LocalSlurm":
+        """Install if needed (Unavailable when impossible) and start the daemons."""
+        ensure_installed()
+        atexit.register(self.stop)
+        for sub in ("munge", "state", "spool"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root / "munge", 0o700)
+        key = self.root / "munge" / "munge.key"
+        if not key.exists():
+            key.write_bytes(os.urandom(1024))
+            os.chmod(key, 0o400)
+        self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root, cpus=self.cpus,
+                                               gpus=self.gpus, ctld_port=free_port(),
+                                               slurmd_port=free_port()))
+        self._write_gres()
+        munge = self.root / "munge"
+        self._spawn("munged", [find("munged"), "-F", "-f", f"--socket={munge}/munge.socket",
+                               f"--key-file={key}", f"--pid-file={munge}/munged.pid",
+                               f"--log-file={munge}/munged.log",
+                               f"--seed-file={munge}/munged.seed"])
+        self._wait_for(lambda: (munge / "munge.socket").exists(), timeout, "munged socket")
+        self._spawn("slurmctld", [find("slurmctld"), "-D", "-i", "-f", self.conf])
+        self._spawn("slurmd", [find("slurmd"), "-D", "-f", self.conf])
+        self._wait_for(self._node_ready, timeout, "node to become idle")
+        return self
+
+    def _write_gres(self) -> None:
+        """GPUs that are /dev/null: SLURM wants device files, the jobs never open them."""
+        devices = self.root / "dev"
+        devices.mkdir(exist_ok=True)
+        for index in range(self.gpus):
+            link = devices / f"gpu{index}"
+            if not link.is_symlink():
+                link.symlink_to("/dev/null")
+        (self.root / "gres.conf").write_text(
+            f"AutoDetect=off\nName=gpu File={devices}/gpu[0-{self.gpus - 1}]\n")
+
+    def _spawn(self, name: str, argv) -> None:
+        log = open(self.root / f"{name}.out", "ab")
+        self.procs[name] = subprocess.Popen(list(map(str, argv)), stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL,
+                                            env={**os.environ, **self.env},
+                                            start_new_session=True,
+                                            preexec_fn=_die_with_parent)
+        log.close()
+
+    def _node_ready(self) -> bool:
+        done = self.command("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10)
+        return done.returncode == 0 and done.stdout.strip() in ("idle", "mixed", "allocated")
+
+    def _wait_for(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited {proc.returncode} while waiting "
+                                       f"for {what}: {self.log_tail(name)}")
+            if ready():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"timed out after {timeout} s waiting for {what}: "
+                           f"{self.log_tail('slurmctld')} {self.log_tail('slurmd')}")
+
+    def log_tail(self, name: str, lines: int = 5) -> str:
+        text = ""
+        for path in (self.root / f"{name}.log", self.root / f"{name}.out",
+                     self.root / "munge" / f"{name}.log"):
+            if path.exists():
+                text += path.read_text(errors="replace")
+        return " / ".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Cancel every job, then end the daemons (slurmd first) by process id."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            self.command("scancel", "--full", "-u", "root", check=False, timeout=15)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self._kill_leftover_jobs()
+
+    def _kill_leftover_jobs(self) -> None:
+        """SIGKILL what this cluster's jobs left behind (step daemons, scripts, ranks).
+
+        They are found by the ``SLURM_CONF`` of this cluster in their environment, which
+        slurmd passes to its step daemons and sbatch passes to the jobs.
+        """
+        marker = f"SLURM_CONF={self.conf}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in environ:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # --- jobs ---------------------------------------------------------------------
+    def sbatch(self, *args, env=None, cwd=None) -> str:
+        """Submit a batch job (from ``cwd``, with environment ``env``); returns its id."""
+        done = self.command("sbatch", "--parsable", *args, env=env, cwd=cwd)
+        return done.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> list[dict]:
+        """``scontrol show job`` records of a job (one per array task)."""
+        done = self.command("scontrol", "-o", "show", "job", job_id, check=False)
+        return [parse_record(line) for line in done.stdout.splitlines() if line.strip()]
+
+    def wait(self, job_id: str, timeout: float) -> list[dict]:
+        """Wait until every task of ``job_id`` has finished; returns their records."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            records = self.job(job_id)
+            if records and all(r.get("JobState") in FINISHED for r in records):
+                return records
+            time.sleep(1)
+        self.command("scancel", job_id, check=False)
+        raise TimeoutError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}")
+
+    def wait_for(self, ready, timeout: float, what: str) -> None:
+        """Poll ``ready()`` until it holds (for steps inside a running job)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def parse_record(line: str) -> dict:
+    """``Key=Value Key=Value`` (one-line scontrol output) -> dict."""
+    return dict(m.groups() for m in re.finditer(r"(\w+(?::\w+)?)=(\S*)", line))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    cluster = LocalSlurm(sys.argv[1] if len(sys.argv) > 1 else "/tmp/mpicnn-slurm")
+    try:
+        cluster.start()
+        print(f"export SLURM_CONF={cluster.conf}   # Ctrl-C stops the cluster", flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()

@@ -1,0 +1,416 @@
+"""The allreduce engine: bucket layout, threads, compression, staging, hierarchy, accumulation."""
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import mpirun, read_jsonl
+from mpicnn.config import parse_config
+from mpicnn.errors import MpicnnError
+from mpicnn.loop import RunState, Throughput, train_epoch
+from mpicnn.sync.base import Strategy
+from mpicnn.sync.buckets import MB, Bucket, build_buckets, bucket_plan, plan_buckets, same_plan
+from mpicnn.sync.comm_thread import CommThread, InlineRunner, make_runner
+from mpicnn.sync.compression import Codec, sum_into
+from mpicnn.sync.hierarchy import chunks
+from mpicnn.sync.staging import (DirectBuffers, StagedBuffers, choose_path, make_buffers,
+                                 probe_cuda_support)
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+# --- bucket layout -----------------------------------------------------------------------
+def test_first_bucket_is_small_and_a_large_tensor_closes_its_bucket():
+    key = (CPU, F32)
+    rows = [(0, key, 100), (1, key, 600_000), (2, key, 500_000), (3, key, 300),
+            (4, key, 30_000_000), (5, key, 10)]
+    plan = plan_buckets(rows, cap_bytes=25 * MB, first_cap_bytes=1 * MB)
+    assert plan == [[0, 1, 2], [3, 4], [5]]
+    assert plan_buckets(rows, cap_bytes=10**9, first_cap_bytes=10**9) == [[0, 1, 2, 3, 4, 5]]
+
+
+def test_buckets_hold_one_dtype_and_come_in_completion_order():
+    f32, f64 = (CPU, torch.float32), (CPU, torch.float64)
+    rows = [(7, f64, 10), (3, f32, 10), (5, f64, 10), (1, f32, 10)]
+    plan = plan_buckets(rows, cap_bytes=1000, first_cap_bytes=1000)
+    assert plan == [[7, 5], [3, 1]]           # the f64 bucket completes first (position 2)
+    assert same_plan([[5, 7], [1, 3]], plan) and not same_plan([[3, 1], [7, 5]], plan)
+
+
+def test_grads_are_views_into_the_bucket_and_backward_fills_them_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 2.0)          # existing values are kept
+    order = list(reversed(range(len(params))))
+    buckets = build_buckets(params, bucket_plan(params, order, 100, 100))
+    assert len(buckets) >= 2 and sorted(i for b in buckets for i in b.members) == [0, 1, 2, 3]
+    for bucket in buckets:
+        assert bucket.bound()
+        lo = bucket.flat.data_ptr()
+        for p in bucket.params:
+            assert lo <= p.grad.data_ptr() < lo + bucket.nbytes
+    assert (params[0].grad == 2.0).all()
+    for bucket in buckets:
+        bucket.flat.zero_()
+    x = torch.randn(5, 4)
+    model(x).square().sum().backward()
+    expected = torch.autograd.grad(model(x).square().sum(), params)
+    for bucket in buckets:
+        assert bucket.bound()                                 # accumulated in place
+    for p, g in zip(params, expected):
+        assert torch.allclose(p.grad, g)
+    params[1].grad = None                                     # e.g. zero_grad(set_to_none=True)
+    owner = next(b for b in buckets if 1 in b.members)
+    assert not owner.bound()
+    owner.bind()
+    assert owner.bound()
+
+
+def test_bucket_memory_comes_from_the_allocator_and_grads_survive_it():
+    p = nn.Parameter(torch.ones(3))
+    given = []
+    bucket = Bucket(0, [p], [0], allocate=lambda n, dtype, device: given.append(
+        torch.full((n,), 5.0, dtype=dtype)) or given[-1])
+    assert bucket.flat is given[0] and p.grad.data_ptr() == given[0].data_ptr()
+    bucket.pending -= 1
+    bucket.reset()
+    assert bucket.pending == 1 and bucket.nbytes == 12
+    bucket.detach()                                          # before that memory is released
+    assert p.grad.data_ptr() != given[0].data_ptr() and (p.grad == 5.0).all()
+
+
+# --- where reductions run ------------------------------------------------------------------
+def test_comm_thread_runs_jobs_in_order_off_the_main_thread():
+    runner = CommThread()
+    seen = []
+    try:
+        for i in range(5):
+            runner.submit(lambda i=i: seen.append((i, threading.current_thread().name)) or i * i)
+        assert runner.wait() == [0, 1, 4, 9, 16]
+        assert [i for i, _ in seen] == list(range(5))
+        assert all(name == "mpicnn-comm" for _, name in seen)
+        assert runner.idle and runner.wait() == []
+
+        def fail():
+            raise RuntimeError("collective failed")
+        runner.submit(fail)
+        runner.submit(lambda: 7)                              # later jobs still run
+        with pytest.raises(RuntimeError, match="collective failed"):
+            runner.wait()
+        assert runner.idle and runner.busy_seconds > 0
+    finally:
+        runner.close()
+    assert not runner._thread.is_alive()
+
+
+def test_inline_runner_defers_jobs_to_wait_on_the_calling_thread():
+    runner = InlineRunner()
+    seen = []
+    runner.submit(lambda: seen.append(threading.current_thread().name) or 1)
+    assert seen == [] and not runner.idle
+    assert runner.wait() == [1] and seen == [threading.current_thread().name]
+    assert runner.idle
+
+
+def test_runner_without_thread_multiple_is_the_inline_path():
+    assert isinstance(make_runner(2, 3), InlineRunner)        # SERIALIZED < MULTIPLE
+    threaded = make_runner(3, 3)
+    assert isinstance(threaded, CommThread) and threaded.overlaps
+    threaded.close()
+
+
+# --- compression ---------------------------------------------------------------------------
+def test_codec_none_divides_after_the_sum_and_keeps_the_buffer():
+    codec = Codec("none", 4)
+    flat = torch.arange(8, dtype=F32)
+    assert codec.encode(0, flat) is flat
+    codec.decode(flat, flat)
+    assert torch.equal(flat, torch.arange(8, dtype=F32) / 4)
+
+
+@pytest.mark.parametrize("name,dtype,unit", [("fp16", torch.float16, 2.0 ** -11),
+                                             ("bf16", torch.bfloat16, 2.0 ** -8)])
+def test_half_wire_divides_first_and_sums_within_the_bound(name, dtype, unit):
+    ranks = 4
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(10_000, generator=gen) * 10 ** torch.empty(10_000).uniform_(-3, 3.5)
+             for _ in range(ranks)]
+    grads[0][0] = 60000.0                                     # sums past fp16's range ...
+    grads[1][0] = grads[2][0] = grads[3][0] = 60000.0         # ... unless divided first
+    codec = Codec(name, ranks)
+    wires = [codec.encode(r, g.clone()).clone() for r, g in enumerate(grads)]
+    assert wires[0].dtype == dtype and wires[0].numel() == 10_000
+    op = sum_into(dtype)                                      # what MPI calls, on raw bytes
+    total = wires[0].clone()
+    for wire in wires[1:]:
+        op(memoryview(wire.view(torch.uint8).numpy()), memoryview(total.view(torch.uint8).numpy()),
+           None)
+    out = torch.empty(10_000)
+    codec.decode(total, out)
+    exact = torch.stack([g.double() for g in grads]).mean(0)
+    bound = unit * torch.stack([g.double().abs() for g in grads]).sum(0) + ranks * 2.0 ** -24
+    error = (out.double() - exact).abs()
+    assert torch.isfinite(out).all() and float(out[0]) == pytest.approx(60000.0, rel=ranks * unit)
+    assert (error <= bound).all(), float((error / bound).max())
+    assert error.max() > 0                                    # it really was compressed
+
+
+def test_unknown_dtype_is_refused():
+    pytest.importorskip("mpi4py")
+    with pytest.raises(TypeError, match="int64"):
+        Codec("none", 2).mpi_spec(torch.int64)
+
+
+# --- CUDA-aware choice and staging (CPU) ----------------------------------------------------
+def _no_probe():
+    raise AssertionError("the library must not be asked")
+
+
+def test_cuda_aware_choice_and_reason():
+    assert choose_path("on", "cpu", "on", _no_probe)[0] is False        # CPU never stages
+    assert choose_path("on", "cuda", "off", _no_probe) == (True, "--cuda-aware on")
+    assert choose_path("off", "cuda", "on", _no_probe) == (False, "--cuda-aware off")
+    aware, why = choose_path("auto", "cuda", "on", _no_probe)
+    assert aware and "MPICNN_CUDA_AWARE=on" in why
+    aware, why = choose_path("auto", "cuda", None, lambda: (True, "query = 1"))
+    assert aware and "query = 1" in why
+    aware, why = choose_path("auto", "cuda", None, lambda: (False, "query = 0"))
+    assert not aware and "not CUDA-aware" in why
+    aware, why = choose_path("auto", "cuda", None, lambda: (None, "no query"))
+    assert not aware and "safe" in why
+
+
+class _OpenMPI:
+    def __init__(self, answer):
+        self.MPIX_Query_cuda_support = lambda: answer
+
+
+class _MPICH:
+    def __init__(self, answer):
+        def query(kind, flag):
+            flag._obj.value = answer if kind == 0 else 0
+            return 0
+        self.MPIX_GPU_query_support = query
+
+
+def test_probe_asks_open_mpi_or_mpich_style_queries():
+    assert probe_cuda_support(_OpenMPI(1))[0] is True
+    assert probe_cuda_support(_OpenMPI(0))[0] is False
+    assert probe_cuda_support(_MPICH(1)) == (True, "MPIX_GPU_query_support(CUDA) = 1")
+    assert probe_cuda_support(_MPICH(0))[0] is False
+    assert probe_cuda_support(object())[0] is None
+
+
+def test_staged_buffers_copy_out_and_back_through_a_reused_host_buffer():
+    staged = StagedBuffers(stream=None, pin=False)
+    bucket = torch.arange(6, dtype=F32)
+    host = staged.to_mpi("b0", bucket)
+    assert torch.equal(host, bucket) and host.data_ptr() != bucket.data_ptr()
+    host += 10                                                # what MPI would write
+    assert bucket[0] == 0                                     # the bucket is untouched ...
+    staged.from_mpi(host, bucket)
+    assert torch.equal(bucket, torch.arange(6, dtype=F32) + 10)   # ... until copied back
+    assert staged.to_mpi("b0", bucket).data_ptr() == host.data_ptr()   # allocated once
+    bigger = staged.to_mpi("b0", torch.zeros(9))
+    assert bigger.numel() == 9                                # re-allocated on a new size
+    direct = DirectBuffers()
+    assert direct.to_mpi("b0", bucket) is bucket and not direct.staged
+    assert isinstance(make_buffers(False, CPU), DirectBuffers)
+
+
+class _TwoIdenticalRanks:
+    """Sums a buffer as if a second rank held the same values; records what MPI was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def averages(self, tensor):
+        return False
+
+    def __call__(self, buf, datatype, op, spec):
+        self.seen.append((buf.data_ptr(), buf.dtype, spec(buf, datatype)[1]))
+        buf.add_(buf.clone())
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "bf16"])
+def test_reducer_stages_encodes_sums_and_decodes(compression):
+    pytest.importorskip("mpi4py")
+    from mpicnn.sync.reducer import Reducer
+
+    collective = _TwoIdenticalRanks()
+    reducer = Reducer(collective, Codec(compression, 2), CPU)
+    reducer.buffers = StagedBuffers(stream=None, pin=False)   # the CUDA 'off' path, on CPU
+    flat = torch.linspace(-3, 3, 101)
+    expected = flat.clone()
+    assert reducer(0, flat) is None                           # no CUDA event on CPU
+    tolerance = {"none": 0, "fp16": 2e-3, "bf16": 2e-2}[compression]
+    assert torch.allclose(flat, expected, atol=tolerance, rtol=0)      # the mean of 2 equals
+    ptr, dtype, _ = collective.seen[0]
+    assert ptr != flat.data_ptr()                             # MPI saw the host copy ...
+    assert ptr == reducer.buffers.host_buffer(0, reducer.codec.encode(0, flat)).data_ptr()
+    assert dtype == (torch.float32 if compression == "none" else torch.float16
+                     if compression == "fp16" else torch.bfloat16)   # ... in the wire dtype
+
+
+def test_chunks_split_counts_that_do_not_fit_an_int():
+    assert chunks(10, limit=4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunks(0) == [(0, 0)] and chunks(5) == [(0, 5)]
+
+
+# --- configuration and the loop ------------------------------------------------------------
+def test_bad_engine_settings_are_refused():
+    with pytest.raises(MpicnnError, match="divide --batch-size 16"):
+        parse_config(["--accum-steps", "3"])
+    with pytest.raises(MpicnnError, match="--bucket-mb must not be negative"):
+        parse_config(["--bucket-mb", "-1"])
+    with pytest.raises(MpicnnError, match="choose from none, fp16, bf16"):
+        parse_config(["--compression", "int8"])
+    cfg = parse_config(["--accum-steps", "4", "--bucket-mb", "0.5", "--hierarchical"])
+    assert (cfg.accum_steps, cfg.bucket_mb, cfg.hierarchical) == (4, 0.5, True)
+
+
+class _OneRank:
+    class comm:
+        @staticmethod
+        def Allreduce(_inplace, buf, op=None):
+            return None
+
+
+class _Counting(Strategy):
+    def __init__(self, optimizer):
+        super().__init__(_OneRank(), None)
+        self.optimizer, self.scheduler = optimizer, torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 1.0)
+        self.calls = {"no_sync": 0, "after_backward": 0}
+        self.grads = []
+
+    def no_sync(self):
+        self.calls["no_sync"] += 1
+        return super().no_sync()
+
+    def after_backward(self):
+        self.calls["after_backward"] += 1
+        self.grads.append([p.grad.clone() for p in self.optimizer.param_groups[0]["params"]])
+
+
+class _Batches:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def epoch(self, epoch, start_step=0):
+        return iter(self.batches[start_step:])
+
+
+def test_accumulation_syncs_once_and_equals_the_whole_batch():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+               for _ in range(3)]
+    runs = {}
+    for k in (1, 4):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        strategy = _Counting(torch.optim.SGD(model.parameters(), lr=0.1))
+        result = train_epoch(model, _Batches(batches), strategy, RunState(), 3, 8, Throughput(),
+                             accum_steps=k)
+        runs[k] = (strategy, result)
+    one, four = runs[1][0], runs[4][0]
+    assert one.calls == {"no_sync": 0, "after_backward": 3}
+    assert four.calls == {"no_sync": 9, "after_backward": 3}   # 3 of 4 micro-batches per step
+    for a, b in zip(one.grads, four.grads):
+        for ga, gb in zip(a, b):
+            assert torch.allclose(ga, gb, atol=1e-6)
+    assert runs[4][1].train_loss == pytest.approx(runs[1][1].train_loss, rel=1e-6)
+
+
+# --- real ranks ----------------------------------------------------------------------------
+def _worker(n, tmp_path, env=None):
+    out = tmp_path / f"engine{n}.json"
+    mpirun(n, [out], module="tests.engine_worker", env=env, timeout=300)
+    return json.loads(out.read_text())
+
+
+def _max_param_difference(a, b):
+    return max(float(np.abs(np.array(x) - np.array(y)).max()) for x, y in zip(a, b))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n,per_node", [(3, ""), (4, "2")])
+def test_engine_averages_exactly_on_real_ranks(n, per_node, tmp_path):
+    """3 ranks on one node use shared-memory windows; 4 ranks as two fake nodes use MPI
+    collectives, and --hierarchical really crosses 'nodes'."""
+    r = _worker(n, tmp_path, env={"MPICNN_RANKS_PER_NODE": per_node})
+    nodes = n // int(per_node) if per_node else 1
+    assert r["size"] == n and r["nodes"] == nodes
+    for case in ("engine", "mpi_engine", "one_bucket", "plain", "hierarchical"):
+        assert r[case]["max_error"] <= 1e-6, case             # vs the float64 mean of all ranks
+        assert r[case]["unused_grad_zero"], case               # unused parameter: no hang, zero
+    for case in ("engine", "mpi_engine", "one_bucket", "hierarchical", "fp16", "bf16"):
+        assert r[case]["views"] and r[case]["overlaps"], case
+    assert ("shared-memory" in r["engine"]["describe"]) == (nodes == 1)
+    assert "flat Allreduce" in r["mpi_engine"]["describe"]
+    assert len(r["engine"]["buckets"]) >= 2 and len(r["one_bucket"]["buckets"]) == 1
+    # rebuilt in the observed ready order: the unused parameter (index 0) comes last
+    assert r["engine"]["buckets"][-1][-1] == 0
+    assert f"hierarchical ({nodes} node(s)" in r["hierarchical"]["describe"]
+    for case in ("hierarchical", "plain", "mpi_engine"):
+        assert _max_param_difference(r[case]["params"], r["engine"]["params"]) <= 1e-6, case
+    for case in ("fp16", "bf16", "fp16_near_max"):
+        assert 0 < r[case]["bound_ratio"] <= 1.0, case
+    assert r["fp16_near_max"]["max_grad"] == pytest.approx(60000.0)
+    assert r["bf16"]["max_error"] > r["fp16"]["max_error"] > r["engine"]["max_error"]
+    assert r["accumulation"]["launched_in_no_sync"] == 0
+    assert r["accumulation"]["max_error"] <= 1e-6
+    assert r["probe"][0] is False and "query" in r["probe"][1].lower()   # this MPICH: no CUDA
+
+
+TRAIN = ["--max-steps", 20, "--epochs", 1, "--deterministic", "--optimizer", "sgd", "--lr", 0.05,
+         "--seed", 4]
+
+
+def _train(n, tmp_path, name, flags, env=None):
+    ckpt, metrics = tmp_path / name, tmp_path / f"{name}.jsonl"
+    run = mpirun(n, TRAIN + ["--checkpoint-dir", ckpt, "--metrics", metrics, *flags], env=env)
+    params = {k: v.double() for k, v in
+              torch.load(ckpt / "final.pt", weights_only=True)["model"].items()}
+    return run, params, read_jsonl(metrics)
+
+
+def _difference(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.mpi
+def test_engine_accumulation_and_fallback_match_the_plain_path(tmp_path):
+    _, plain, _ = _train(2, tmp_path, "plain", ["--bucket-mb", 0])
+    run, engine, records = _train(2, tmp_path, "engine", ["--bucket-mb", 0.05])
+    assert "overlapped with backward" in run.stdout and "shared-memory windows" in run.stdout
+    assert _difference(engine, plain) <= 1e-6                 # 2 ranks: in fact bitwise
+    epoch = next(r for r in records if r["event"] == "epoch")
+    assert {"comm_ms", "comm_busy_ms", "backward_ms", "data_ms", "optimizer_ms"} <= set(epoch)
+    assert epoch["comm_busy_ms"] > 0
+
+    _, accumulated, _ = _train(2, tmp_path, "accum", ["--bucket-mb", 0.05, "--accum-steps", 4])
+    assert _difference(accumulated, plain) <= 1e-5            # 4 x 4 samples == 16 samples
+    assert _difference(plain, {k: v * 0 for k, v in plain.items()}) > 1e-2
+
+    fallback, serialized, _ = _train(2, tmp_path, "serialized",
+                                     ["--bucket-mb", 0.05, "--shared-memory", "off"],
+                                     env={"MPICNN_THREAD_LEVEL": "serialized"})
+    assert fallback.stdout.count("not MPI_THREAD_MULTIPLE") == 1
+    assert "not overlapped" in fallback.stdout
+    assert _difference(serialized, plain) <= 1e-6
+
+
+@pytest.mark.mpi
+def test_hierarchical_engine_on_two_fake_nodes_matches_flat(tmp_path):
+    env = {"MPICNN_RANKS_PER_NODE": "2"}
+    _, flat, _ = _train(4, tmp_path, "flat", ["--bucket-mb", 0], env=env)
+    run, hierarchical, _ = _train(4, tmp_path, "hier",
+                                  ["--bucket-mb", 0.05, "--hierarchical"], env=env)
+    assert "hierarchical (2 node(s)" in run.stdout
+    assert _difference(hierarchical, flat) <= 1e-6

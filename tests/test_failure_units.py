@@ -1,0 +1,273 @@
+"""Failure-handling pieces that need no MPI: checksums, pruning, stall diagnosis, NaN policy."""
+from __future__ import annotations
+
+import ast
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpicnn import checkpoint, digest, faults
+from mpicnn.config import parse_config
+from mpicnn.errors import MpicnnError
+from mpicnn.guards import NanGuard, grads_finite
+from mpicnn.optim import build_scheduler
+from mpicnn.resume import plain_scheduler_state
+from mpicnn.watchdog import COMPUTE, DONE, SERVE, WAIT, Seen, diagnose, heartbeat_interval, spans
+from mpicnn.world import World
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mpicnn"
+LOG = logging.getLogger("test")
+
+
+# --- checksums ------------------------------------------------------------------------
+
+def sample_state():
+    return {"model": {"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16)},
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "groups": [{"lr": 0.1}]},
+            "epoch": 2, "name": "digitnet", "rng": torch.get_rng_state()}
+
+
+def test_checksum_detects_any_change():
+    sealed = digest.seal(sample_state())
+    assert digest.verify(sealed) is None
+    for change in (lambda s: s["model"]["w"].view(-1)[5].add_(1e-6),
+                   lambda s: s["optimizer"]["groups"][0].update(lr=0.2),
+                   lambda s: s.update(epoch=3),
+                   lambda s: s["model"].update(extra=torch.zeros(0))):
+        tampered = digest.seal(sample_state())
+        change(tampered)
+        assert "does not match" in digest.verify(tampered)
+    assert "no checksum" in digest.verify(sample_state())
+
+
+def test_checksum_encoding_is_unambiguous():
+    assert digest.content_digest({"a": [1]}) != digest.content_digest({"a": 1})
+    assert digest.content_digest({"a": (1,)}) != digest.content_digest({"a": [1]})
+    assert digest.content_digest(torch.zeros(2, 3)) != digest.content_digest(torch.zeros(3, 2))
+    assert digest.content_digest({"x": 1, "y": 2}) == digest.content_digest({"y": 2, "x": 1})
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    state = sample_state()
+    checkpoint.atomic_save(state, tmp_path / "c.pt")
+    loaded = checkpoint.load(tmp_path / "c.pt")
+    assert digest.KEY not in loaded and torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+    torch.save(state, tmp_path / "plain.pt")                 # no checksum
+    with pytest.raises(MpicnnError, match="no checksum"):
+        checkpoint.load(tmp_path / "plain.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MpicnnError, match="damaged or not a checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickled_code_is_refused_not_run(tmp_path):
+    state = digest.seal({"model": {"w": torch.zeros(2)}})
+    state["model"]["hook"] = RunsCode(tmp_path / "ran")
+    torch.save(state, tmp_path / "evil.pt")
+    with pytest.raises(MpicnnError, match=r"other than tensors and plain data \(posix.system\)"):
+        checkpoint.load(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_scheduler_state_loads_without_unpickling_objects(tmp_path):
+    cfg = parse_config([])
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = build_scheduler(cfg, optimizer, 10, 100)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    checkpoint.atomic_save({"scheduler": plain_scheduler_state(scheduler)}, tmp_path / "s.pt")
+    again = build_scheduler(cfg, torch.optim.SGD(model.parameters(), lr=0.1), 10, 100)
+    again.load_state_dict(checkpoint.load(tmp_path / "s.pt")["scheduler"])
+    assert again.last_epoch == 7 and again.get_last_lr() == scheduler.get_last_lr()
+
+
+# --- keeping the newest checkpoints ---------------------------------------------------
+
+def test_prune_keeps_newest_and_removes_leftovers(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        checkpoint.atomic_save({"step": step}, tmp_path / checkpoint.checkpoint_name(step))
+    checkpoint.atomic_save({"step": 99}, tmp_path / checkpoint.FINAL)
+    dead = tmp_path / f".{checkpoint.checkpoint_name(12)}.tmp999999999"
+    ours = tmp_path / f".{checkpoint.checkpoint_name(12)}.tmp{os.getpid()}"
+    unrelated = tmp_path / ".server-1.pt.tmp123"
+    for path in (dead, ours, unrelated):
+        path.write_bytes(b"partial")
+    checkpoint.prune(tmp_path, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([checkpoint.checkpoint_name(8), checkpoint.checkpoint_name(10),
+                            checkpoint.FINAL, ours.name, unrelated.name])
+    checkpoint.prune(tmp_path, keep=0)                      # 0 keeps every checkpoint
+    assert len(list(tmp_path.glob("checkpoint-*.pt"))) == 2
+
+
+def test_load_newest_falls_back_past_damaged_files(tmp_path):
+    for step in (1, 2):
+        checkpoint.atomic_save({"step": step}, tmp_path / checkpoint.checkpoint_name(step))
+    (tmp_path / checkpoint.checkpoint_name(3)).write_bytes(b"half a checkpoint")
+    warnings = []
+    path, state = checkpoint.load_newest(tmp_path, warnings.append)
+    assert path.name == checkpoint.checkpoint_name(2) and state["step"] == 2
+    assert len(warnings) == 1 and checkpoint.checkpoint_name(3) in warnings[0]
+    for step in (1, 2):
+        (tmp_path / checkpoint.checkpoint_name(step)).write_bytes(b"")
+    with pytest.raises(MpicnnError, match="none of the 3 checkpoint"):
+        checkpoint.load_newest(tmp_path, warnings.append)
+    assert checkpoint.load_newest(tmp_path / "empty", warnings.append) == (None, None)
+
+
+# --- stall diagnosis -------------------------------------------------------------------
+
+def seen(state, step, since, heard=100.0):
+    return Seen(state, step, since, heard)
+
+
+def test_diagnose_names_missing_ranks():
+    now = 100.0
+    ranks = [seen(WAIT, 7, 30.0), seen(WAIT, 7, 35.0), seen(COMPUTE, 7, 20.0),
+             seen(COMPUTE, 6, 10.0, heard=50.0), seen(SERVE, 0, 0.0)]
+    waited, point, text = diagnose(ranks, now, silent_after=10)
+    assert waited == 70 and point == (WAIT, 7)
+    assert text == ("ranks 0-1 have waited 70 s at the gradient exchange of step 7; missing: "
+                    "rank 2 (computing step 7 for 80 s), rank 3 (silent for 50 s; last "
+                    "computing step 6 for 90 s)")
+
+
+def test_diagnose_quiet_cases():
+    assert diagnose([seen(COMPUTE, 3, 0.0)] * 3, 100.0, 10) is None
+    waited, point, text = diagnose([seen(WAIT, 3, 50.0)] * 2 + [seen(SERVE, 0, 0.0)], 100.0, 10)
+    assert "none is missing" in text and waited == 50
+    _, point, text = diagnose([seen(DONE, 9, 40.0), seen(COMPUTE, 9, 10.0)], 100.0, 10)
+    assert point == (DONE, 9) and "rank 0 has waited 60 s at the end of the run" in text
+
+
+def test_diagnose_lists_at_most_a_few_ranks():
+    ranks = [seen(WAIT, 2, 0.0)] + [seen(COMPUTE, 2, 0.0)] * 20
+    _, _, text = diagnose(ranks, 100.0, 10)
+    assert text.count("(computing") == 8 and text.endswith("ranks 9-20")
+    assert spans([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_heartbeat_interval_bounds():
+    assert heartbeat_interval(60, 0) == 5.0
+    assert heartbeat_interval(60, 2) == 0.5
+    assert heartbeat_interval(0.01, 0) == 0.05
+
+
+# --- NaN policy -------------------------------------------------------------------------
+
+def test_grads_finite():
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    assert grads_finite(params)                            # no gradients yet
+    for p in params:
+        p.grad = torch.ones(3)
+    assert grads_finite(params)
+    params[1].grad[2] = float("inf")
+    assert not grads_finite(params)
+    params[1].grad[2] = float("nan")
+    assert not grads_finite(params)
+
+
+def test_nan_guard_policies():
+    with pytest.raises(MpicnnError, match=r"at step 12 \(lr 0\.05\)") as caught:
+        NanGuard("abort", LOG).apply(False, 12, 0.05, agreed=True)
+    assert caught.value.collective
+    with pytest.raises(MpicnnError) as caught:
+        NanGuard("abort", LOG).apply(False, 12, 0.05, agreed=False)
+    assert not caught.value.collective                      # the failing rank reports
+    guard = NanGuard("skip", LOG, max_consecutive=3)
+    assert guard.apply(True, 1, 0.1, True)
+    assert not guard.apply(False, 2, 0.1, True) and not guard.apply(False, 3, 0.1, True)
+    assert guard.apply(True, 4, 0.1, True) and guard.skipped == 2
+    guard.apply(False, 5, 0.1, True)
+    guard.apply(False, 6, 0.1, True)
+    with pytest.raises(MpicnnError, match="last 3 updates were all skipped"):
+        guard.apply(False, 7, 0.1, True)
+
+
+def test_new_options_are_validated():
+    cfg = parse_config(["--nan-policy", "skip", "--stall-warn", "5", "--stall-abort", "30",
+                        "--keep-checkpoints", "0"])
+    assert (cfg.nan_policy, cfg.stall_warn, cfg.stall_abort, cfg.keep_checkpoints) == \
+        ("skip", 5.0, 30.0, 0)
+    for bad, message in ((["--nan-policy", "ignore"], "invalid choice"),
+                         (["--stall-warn", "-1"], "must not be negative"),
+                         (["--stall-abort", "nan"], "must not be negative"),
+                         (["--keep-checkpoints", "-2"], "must not be negative")):
+        with pytest.raises(MpicnnError, match=message):
+            parse_config(bad)
+
+
+def test_drill_sleep_spec():
+    assert faults.parse_sleeps("1:3:2.5, 0:4:1,1:3:1", rank=1) == {3: 3.5}
+    assert faults.parse_sleeps("", rank=0) == {}
+    with pytest.raises(MpicnnError, match="rank:step:seconds"):
+        faults.parse_sleeps("1:3", rank=0)
+
+
+class OneRank:
+    def allgather(self, value):
+        return [value]
+
+
+def test_agree_turns_unexpected_exceptions_into_one_error():
+    world = World(comm=OneRank())
+
+    def broken():
+        raise TypeError("bad factory")
+    with pytest.raises(MpicnnError, match="TypeError: bad factory") as caught:
+        world.agree(broken)
+    assert caught.value.collective and isinstance(caught.value.__cause__, TypeError)
+
+
+# --- config safety ------------------------------------------------------------------------
+
+FORBIDDEN_CALLS = {"eval", "exec", "os.system", "os.popen", "pickle.load", "pickle.loads",
+                   "yaml.load", "marshal.loads", "shelve.open"}
+FORBIDDEN_IMPORTS = {"socketserver", "http.server", "xmlrpc.server", "asyncio"}
+
+
+def _name(node) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_name(node.value)}.{node.attr}"
+    return ""
+
+
+def test_package_never_evaluates_input_or_listens():
+    """No eval/exec/shell/unpickling of files, no servers: config values stay data."""
+    problems = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(PACKAGE.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Call):
+                name = _name(node.func)
+                if name in FORBIDDEN_CALLS or name.endswith((".listen", ".bind")):
+                    problems.append(f"{where} calls {name}")
+                if any(k.arg == "shell" and getattr(k.value, "value", False)
+                       for k in node.keywords):
+                    problems.append(f"{where} runs a shell")
+                if name == "torch.load" and not any(
+                        k.arg == "weights_only" and getattr(k.value, "value", None) is True
+                        for k in node.keywords):
+                    problems.append(f"{where} calls torch.load without weights_only=True")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) \
+                    else [node.module or ""]
+                problems += [f"{where} imports {m}" for m in modules if m in FORBIDDEN_IMPORTS]
+    assert not problems, "\n".join(problems)
+    assert "tomllib.load(" in (PACKAGE / "config.py").read_text()

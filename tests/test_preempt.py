@@ -1,0 +1,164 @@
+"""Stop signals, the all-rank stop agreement, per-job defaults; and the path under mpirun."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import mpirun, mpirun_command, job_env, read_jsonl, ROOT
+from mpicnn.batchjob import job_defaults
+from mpicnn.config import parse_config
+from mpicnn.errors import MpicnnError
+from mpicnn.loop import RunState
+from mpicnn.metrics import check_record
+from mpicnn.preempt import PREEMPTED_EXIT, Preemption, StopSignals
+from mpicnn.world import BatchJob, batch_job
+
+
+# --- which job are we in -----------------------------------------------------------
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "812", "SLURM_JOB_NAME": "mpicnn"}, BatchJob("slurm", "812", "mpicnn")),
+    ({"SLURM_JOB_ID": "812", "SLURM_RESTART_COUNT": "2"}, BatchJob("slurm", "812", "", 2)),
+    ({"SLURM_JOB_ID": "815", "SLURM_ARRAY_JOB_ID": "812", "SLURM_ARRAY_TASK_ID": "3",
+      "SLURM_JOB_NAME": "sweep"}, BatchJob("slurm", "812_3", "sweep")),
+    ({"PBS_JOBID": "4242.pbs01.site", "PBS_JOBNAME": "mpicnn"},
+     BatchJob("pbs", "4242", "mpicnn")),
+    ({"PBS_JOBID": "4242[7].pbs01", "PBS_ARRAY_INDEX": "7"}, BatchJob("pbs", "4242_7")),
+])
+def test_batch_job_from_the_launcher_environment(env, expected):
+    assert batch_job(env) == expected
+
+
+def test_job_defaults_give_each_job_its_directory_and_resume_only_after_a_requeue():
+    assert job_defaults(None) == {}
+    first = job_defaults(BatchJob("slurm", "812_3", "my sweep/1"))
+    assert first == {"checkpoint_dir": "runs/my_sweep_1-812_3",
+                     "metrics": "runs/my_sweep_1-812_3/metrics.jsonl"}
+    again = job_defaults(BatchJob("slurm", "812", "", restarts=1))
+    assert again["resume"] == "auto" and again["checkpoint_dir"] == "runs/slurm-812"
+    # They are defaults: a flag wins, and an empty directory means no checkpoints.
+    cfg = parse_config(["--checkpoint-dir", "/scratch/x"], defaults=again)
+    assert (cfg.checkpoint_dir, cfg.resume, cfg.metrics) == \
+        ("/scratch/x", "auto", "runs/slurm-812/metrics.jsonl")
+    assert parse_config(["--checkpoint-dir", ""], defaults=first).checkpoint_dir == ""
+    with pytest.raises(MpicnnError, match="--stop-check-every must not be negative"):
+        parse_config(["--stop-check-every", "-1"])
+
+
+# --- signals and the agreement -----------------------------------------------------
+def test_stop_signals_record_the_first_signal_and_restore_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)                      # handlers run between bytecodes
+        assert signals.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    signals = StopSignals()
+    signals.handle(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        signals.handle(signal.SIGINT)
+
+
+def test_preemption_asks_every_n_steps_and_stops_when_any_rank_wants_to():
+    asked = []
+
+    def agree(wanted):                        # stands in for the allreduce over ranks
+        asked.append(wanted)
+        return wanted or len(asked) == 4      # "another rank" saw a signal at the 4th check
+
+    preempt = Preemption(check_every=3, agree=agree)
+    state = RunState()
+    stops = []
+    for step in range(1, 14):
+        state.global_step = step
+        stops.append(preempt.should_stop(state))
+    assert asked == [False] * 4                 # steps 3, 6, 9, 12 only
+    assert stops.index(True) == 11 and preempt.stopped
+    assert preempt.reason == "a signal to another rank"
+    off = Preemption(check_every=0, agree=agree)
+    off.signals.received = signal.SIGTERM
+    assert not off.should_stop(state)
+
+
+# --- the whole path under mpirun, no scheduler -------------------------------------
+def descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (MPICH's launcher puts ranks in sessions of their own)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found += children
+        todo += children
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.mpi
+def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path):
+    """SIGTERM to a single rank: every rank stops after the same step (or the run would
+    hang), rank 0 checkpoints, exit 75; --resume auto then ends bitwise equal.
+
+    The prefetch reader processes get SIGUSR1 too, as when SLURM signals every process
+    of a job step: they must leave the stopping to the trainer."""
+    args = ["--epochs", "2", "--deterministic", "--device", "cpu", "--progress", "off"]
+    run_dir, metrics = tmp_path / "stopped", tmp_path / "stopped" / "metrics.jsonl"
+    command = mpirun_command(2, [*args, "--checkpoint-dir", run_dir, "--metrics", metrics,
+                                 "--prefetch-mode", "process"])
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=job_env(), cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and '"epoch"' in metrics.read_text()):
+            assert launcher.poll() is None and time.monotonic() < deadline, \
+                launcher.stdout.read()
+            time.sleep(0.2)
+        below = descendants(launcher.pid)
+        ranks = [pid for pid in below if "-m mpicnn.train" in cmdline(pid)]
+        readers = [pid for pid in below if "-m mpicnn.data.prefetch" in cmdline(pid)]
+        assert len(ranks) == 2 and readers, (ranks, readers)
+        for reader in readers:
+            os.kill(reader, signal.SIGUSR1)
+        os.kill(max(ranks), signal.SIGTERM)              # one rank only, not the launcher
+        out, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == PREEMPTED_EXIT, out
+    stopped = read_jsonl(metrics)[-1]
+    assert stopped["event"] == "stopped" and stopped["exit_code"] == PREEMPTED_EXIT
+    assert check_record(stopped) == []
+    assert stopped["signal"] in ("SIGTERM", "a signal to another rank")
+    step = stopped["step"]
+    assert (run_dir / f"checkpoint-{step:08d}.pt").exists()
+    assert out.count("mpicnn: stopped by") == 1                      # rank 0 reports once
+
+    resumed = mpirun(2, [*args, "--checkpoint-dir", run_dir, "--metrics", metrics,
+                         "--resume", "auto"])
+    assert f"checkpoint-{step:08d}.pt at epoch {stopped['epoch']}, step {step}" in resumed.stdout
+    mpirun(2, [*args, "--checkpoint-dir", tmp_path / "plain"])
+    ours = torch.load(run_dir / "final.pt", weights_only=True)["model"]
+    plain = torch.load(tmp_path / "plain" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
