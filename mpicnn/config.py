@@ -83,7 +83,8 @@ class Config:
     seed: int = opt(0, "seed for initialisation and sample order", "training")
     deterministic: bool = opt(False, "bit-reproducible runs on CPU", "training")
     # --- distribution ---------------------------------------------------------
-    mode: str = opt("allreduce", "how ranks combine gradients", "distributed", ["allreduce"])
+    mode: str = opt("allreduce", "how ranks combine gradients", "distributed",
+                    ["allreduce", "ps-sync", "ps-async"])
     device: str = opt("auto", "compute device (GPU = node-local rank mod GPU count)",
                       "distributed", ["auto", "cpu", "cuda"])
     threads: int = opt(0, "torch CPU threads per rank (0: cores per node / ranks per node)",
@@ -105,6 +106,17 @@ class Config:
     shared_memory: str = opt("auto", "auto: ranks of one node average CPU buckets in MPI "
                              "shared-memory windows; off: always MPI Allreduce", "distributed",
                              ["auto", "off"])
+    # parameter-server modes (ps-sync, ps-async) and straggler simulation
+    servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "
+                       "others are workers", "distributed")
+    staleness: str = opt("none", "ps-async: clocks the fastest worker may run ahead of the "
+                         "slowest (SSP; 0 acts like ps-sync); none: unbounded (Downpour, "
+                         "batches handed out on demand)", "distributed", metavar="S|none")
+    staleness_lr: bool = opt(False, "ps-async: divide each update's lr by its staleness",
+                             "distributed")
+    slow_rank: int = opt(-1, "straggler simulation: this worker computes --slow-factor times "
+                         "slower (-1: none)", "distributed")
+    slow_factor: float = opt(2.0, "how many times slower --slow-rank computes", "distributed")
     # --- output ---------------------------------------------------------------
     checkpoint_dir: str = opt("", "directory for checkpoints (empty: none written)", "output")
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and at the end)",
@@ -319,3 +331,24 @@ def validate(cfg: Config) -> None:
     if cfg.stop_check_every < 0:
         raise MpicnnError("--stop-check-every must not be negative (0 leaves signals alone)",
                           collective=True)
+    if cfg.servers < 1:
+        raise MpicnnError(f"--servers must be at least 1, got {cfg.servers}", collective=True)
+    staleness_bound(cfg.staleness)
+    if cfg.slow_rank < -1 or cfg.slow_factor < 1:
+        raise MpicnnError("--slow-rank takes a worker rank (or -1) and --slow-factor a number "
+                          ">= 1", collective=True)
+
+
+def staleness_bound(text: str) -> int | None:
+    """``--staleness`` as a whole number of clocks >= 0, or None for unbounded."""
+    text = text.strip().lower()
+    if text in ("none", "inf", "unbounded"):
+        return None
+    try:
+        bound = int(text)
+    except ValueError:
+        bound = -1
+    if bound < 0:
+        raise MpicnnError(f"--staleness must be a whole number >= 0 or 'none' (unbounded), "
+                          f"got {text!r}", collective=True)
+    return bound

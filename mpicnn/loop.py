@@ -66,7 +66,7 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
     """
     model.train()
     timer, loss_meter = PhaseTimer(), Meter()
-    batches = loader.epoch(state.epoch, start_step=state.step_in_epoch)
+    batches = strategy.batches(loader, state, run_steps)
     last = time.perf_counter()
     while state.global_step < run_steps:
         timeline.step(state.global_step)
@@ -92,17 +92,16 @@ def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global
         loss_value = loss_sum / len(labels)
         if math.isfinite(loss_value):     # a skipped non-finite step stays out of the mean
             loss_meter.add(loss_sum, len(labels))
-        state.step_in_epoch += 1
-        state.global_step += 1
+        trained = strategy.advance(state, global_batch)
         timer.steps += 1
         now = time.perf_counter()
-        throughput.add(now - last, global_batch, state.global_step - 1)
+        throughput.add(now - last, trained, state.global_step - 1)
         last = now
         if on_step is not None:
             on_step(state, loss_value, timer)
         if should_stop is not None and state.global_step < run_steps and should_stop(state):
             break
-    total, count = reduce_sums(strategy.world.comm, [loss_meter.sum, loss_meter.count])
+    total, count = reduce_sums(strategy.comm, [loss_meter.sum, loss_meter.count])
     return EpochResult(train_loss=total / max(count, 1), steps=timer.steps, timer=timer)
 
 

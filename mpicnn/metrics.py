@@ -235,12 +235,15 @@ class IntervalLog:
 
     Collective: every training rank calls ``on_step`` and ``flush`` at the same steps.
     ``begin()`` at the start of each epoch's training restarts the clock, so evaluation
-    time never counts as training time.
+    time never counts as training time. ``mid_epoch=False`` (ranks that do not run the
+    same steps, e.g. ps-async workers) writes one record per epoch, from ``flush``.
     """
 
     def __init__(self, comm, writer: MetricsWriter, progress: Progress, every: int,
-                 local_batch: int, global_batch: int, steps_per_epoch: int, lr):
+                 local_batch: int, global_batch: int, steps_per_epoch: int, lr,
+                 mid_epoch: bool = True):
         self.comm, self.writer, self.progress, self.every = comm, writer, progress, every
+        self.mid_epoch = mid_epoch
         self.local_batch, self.global_batch = local_batch, global_batch
         self.steps_per_epoch, self.lr = steps_per_epoch, lr
         self.names = PHASES + WAIT_PHASES
@@ -268,7 +271,7 @@ class IntervalLog:
                 self.split[name] += seconds
         epoch = state.epoch + 1
         self.progress.update(epoch, state.global_step, loss)
-        if state.global_step % self.every == 0:
+        if self.mid_epoch and state.global_step % self.every == 0:
             self.flush(state)
 
     def flush(self, state) -> None:
@@ -279,7 +282,8 @@ class IntervalLog:
                                        *(self.split[n] for n in self.names)])
         loss_sum, count, rank_steps = sums[:3]
         split = dict(zip(self.names, sums[3:]))
-        images_per_s = self.steps * self.global_batch / self.seconds if self.seconds else 0.0
+        images = rank_steps * self.local_batch          # every rank's steps: any mode
+        images_per_s = images / self.seconds if self.seconds else 0.0
         record = {f"{name}_ms": round(1000 * split[name] / rank_steps, 3)
                   for name in self.names if name in PHASES or split[name] > 0}
         loss = loss_sum / max(count, 1)

@@ -19,6 +19,7 @@ from .optim import build_optimizer, build_scheduler, total_steps
 from .preempt import Preemption
 from .resume import restore, save, save_config
 from .supervisor import Supervised
+from .straggler import slow_down
 from .sync import make_strategy
 from .world import bind_device, describe, run_guarded
 
@@ -39,14 +40,15 @@ def train(world, argv) -> int:
         torch.use_deterministic_algorithms(True)
     log.info(describe(world))
     log.info(f"config: {cfg.summary()}")
+    strategy = make_strategy(cfg, world)     # decides which ranks train (workers)
 
     data = world.agree(lambda: open_dataset(cfg.data, cfg.images_key, cfg.labels_key,
                                             cfg.layout, cfg.val_fraction))
     steps_per_epoch = world.agree(lambda: shard.check_fits(
-        len(data.train), cfg.batch_size, world.size, cfg.shuffle))
+        len(data.train), cfg.batch_size, strategy.workers, cfg.shuffle))
     if cfg.checkpoint_dir:
         world.agree(lambda: world.is_root and save_config(cfg))
-    global_batch = cfg.batch_size * world.size
+    global_batch = cfg.batch_size * strategy.workers
     run_steps = total_steps(cfg, steps_per_epoch)
 
     torch.manual_seed(cfg.seed)
@@ -54,13 +56,15 @@ def train(world, argv) -> int:
                                             data.num_classes)).to(device)
     optimizer = build_optimizer(cfg, model.parameters(), global_batch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
-    strategy = make_strategy(cfg, world)
     state = restore(world, cfg, model, optimizer, scheduler)
     strategy = Supervised(strategy, cfg, world, state)   # NaN policy, stall watchdog
     preempt.agree = strategy.agree_stop
     strategy.attach(model, optimizer, scheduler)
+    if world.rank == cfg.slow_rank:
+        slow_down(model, cfg.slow_factor)
 
-    train_loader, val_loader = make_loaders(cfg, data, world)
+    train_loader, val_loader = make_loaders(cfg, data, world, strategy.workers,
+                                            strategy.worker_index)
     metrics = MetricsWriter(cfg.metrics if world.is_root else "")
     metrics.write("config", **cfg.to_dict(), world_size=world.size,
                   steps_per_epoch=steps_per_epoch)
@@ -69,14 +73,16 @@ def train(world, argv) -> int:
              f"{steps_per_epoch} steps/epoch at global batch {global_batch}")
     bar = Progress(world.is_root, cfg.progress, log)
     bar.start(run_steps, state.global_step, cfg.epochs, global_batch)
-    intervals = IntervalLog(world.comm, metrics, bar, cfg.log_every, cfg.batch_size,
-                            global_batch, steps_per_epoch, lambda: scheduler.get_last_lr()[0])
+    intervals = IntervalLog(strategy.comm, metrics, bar, cfg.log_every, cfg.batch_size,
+                            global_batch, steps_per_epoch, lambda: scheduler.get_last_lr()[0],
+                            mid_epoch=strategy.lockstep)
     saved = None
     throughput = Throughput()
     val_loss = val_acc = train_loss = float("nan")
     last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
     try:
-        while state.epoch < last_epoch and state.global_step < run_steps:
+        strategy.serve()       # parameter servers answer the workers here until they are done
+        while strategy.trains and state.epoch < last_epoch and state.global_step < run_steps:
             intervals.begin()
             result = train_epoch(model, train_loader, strategy, state, run_steps, global_batch,
                                  throughput, on_step=intervals.on_step,
@@ -89,14 +95,15 @@ def train(world, argv) -> int:
                                  checkpoint.checkpoint_name(state.global_step))
                 break
             with timeline.span("evaluate"):
-                val_loss, val_acc = evaluate(model, val_loader, world.comm)
+                val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
             train_loss = result.train_loss
             if state.step_in_epoch >= steps_per_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
             metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                           train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
                           lr=scheduler.get_last_lr()[0], images_per_s=throughput.images_per_s,
-                          **result.timer.snapshot_ms(), **strategy.timings_ms())
+                          **result.timer.snapshot_ms(), **strategy.timings_ms(),
+                          **strategy.report())
             log.info(f"epoch {state.epoch}/{cfg.epochs} step {state.global_step}: train loss "
                      f"{train_loss:.4f}, val loss {val_loss:.4f}, val acc {val_acc:.4f}")
             done = state.epoch >= cfg.epochs or state.global_step >= run_steps
@@ -104,9 +111,9 @@ def train(world, argv) -> int:
             if cfg.checkpoint_dir and world.is_root and (done or due):
                 name = checkpoint.FINAL if done else checkpoint.checkpoint_name(state.global_step)
                 save(cfg, model, optimizer, scheduler, state, name)
-        if val_acc != val_acc and not preempt.stopped:   # resumed a finished run
+        if strategy.trains and val_acc != val_acc and not preempt.stopped:  # finished run
             strategy.sync_buffers()
-            val_loss, val_acc = evaluate(model, val_loader, world.comm)
+            val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
     finally:
         preempt.restore()
         bar.close()
@@ -126,7 +133,8 @@ def train(world, argv) -> int:
         return code
     metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=train_loss,
                   images_per_s=throughput.images_per_s, steps=state.global_step,
-                  epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall)
+                  epochs=state.epoch, world_size=world.size, mode=cfg.mode, wall_s=wall,
+                  **strategy.report())
     metrics.close()
     log.info(f"done: {world.size} rank(s), {cfg.mode}, {state.epoch} epoch(s), "
              f"{state.global_step} steps, val acc {val_acc:.4f}, val loss {val_loss:.4f}, "

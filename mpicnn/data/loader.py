@@ -176,6 +176,11 @@ class Loader:
         """(images, labels) on the device, one pair per step of ``epoch`` from ``start_step``."""
         return self._batches("epoch", list(self.plan(epoch)[start_step:]), epoch)
 
+    def rows_batch(self, rows: np.ndarray, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch of these sorted rows, as ``epoch`` would yield it (work handed
+        out one batch at a time, e.g. by a parameter server)."""
+        return next(self._batches("epoch", [rows], epoch))
+
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's contiguous part of the split, in order, for evaluation."""
         lo, hi = self.ranges("eval")
@@ -199,16 +204,22 @@ def check_cache(loaders_kinds, local_size: int) -> None:
         check_cache_fits(need, local_size, hint=hint)
 
 
-def make_loaders(cfg, data: Dataset, world) -> tuple[Loader, Loader]:
-    """The train and val loaders of this rank, as configured; checks --cache memory."""
+def make_loaders(cfg, data: Dataset, world, workers: int | None = None,
+                 index: int | None = None) -> tuple[Loader, Loader]:
+    """The train and val loaders of this rank, as configured; checks --cache memory.
+
+    ``workers``/``index``: the ranks that read data and this rank's place among them
+    (default: all ranks of ``world``; parameter servers read none).
+    """
+    workers = world.size if workers is None else workers
+    index = world.rank if index is None else index
     from .augment import parse_augment
 
     options = dict(prefetch=cfg.prefetch, prefetch_mode=cfg.prefetch_mode, cache=cfg.cache,
                    block=cfg.shuffle_block, window=cfg.shuffle_window)
-    train = Loader(data, data.train, world.device, cfg.batch_size, world.size, world.rank,
+    train = Loader(data, data.train, world.device, cfg.batch_size, workers, index,
                    cfg.seed, cfg.shuffle, augment=parse_augment(cfg.augment), **options)
-    val = Loader(data, data.val, world.device, cfg.batch_size, world.size, world.rank,
-                 **options)
+    val = Loader(data, data.val, world.device, cfg.batch_size, workers, index, **options)
     if cfg.cache:
         world.agree(lambda: check_cache([(train, "epoch"), (val, "eval")], world.local_size))
     train.source("epoch"), val.source("eval")     # start reader processes before step 1

@@ -10,5 +10,14 @@ def make_strategy(cfg, world) -> Strategy:
     if cfg.mode == "allreduce":
         from .allreduce import AllreduceStrategy
 
-        return AllreduceStrategy(world, cfg)
-    raise MpicnnError(f"unknown mode {cfg.mode!r}", collective=True)
+        strategy = AllreduceStrategy(world, cfg)
+    elif cfg.mode in ("ps-sync", "ps-async"):
+        from .ps import make_ps_strategy
+
+        strategy = make_ps_strategy(cfg, world)
+    else:
+        raise MpicnnError(f"unknown mode {cfg.mode!r}", collective=True)
+    if cfg.slow_rank >= strategy.workers:
+        raise MpicnnError(f"--slow-rank {cfg.slow_rank} is not a worker: workers are ranks "
+                          f"0-{strategy.workers - 1}", collective=True)
+    return strategy

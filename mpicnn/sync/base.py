@@ -20,6 +20,39 @@ class Strategy:
         """Whether this rank runs the training loop (parameter servers do not)."""
         return True
 
+    @property
+    def lockstep(self) -> bool:
+        """Whether all training ranks run the same steps, so collectives between steps match."""
+        return True
+
+    @property
+    def comm(self):
+        """Communicator of the ranks that train (for metrics and evaluation)."""
+        return self.world.comm
+
+    @property
+    def workers(self) -> int:
+        """How many ranks train: the data-parallel world size."""
+        return self.world.size
+
+    @property
+    def worker_index(self) -> int:
+        """This rank's index among the ranks that train (which data shard it reads)."""
+        return self.world.rank
+
+    def serve(self) -> None:
+        """Answer the ranks that train until they are done (parameter servers only)."""
+
+    def batches(self, loader, state, run_steps: int):
+        """This rank's batches for the rest of ``state.epoch``: the fixed shard plan."""
+        return loader.epoch(state.epoch, start_step=state.step_in_epoch)
+
+    def advance(self, state, global_batch: int) -> int:
+        """Count one finished step in ``state``; return how many images all ranks trained on."""
+        state.step_in_epoch += 1
+        state.global_step += 1
+        return global_batch
+
     def attach(self, model, optimizer, scheduler) -> None:
         """Take the model and its optimizer; make all ranks start from the same state."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -69,3 +102,7 @@ class Strategy:
 
     def finish(self) -> None:
         """Release communication resources; called once, also after errors."""
+
+    def report(self) -> dict:
+        """Mode-specific fields for the end-of-run metrics record (after ``finish``)."""
+        return {}

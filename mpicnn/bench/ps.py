@@ -1,0 +1,95 @@
+"""``python -m mpicnn.bench ps``: allreduce vs ps-sync vs ps-async, with and without a straggler.
+
+Each configuration is one real ``mpirun ... python -m mpicnn.train`` job on the same data,
+model and epochs; allreduce runs on the workers alone, the PS modes on workers + servers.
+Reported per job: training images/s (the end record's, and whole-run: trained images over
+the time from the first to the last metrics record), final validation accuracy, wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m mpicnn.bench ps",
+                                description="Images/s and accuracy of allreduce, ps-sync and "
+                                            "ps-async, with and without a straggler.")
+    p.add_argument("--workers", type=int, default=4, help="training ranks (default 4)")
+    p.add_argument("--servers", type=int, default=1, help="PS server ranks (default 1)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs per job (default 12)")
+    p.add_argument("--slow-factor", type=float, default=2.0,
+                   help="straggler: the last worker computes this many times slower")
+    p.add_argument("--modes", default="allreduce,ps-sync,ps-async",
+                   help="comma-separated modes to run (default: all three)")
+    p.add_argument("--out", default="", help="also write the results as JSON here")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="after --: more mpicnn.train flags for every job (e.g. --model lenet)")
+    args = p.parse_args(argv)
+    args.train_args = [a for a in args.train_args if a != "--"]
+    return args
+
+
+def run_job(mode: str, args, slow: bool, workdir: Path) -> dict:
+    """One training job; returns its figures from the metrics it wrote."""
+    ranks = args.workers + (args.servers if mode.startswith("ps") else 0)
+    metrics = workdir / f"{mode}-{'slow' if slow else 'even'}.jsonl"
+    cmd = [shutil.which("mpirun") or "mpirun", "-n", str(ranks), sys.executable, "-m",
+           "mpicnn.train", "--mode", mode, "--epochs", str(args.epochs), "--metrics",
+           str(metrics), "--progress", "off", *args.train_args]
+    if mode.startswith("ps"):
+        cmd += ["--servers", str(args.servers)]
+    if slow:
+        cmd += ["--slow-rank", str(args.workers - 1), "--slow-factor", str(args.slow_factor)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    config, end = records[0], records[-1]
+    trained = end["steps"] * config["batch_size"] * args.workers
+    return {"mode": mode, "straggler": args.slow_factor if slow else 1.0, "ranks": ranks,
+            "images_per_s": end["images_per_s"],
+            "run_images_per_s": trained / max(1e-9, end["time"] - config["time"]),
+            "val_acc": end["val_acc"], "wall_s": end["wall_s"],
+            "staleness_mean": end.get("ps_staleness_mean"), "pushes": end.get("ps_pushes")}
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    results = []
+    print(f"{args.workers} workers (+{args.servers} server(s) in PS modes), {args.epochs} "
+          f"epochs; straggler = worker {args.workers - 1} at {args.slow_factor}x compute")
+    print(f"{'mode':<10} {'straggler':>9} {'images/s':>9} {'run img/s':>9} {'val acc':>8} "
+          f"{'wall s':>7}  pushes per worker")
+    with tempfile.TemporaryDirectory() as tmp:
+        for slow in (False, True):
+            for mode in modes:
+                r = run_job(mode, args, slow, Path(tmp))
+                results.append(r)
+                print(f"{r['mode']:<10} {r['straggler']:>8.1f}x {r['images_per_s']:>9.0f} "
+                      f"{r['run_images_per_s']:>9.0f} {r['val_acc']:>8.4f} {r['wall_s']:>7.1f}"
+                      f"  {r['pushes'] or ''}", flush=True)
+    by = {(r["mode"], r["straggler"] > 1): r for r in results}
+    if ("ps-sync", True) in by and ("ps-async", True) in by:
+        sync, async_ = by["ps-sync", True], by["ps-async", True]
+        print(f"with the straggler: ps-async / ps-sync throughput "
+              f"{async_['run_images_per_s'] / sync['run_images_per_s']:.2f}x (run) "
+              f"{async_['images_per_s'] / sync['images_per_s']:.2f}x (end record); "
+              f"accuracy {100 * (async_['val_acc'] - sync['val_acc']):+.2f} points")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Parameter-server modes: ps-sync, ps-async (Downpour) and SSP, parameters sharded over servers.
+
+Layout: ``layout`` (roles and ranges, pure), ``protocol`` (the wire format), ``policy``
+(SSP and batch dispatch, pure), ``flatstate`` (optimizer state as flat vectors),
+``server`` (the server loop) and ``worker`` (the training loop's strategy on workers).
+"""
+from __future__ import annotations
+
+
+def make_ps_strategy(cfg, world):
+    """This rank's side of a parameter-server job: a PSServer or a PSWorker."""
+    from .layout import roles
+    from .server import PSServer
+    from .worker import PSWorker
+
+    layout = roles(world.size, cfg.servers, cfg.mode)
+    server = layout.is_server(world.rank)
+    train_comm = world.comm.Split(color=int(server), key=world.rank)
+    ps_comm = world.comm.Dup()      # PS traffic can never match a collective or another tag
+    world.log.info(f"{cfg.mode}: {layout.workers} worker(s) (ranks 0-{layout.workers - 1}), "
+                   f"{layout.servers} server(s) (ranks {layout.workers}-{world.size - 1})")
+    return (PSServer if server else PSWorker)(world, cfg, layout, train_comm, ps_comm)

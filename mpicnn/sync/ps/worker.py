@@ -1,0 +1,207 @@
+"""A worker rank: computes gradients, pushes them to the servers, pulls fresh parameters."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+
+from ... import timeline
+from ...guards import grads_finite
+from ...metrics import reduce_sums
+from ..collectives import average_buffers
+from . import protocol as P
+from .flatstate import flatten_params, set_flat_state, state_keys, unflatten_into
+from .role import PSRole, decode_stats, summarize
+
+
+class PSWorker(PSRole):
+    """The training loop's strategy on a worker; the optimizer step happens on the servers.
+
+    Each step pushes this worker's gradient slices to every server and waits for their
+    replies (fresh parameters; in ps-async a server may defer its reply to bound staleness).
+    """
+
+    def attach(self, model, optimizer, scheduler) -> None:
+        super().attach(model, optimizer, scheduler)
+        self.flat_params = flatten_params(self.params)
+        self.flat_grads = torch.zeros_like(self.flat_params)
+        self.params_np, self.grads_np = self.flat_params.numpy(), self.flat_grads.numpy()
+        self.requests = [P.header() for _ in self.ranges]
+        self.replies = [P.header() for _ in self.ranges]
+        self.clock = self.version = self.counted = self.position = 0
+        self.item, self.window, self.plans = P.NO_ITEM, (0, 0), (None, None)
+        self.flags, self.stop_at = 0, -1
+        # images one update trains on: a global batch (ps-sync) or one worker's batch
+        self.images_per_update = self.cfg.batch_size * (self.workers if self.sync else 1)
+
+    @property
+    def synced_grads(self) -> bool:
+        return False          # .grad is this worker's own gradient: NaN checks may differ
+
+    def after_backward(self) -> None:
+        # Checked before pushing so that a non-finite gradient never reaches a server.
+        self.flags = self.flags & P.STOP | (0 if grads_finite(self.params) else P.NONFINITE)
+        offset = 0
+        for p in self.params:      # host copy; unused parameters push zeros
+            piece = self.flat_grads[offset: offset + p.numel()]
+            if p.grad is None:
+                piece.zero_()
+            else:
+                piece.copy_(p.grad.reshape(-1))
+            offset += p.numel()
+        self.clock += 1
+        self._exchange(P.PUSH)
+
+    def step(self) -> None:
+        unflatten_into(self.flat_params, self.params)
+
+    def skip_step(self) -> None:
+        """The servers dropped the non-finite gradient: take their parameters as they are."""
+        self.step()
+
+    def agree_stop(self, wanted: bool) -> bool:
+        """Stop at the global step server 0 fixed once a worker reported a stop signal.
+
+        ps-sync workers run in lockstep and agree by one collective among themselves;
+        ps-async workers carry the wish in their next push and never wait for each other.
+        """
+        if self.lockstep:
+            return bool(reduce_sums(self.train_comm, [float(wanted)])[0] > 0)
+        if wanted:
+            self.flags |= P.STOP
+        return 0 <= self.stop_at <= self.position
+
+    def advance(self, state, global_batch: int) -> int:
+        if self.dispatched:
+            self._position(state)
+        else:
+            super().advance(state, global_batch)
+        self.position = state.global_step
+        with warnings.catch_warnings():    # the local optimizer never steps: only its lr moves
+            warnings.simplefilter("ignore", UserWarning)
+            while self.scheduler.last_epoch < state.global_step:
+                self.scheduler.step()
+        images = (self.version - self.counted) * self.images_per_update
+        self.counted = self.version
+        return images
+
+    def batches(self, loader, state, run_steps: int):
+        if not self.dispatched:
+            return super().batches(loader, state, run_steps)
+        return self._dispatched(loader, state, run_steps)
+
+    def _dispatched(self, loader, state, run_steps: int):
+        """Batches as the dispatcher on server 0 hands them out, until the epoch's are gone."""
+        workers = self.workers
+        end = min(loader.steps, state.step_in_epoch + run_steps - state.global_step) * workers
+        self.window = ((state.global_step - state.step_in_epoch) * workers, end)
+        self._exchange(P.PULL, epoch=state.epoch, first=state.step_in_epoch * workers, end=end,
+                       base=self.window[0])
+        self.step()
+        self.counted = self.version
+        self._position(state)
+        plans = self._plans(loader, state.epoch)
+        while self.item != P.NO_ITEM:
+            step, rank = divmod(self.item, workers)
+            yield loader.rows_batch(plans[rank][step], state.epoch)
+
+    def _plans(self, loader, epoch: int):
+        """Every worker's shard plan of ``epoch`` (any worker may be handed any item)."""
+        if self.plans[0] != epoch:
+            views = [copy.copy(loader) for _ in range(self.workers)]
+            for rank, view in enumerate(views):
+                view.rank = rank
+            self.plans = (epoch, [view.plan(epoch) for view in views])
+        return self.plans[1]
+
+    def _position(self, state) -> None:
+        """Where the run is: the global step of this worker's next item, or the epoch's end."""
+        base, end = self.window
+        position = (base + (self.item if self.item != P.NO_ITEM else end)) // self.workers
+        if self.item == P.NO_ITEM and self.stop_at >= 0:     # the epoch was cut short
+            position = min(position, self.stop_at)
+        state.step_in_epoch = position - base // self.workers
+        state.global_step = position
+
+    def sync_buffers(self) -> None:
+        """Average buffers over workers, pull the final parameters (and optimizer state)."""
+        average_buffers(self.train_comm, self.model)
+        self._exchange(P.PULL)
+        self.step()
+        self.counted = self.version
+        if self.world.is_root:
+            self._fetch_stats()
+            if self.cfg.checkpoint_dir:
+                self._fetch_state()
+
+    def _fetch_stats(self) -> None:
+        """Ask every server for its counters so far (for the epoch metrics record)."""
+        from mpi4py import MPI
+
+        rows = []
+        for s, request in enumerate(self.requests):
+            server = self.roles.server_rank(s)
+            request[:] = (P.STATS, self.clock, -1, 0, 0, 0, 0)
+            self.ps_comm.Send(request, dest=server, tag=P.TAG_REQUEST)
+            self.ps_comm.Recv(self.replies[s], source=server, tag=P.TAG_REPLY)
+            vector = np.empty(int(self.replies[s][P.COUNT]), dtype=np.int64)
+            MPI.Request.Waitall(P.irecv_array(self.ps_comm, vector, server))
+            rows.append((True, *decode_stats(vector, self.workers)))
+        self._report = summarize(rows, self.roles, final=False)
+
+    def _exchange(self, kind: int, epoch: int = -1, first: int = 0, end: int = 0,
+                  base: int = 0) -> None:
+        """Send one request to every server and wait for all their parameter replies."""
+        from mpi4py import MPI
+
+        comm, receives, sends = self.ps_comm, [], []
+        for s, (lo, hi) in enumerate(self.ranges):      # receives first: no unexpected messages
+            server = self.roles.server_rank(s)
+            receives.append(comm.Irecv(self.replies[s], source=server, tag=P.TAG_REPLY))
+            receives += P.irecv_array(comm, self.params_np[lo:hi], server)
+        for s, (lo, hi) in enumerate(self.ranges):
+            server, request = self.roles.server_rank(s), self.requests[s]
+            request[:] = (kind, self.clock, epoch, first, end, base, self.flags)
+            sends.append(comm.Isend(request, dest=server, tag=P.TAG_REQUEST))
+            if kind == P.PUSH:
+                sends += P.isend_array(comm, self.grads_np[lo:hi], server)
+        with timeline.span("ps_push" if kind == P.PUSH else "ps_pull"):
+            MPI.Request.Waitall(sends)
+        with timeline.span("ps_pull"):
+            MPI.Request.Waitall(receives)
+        self.version = int(self.replies[0][P.VERSION])
+        self.item = int(self.replies[0][P.ITEM])
+        self.stop_at = int(self.replies[0][P.STOP_AT])
+
+    def _fetch_state(self) -> None:
+        """Copy the servers' optimizer state into the local optimizer, for checkpoints."""
+        from mpi4py import MPI
+
+        keys, comm = state_keys(self.cfg), self.ps_comm
+        vectors = {k: torch.zeros_like(self.flat_params) for k in keys}
+        for s, (lo, hi) in enumerate(self.ranges):
+            server, request = self.roles.server_rank(s), self.requests[s]
+            request[:] = (P.STATE, self.clock, -1, 0, 0, 0, 0)
+            comm.Send(request, dest=server, tag=P.TAG_REQUEST)
+            comm.Recv(self.replies[s], source=server, tag=P.TAG_REPLY)
+            if self.replies[s][P.COUNT]:
+                MPI.Request.Waitall([r for k in keys for r in
+                                     P.irecv_array(comm, vectors[k].numpy()[lo:hi], server)])
+        if all(reply[P.COUNT] for reply in self.replies):
+            set_flat_state(self.optimizer, self.params, self.cfg,
+                           int(self.replies[0][P.STEP]), vectors)
+
+    def finish(self) -> None:
+        if self.attached:
+            from mpi4py import MPI
+
+            done = []
+            for s, request in enumerate(self.requests):
+                request[:] = (P.DONE, self.clock, -1, 0, 0, 0, 0)
+                done.append(self.ps_comm.Isend(request, dest=self.roles.server_rank(s),
+                                               tag=P.TAG_REQUEST))
+            MPI.Request.Waitall(done)
+            self.stats["unreceived"] = P.drain(self.ps_comm)
+        super().finish()
