@@ -30,14 +30,13 @@ def needs_mode(mode: str) -> None:
 
 # --- a rank killed with SIGKILL ends the job -----------------------------------------
 
-# (mode, ranks, extra flags, rank to kill). PS rows run once the modes exist; the
-# victim is meant to be a server (first row) and a worker (second): adjust the ranks
-# to the server placement when the modes land.
+# (mode, ranks, extra flags, rank to kill). PS servers are the last ranks: the ps-sync
+# row kills the server, the ps-async row a worker.
 KILLS = [
     ("allreduce", 2, [], 1),
     ("allreduce", 3, [], 0),
-    ("ps-sync", 3, ["--servers", "1"], 0),
-    ("ps-async", 3, ["--servers", "1"], 2),
+    ("ps-sync", 3, ["--servers", "1"], 2),
+    ("ps-async", 3, ["--servers", "1"], 1),
 ]
 
 
