@@ -114,12 +114,17 @@ def train(world, argv) -> int:
         if strategy.trains and val_acc != val_acc and not preempt.stopped:  # finished run
             strategy.sync_buffers()
             val_loss, val_acc = evaluate(model, val_loader, strategy.comm)
-    finally:
+    except BaseException:
+        # No collective teardown here: other ranks may sit in a collective this rank never
+        # reaches (freeing a shared window would hang); run_guarded aborts the job instead.
         preempt.restore()
         bar.close()
-        strategy.finish()
-        train_loader.close()
-        val_loader.close()
+        raise
+    preempt.restore()
+    bar.close()
+    strategy.finish()
+    train_loader.close()
+    val_loader.close()
     trace = timeline.finish(world, cfg.timeline)
     if trace:
         metrics.write("timeline", **trace)
