@@ -5,7 +5,11 @@ Runs side by side, alternating repetitions, on seednet with synthetic 3x32x32 da
 * ``mpicnn engine``   - ``mpicnn.train`` with its defaults (25 MB buckets, overlapped);
 * ``DDP gloo``        - PyTorch DistributedDataParallel over gloo, same loop and loader;
 * ``flat Allreduce``  - ``mpicnn.train --bucket-mb 0``: one blocking Allreduce after backward;
-* ``1 rank 1 thread`` - the single-process reference for scaling efficiency.
+* ``1 rank 1 thread`` - the single-process reference for scaling efficiency;
+* ``no-comm ceiling``  - as many independent single-rank runs at once as the parallel
+  runs have ranks, summed: what the machine allows when nothing is communicated (cores,
+  caches and memory bandwidth shared). Efficiency against it isolates the cost of
+  communication from that of sharing the machine.
 
 Images/s is the training loop's own figure (all steps but the first 5, data loading
 included). Then the bus bandwidth of one 25 MB bucket through the engine against raw
@@ -22,12 +26,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-VARIANTS = ("mpicnn engine", "DDP gloo", "flat Allreduce", "1 rank 1 thread")
+VARIANTS = ("mpicnn engine", "DDP gloo", "flat Allreduce", "1 rank 1 thread", "no-comm ceiling")
+REFERENCES = ("1 rank 1 thread", "no-comm ceiling")
 
 
 def parse_args(argv):
@@ -82,16 +89,24 @@ def run_variant(variant: str, batch: int, args, data: Path, work: Path) -> float
     if variant == "DDP gloo":
         return last_json(launch(args.ranks, "mpicnn.bench._ddp_peer", train,
                                 args.timeout))["images_per_s"]
-    metrics = work / f"run{time.monotonic_ns()}.jsonl"
-    train += ["--metrics", metrics]
-    n = args.ranks
+    if variant == "no-comm ceiling":
+        threads = max(1, (os.cpu_count() or 1) // args.ranks)
+        solo = partial(run_train, train=train + ["--threads", threads], args=args, work=work)
+        with ThreadPoolExecutor(args.ranks) as pool:
+            return sum(pool.map(solo, range(args.ranks)))
+    if variant == "1 rank 1 thread":
+        return run_train(0, train + ["--threads", 1], args, work)
     if variant == "flat Allreduce":
         train += ["--bucket-mb", 0]
-    elif variant == "1 rank 1 thread":
-        n, train = 1, train + ["--threads", 1]
     else:
         train += args.extra.split()
-    launch(n, "mpicnn.train", train, args.timeout)
+    return run_train(0, train, args, work, args.ranks)
+
+
+def run_train(index: int, train: list, args, work: Path, ranks: int = 1) -> float:
+    """Images/s of one ``mpicnn.train`` job, from the end record of its metrics."""
+    metrics = work / f"run{time.monotonic_ns()}-{index}.jsonl"
+    launch(ranks, "mpicnn.train", train + ["--metrics", metrics], args.timeout)
     with open(metrics) as fh:
         end = [json.loads(line) for line in fh][-1]
     return end["images_per_s"]
@@ -99,21 +114,22 @@ def run_variant(variant: str, batch: int, args, data: Path, work: Path) -> float
 
 def table(results: dict, ranks: int) -> str:
     """Medians, ratios to DDP and to the flat Allreduce, and scaling efficiency."""
-    lines = [f"{'batch/rank':>10}  {'variant':<16} {'images/s':>9} {'runs':>12}  "
-             f"{'x DDP':>6} {'x flat':>6} {'efficiency':>10}"]
+    lines = [f"{'batch/rank':>10}  {'variant':<16} {'images/s':>9} {'runs':>24}  "
+             f"{'x DDP':>6} {'x flat':>6} {'efficiency':>10} {'x ceiling':>10}"]
     for batch, by_variant in results.items():
         med = {v: statistics.median(x) for v, x in by_variant.items()}
         single = med["1 rank 1 thread"]
         for variant in VARIANTS:
             runs = "/".join(f"{x:.0f}" for x in by_variant[variant])
-            if variant == "1 rank 1 thread":
-                ratio = flat = efficiency = ""
-            else:
+            ratio = flat = efficiency = of_ceiling = ""
+            if variant != "1 rank 1 thread":
+                efficiency = f"{med[variant] / (ranks * single):.3f}"
+            if variant not in REFERENCES:
                 ratio = f"{med[variant] / med['DDP gloo']:.2f}"
                 flat = f"{med[variant] / med['flat Allreduce']:.2f}"
-                efficiency = f"{med[variant] / (ranks * single):.3f}"
-            lines.append(f"{batch:>10}  {variant:<16} {med[variant]:>9.1f} {runs:>12}  "
-                         f"{ratio:>6} {flat:>6} {efficiency:>10}")
+                of_ceiling = f"{med[variant] / med['no-comm ceiling']:.3f}"
+            lines.append(f"{batch:>10}  {variant:<16} {med[variant]:>9.1f} {runs:>24}  "
+                         f"{ratio:>6} {flat:>6} {efficiency:>10} {of_ceiling:>10}")
     return "\n".join(lines)
 
 
