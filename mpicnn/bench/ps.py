@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ def parse_args(argv):
                    help="straggler: the last worker computes this many times slower")
     p.add_argument("--modes", default="allreduce,ps-sync,ps-async",
                    help="comma-separated modes to run (default: all three)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions of every job, in rotating order; medians reported")
     p.add_argument("--out", default="", help="also write the results as JSON here")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: more mpicnn.train flags for every job (e.g. --model lenet)")
@@ -38,10 +41,10 @@ def parse_args(argv):
     return args
 
 
-def run_job(mode: str, args, slow: bool, workdir: Path) -> dict:
+def run_job(mode: str, args, slow: bool, workdir: Path, rep: int = 0) -> dict:
     """One training job; returns its figures from the metrics it wrote."""
     ranks = args.workers + (args.servers if mode.startswith("ps") else 0)
-    metrics = workdir / f"{mode}-{'slow' if slow else 'even'}.jsonl"
+    metrics = workdir / f"{mode}-{'slow' if slow else 'even'}-{rep}.jsonl"
     cmd = [shutil.which("mpirun") or "mpirun", "-n", str(ranks), sys.executable, "-m",
            "mpicnn.train", "--mode", mode, "--epochs", str(args.epochs), "--metrics",
            str(metrics), "--progress", "off", *args.train_args]
@@ -63,29 +66,47 @@ def run_job(mode: str, args, slow: bool, workdir: Path) -> dict:
             "staleness_mean": end.get("ps_staleness_mean"), "pushes": end.get("ps_pushes")}
 
 
+def median_of(runs: list[dict]) -> dict:
+    """One row for repeated runs of a job: medians of the figures, each run's throughput."""
+    row = dict(runs[0], runs=[r["run_images_per_s"] for r in runs])
+    for key in ("images_per_s", "run_images_per_s", "val_acc", "wall_s", "staleness_mean"):
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+    return row
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    results = []
+    jobs = [(mode, slow) for slow in (False, True) for mode in modes]
+    runs = {job: [] for job in jobs}
     print(f"{args.workers} workers (+{args.servers} server(s) in PS modes), {args.epochs} "
-          f"epochs; straggler = worker {args.workers - 1} at {args.slow_factor}x compute")
-    print(f"{'mode':<10} {'straggler':>9} {'images/s':>9} {'run img/s':>9} {'val acc':>8} "
-          f"{'wall s':>7}  pushes per worker")
+          f"epochs, {args.reps} rotating repetitions; straggler = worker {args.workers - 1} "
+          f"at {args.slow_factor}x compute", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for slow in (False, True):
-            for mode in modes:
-                r = run_job(mode, args, slow, Path(tmp))
-                results.append(r)
-                print(f"{r['mode']:<10} {r['straggler']:>8.1f}x {r['images_per_s']:>9.0f} "
-                      f"{r['run_images_per_s']:>9.0f} {r['val_acc']:>8.4f} {r['wall_s']:>7.1f}"
-                      f"  {r['pushes'] or ''}", flush=True)
+        for rep in range(args.reps):
+            shift = rep % len(jobs)                  # no job always first
+            for mode, slow in jobs[shift:] + jobs[:shift]:
+                r = run_job(mode, args, slow, Path(tmp), rep)
+                runs[mode, slow].append(r)
+                print(f"  rep {rep + 1} {mode:<10} {r['straggler']:.1f}x "
+                      f"{r['run_images_per_s']:7.0f} images/s  val acc {r['val_acc']:.4f}",
+                      file=sys.stderr, flush=True)
+    results = [median_of(runs[job]) for job in jobs]
+    print(f"{'mode':<10} {'straggler':>9} {'images/s':>9} {'run img/s':>9} {'val acc':>8} "
+          f"{'wall s':>7}  {'runs (run img/s)':<22} pushes per worker")
+    for r in results:
+        each = "/".join(f"{x:.0f}" for x in r["runs"])
+        print(f"{r['mode']:<10} {r['straggler']:>8.1f}x {r['images_per_s']:>9.0f} "
+              f"{r['run_images_per_s']:>9.0f} {r['val_acc']:>8.4f} {r['wall_s']:>7.1f}"
+              f"  {each:<22} {r['pushes'] or ''}")
     by = {(r["mode"], r["straggler"] > 1): r for r in results}
     if ("ps-sync", True) in by and ("ps-async", True) in by:
         sync, async_ = by["ps-sync", True], by["ps-async", True]
         print(f"with the straggler: ps-async / ps-sync throughput "
               f"{async_['run_images_per_s'] / sync['run_images_per_s']:.2f}x (run) "
               f"{async_['images_per_s'] / sync['images_per_s']:.2f}x (end record); "
-              f"accuracy {100 * (async_['val_acc'] - sync['val_acc']):+.2f} points")
+              f"accuracy {100 * (async_['val_acc'] - sync['val_acc']):+.2f} points (medians)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

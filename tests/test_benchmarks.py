@@ -1,0 +1,40 @@
+"""The comm and ps benchmarks run end to end (tiny settings; no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import run_command
+
+pytestmark = pytest.mark.mpi
+
+
+def bench(*args, timeout: float = 400):
+    run = run_command([sys.executable, "-m", "mpicnn.bench", *map(str, args)], timeout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def test_comm_benchmark_prints_every_variant_with_ratios():
+    run = bench("comm", "--reps", 1, "--steps", 8, "--batches", 8, "--bw-reps", 2)
+    rows = {line[12:30].strip(): line.split() for line in run.stdout.splitlines()
+            if line.strip().startswith("8 ")}
+    assert set(rows) == {"mpicnn engine", "DDP gloo", "flat Allreduce", "1 rank 1 thread",
+                         "no-comm ceiling"}
+    assert float(rows["DDP gloo"][-4]) == 1.0                    # x DDP of the peer itself
+    assert float(rows["mpicnn engine"][-3]) > 0                   # x flat
+    assert float(rows["no-comm ceiling"][-1]) > 0                 # its efficiency
+    assert "raw comm.Allreduce" in run.stdout and "ratio" in run.stdout
+
+
+def test_ps_benchmark_reports_medians_and_the_straggler_ratio(tmp_path):
+    out = tmp_path / "ps.json"
+    run = bench("ps", "--workers", 2, "--epochs", 1, "--reps", 2, "--modes", "ps-sync,ps-async",
+                "--out", out, "--", "--max-steps", 20)
+    assert "ps-async / ps-sync throughput" in run.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["straggler"]) for r in rows] == [
+        ("ps-sync", 1.0), ("ps-async", 1.0), ("ps-sync", 2.0), ("ps-async", 2.0)]
+    assert all(len(r["runs"]) == 2 and r["val_acc"] > 0 for r in rows)
