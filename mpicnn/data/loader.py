@@ -149,7 +149,7 @@ class Loader:
         images = self.spec("epoch").open(self.split.images).read(rows)
         return torch.from_numpy(images), torch.from_numpy(self.split.labels[rows])
 
-    def _batches(self, kind: str, rows_list, epoch: int | None):
+    def _batches(self, kind: str, rows_list, epoch: int | None, source=None):
         cuda = self.device.type == "cuda"
 
         def host(images: np.ndarray, rows) -> torch.Tensor:
@@ -163,7 +163,7 @@ class Loader:
             labels = torch.from_numpy(self.split.labels[rows])
             return x, labels.to(self.device, non_blocking=True)
 
-        source = self.source(kind)
+        source = source or self.source(kind)
         if cuda or isinstance(source, ProcessSource):
             for rows, images in zip(rows_list, source.map(rows_list, host)):
                 yield device(images, rows)
@@ -178,8 +178,15 @@ class Loader:
 
     def rows_batch(self, rows: np.ndarray, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One training batch of these sorted rows, as ``epoch`` would yield it (work handed
-        out one batch at a time, e.g. by a parameter server)."""
-        return next(self._batches("epoch", [rows], epoch))
+        out one batch at a time, e.g. by a parameter server).
+
+        Read on the calling thread: there is nothing to read ahead, and a reader thread
+        per batch costs its start-up and, on busy cores, a wait to be scheduled.
+        """
+        source = self.source("epoch")
+        if isinstance(source, ThreadSource):
+            source = InlineSource(source.read)
+        return next(self._batches("epoch", [rows], epoch, source))
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's contiguous part of the split, in order, for evaluation."""
