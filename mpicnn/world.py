@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ FAKE_RANKS_PER_NODE_ENV = "MPICNN_RANKS_PER_NODE"
 CUDA_AWARE_ENV = "MPICNN_CUDA_AWARE"
 # Testing aid: ask MPI for a lower thread level (single, funneled, serialized).
 THREAD_LEVEL_ENV = "MPICNN_THREAD_LEVEL"
+ABORT_GRACE_S = 0.5              # before MPI_Abort: the error line must reach the user
 # Testing aid: 'rank:step:seconds[,...]' makes that rank stall before that step's exchange.
 TEST_SLEEP_ENV = "MPICNN_TEST_SLEEP"
 
@@ -65,9 +67,11 @@ class World:
         return result
 
     def abort(self, code: int = 1) -> None:
-        """End every rank of the job now."""
+        """End every rank of the job now (after the launcher has had a moment to forward
+        what this rank printed: MPICH's hydra drops output still in the pipe on an abort)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
