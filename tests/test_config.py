@@ -42,6 +42,14 @@ def test_dump_round_trips_through_config(tmp_path):
     (["--resume", "auto"], "needs --checkpoint-dir"),
     (["--deterministic", "maybe"], "expected bool"),
     (["--config", "/nonexistent/run.toml"], "not found"),
+    (["--nan-policy", "ignore"], "invalid choice"),
+    (["--stall-warn", "-1"], "must not be negative"),
+    (["--stall-abort", "nan"], "must not be negative"),
+    (["--keep-checkpoints", "-2"], "must not be negative"),
+    (["--augment", "crop,rotate"], "unknown augmentation 'rotate'"),
+    (["--prefetch", "-1"], "--prefetch must not be negative"),
+    (["--prefetch-mode", "fork"], "invalid choice 'fork'"),
+    (["--shuffle-window", "-5"], "--shuffle-window must not be"),
 ])
 def test_bad_settings_are_rejected_with_help(argv, message):
     with pytest.raises(MpicnnError, match=message) as info:
