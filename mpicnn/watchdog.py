@@ -160,9 +160,9 @@ class Watchdog:
             else:
                 self.stop.wait(self.interval)
             now = time.monotonic()
-            while self.comm.Iprobe(MPI.ANY_SOURCE, TAG, probe):
+            while (message := self.comm.Improbe(MPI.ANY_SOURCE, TAG, probe)) is not None:
                 source = probe.Get_source()
-                self.comm.Recv(buf, source=source, tag=TAG)
+                message.Recv(buf)       # matched probes: see PSServer.serve
                 seen[source] = Seen(int(buf[0]), int(buf[1]), now - buf[2] / 1000, now)
                 if buf[0] == DONE:
                     finished.add(source)

@@ -58,8 +58,7 @@ def drain(comm) -> int:
     from mpi4py import MPI
 
     status, count = MPI.Status(), 0
-    while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-        junk = bytearray(status.Get_count(MPI.BYTE))
-        comm.Recv([junk, MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
+    while (message := comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)) is not None:
+        message.Recv([bytearray(status.Get_count(MPI.BYTE)), MPI.BYTE])
         count += 1
     return count

@@ -71,7 +71,9 @@ class PSServer(PSRole):
 
         request, status = P.header(), MPI.Status()
         while not all(self.done):
-            self.ps_comm.Recv(request, source=MPI.ANY_SOURCE, tag=P.TAG_REQUEST, status=status)
+            # A matched probe, not a wildcard Recv: across nodes on MPICH's ch4:ucx a blocking
+            # Recv(ANY_SOURCE) never matched requests that had arrived (the PS hang).
+            self.ps_comm.Mprobe(MPI.ANY_SOURCE, P.TAG_REQUEST, status).Recv(request)
             worker, kind = status.Get_source(), int(request[P.KIND])
             if kind == P.PUSH:
                 if request[P.FLAGS] & P.STOP:
