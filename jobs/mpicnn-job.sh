@@ -11,7 +11,7 @@
 # Knobs (environment): PYTHON, LAUNCHER, SRUN_MPI, MPIRUN, LAUNCH_FLAGS, MAX_REQUEUES
 # (described at the top of jobs/slurm/train.sbatch).
 
-MPICNN_PREEMPTED=75          # mpicnn.preempt.PREEMPTED_EXIT
+MPICNN_PREEMPTED=75          # mpicnn.resilience.preemption.PREEMPTED_EXIT
 : "${PYTHON:=python3}"
 : "${MAX_REQUEUES:=3}"
 

@@ -6,22 +6,27 @@ import time
 
 import torch
 
-from . import checkpoint, timeline
-from .batchjob import job_defaults
+from .checkpoint import files as checkpoint
+from .checkpoint.checkpointer import save, save_config
+from .checkpoint.state import restore
+from .cluster.batchjob import job_defaults
+from .cluster.devices import bind_device, describe
+from .cluster.errors import run_guarded
 from .config import parse_config
 from .data import shard
 from .data.loader import make_loaders
 from .data.schema import open_dataset
-from .loop import RunState, Throughput, evaluate, train_epoch
-from .metrics import IntervalLog, MetricsWriter, Progress
-from .models import build_model
-from .optim import build_optimizer, build_scheduler, total_steps
-from .preempt import Preemption
-from .resume import restore, save, save_config
-from .supervisor import Supervised
-from .straggler import slow_down
+from .observe import timeline
+from .observe.progress import Progress
+from .observe.records import MetricsWriter
+from .observe.steps import IntervalLog
+from .resilience.drills import slow_down
+from .resilience.preemption import Preemption
+from .resilience.supervisor import Supervised
 from .sync import make_strategy
-from .world import bind_device, describe, run_guarded
+from .training.loop import Throughput, evaluate, train_epoch
+from .training.models import build_model
+from .training.optim import build_optimizer, build_scheduler, total_steps
 
 
 def main(argv=None) -> int:

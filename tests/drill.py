@@ -13,8 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from conftest import DIGITS, mpirun_command, job_env
+from conftest import DIGITS, job_env, mpirun_command
 
 TAG_ENV = "MPICNN_DRILL_TAG"      # marks every process of one drill, found through /proc
 RANK_ENVS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")

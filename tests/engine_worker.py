@@ -14,11 +14,11 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+from mpicnn.cluster.world import init_world
 from mpicnn.config import parse_config
-from mpicnn.optim import build_optimizer, build_scheduler
-from mpicnn.sync.allreduce import AllreduceStrategy
-from mpicnn.sync.staging import probe_cuda_support
-from mpicnn.world import init_world
+from mpicnn.sync.allreduce.strategy import AllreduceStrategy
+from mpicnn.sync.allreduce.transport import probe_cuda_support
+from mpicnn.training.optim import build_optimizer, build_scheduler
 
 
 class Shuffled(nn.Module):

@@ -5,20 +5,33 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import mpirun, read_jsonl
 from torch import nn
 
-from conftest import mpirun, read_jsonl
+from mpicnn.checkpoint.state import RunState
+from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config
-from mpicnn.errors import MpicnnError
-from mpicnn.loop import RunState, Throughput, train_epoch
-from mpicnn.models import build_model
-from mpicnn.sync.base import Strategy
-from mpicnn.sync.buckets import MB, Bucket, build_buckets, bucket_plan, plan_buckets, same_plan
-from mpicnn.sync.comm_thread import CommThread, InlineRunner, make_runner
-from mpicnn.sync.compression import Codec, sum_into
-from mpicnn.sync.hierarchy import chunks
-from mpicnn.sync.staging import (DirectBuffers, StagedBuffers, choose_path, make_buffers,
-                                 probe_cuda_support)
+from mpicnn.sync.allreduce.buckets import (
+    MB,
+    Bucket,
+    bucket_plan,
+    build_buckets,
+    plan_buckets,
+    same_plan,
+)
+from mpicnn.sync.allreduce.codec import Codec, sum_into
+from mpicnn.sync.allreduce.collectives import chunks
+from mpicnn.sync.allreduce.comm_thread import CommThread, InlineRunner, make_runner
+from mpicnn.sync.allreduce.transport import (
+    DirectBuffers,
+    StagedBuffers,
+    choose_path,
+    make_buffers,
+    probe_cuda_support,
+)
+from mpicnn.sync.contract import Strategy
+from mpicnn.training.loop import Throughput, train_epoch
+from mpicnn.training.models import build_model
 
 CPU, F32 = torch.device("cpu"), torch.float32
 
@@ -240,7 +253,7 @@ class _TwoIdenticalRanks:
 @pytest.mark.parametrize("compression", ["none", "fp16", "bf16"])
 def test_reducer_stages_encodes_sums_and_decodes(compression):
     pytest.importorskip("mpi4py")
-    from mpicnn.sync.reducer import Reducer
+    from mpicnn.sync.allreduce.reducer import Reducer
 
     collective = _TwoIdenticalRanks()
     reducer = Reducer(collective, Codec(compression, 2), CPU)

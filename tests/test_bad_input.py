@@ -13,11 +13,18 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-
 from conftest import DIGITS
-from drill import (assert_one_clean_error, digits_arrays, flip_tensor_byte, record, run_job,
-                   small_digits, write_h5)
-from mpicnn import checkpoint
+from drill import (
+    assert_one_clean_error,
+    digits_arrays,
+    flip_tensor_byte,
+    record,
+    run_job,
+    small_digits,
+    write_h5,
+)
+
+from mpicnn.checkpoint import files as checkpoint
 from mpicnn.config import FIELDS
 
 pytestmark = pytest.mark.mpi

@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-
 from conftest import run_command
 
 pytestmark = pytest.mark.mpi

@@ -1,8 +1,8 @@
 """Config parsing, TOML files and rejection of bad settings."""
 import pytest
 
+from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import Config, parse_config
-from mpicnn.errors import MpicnnError
 
 
 def test_defaults_and_overrides():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from mpicnn.cluster.errors import MpicnnError
 from mpicnn.data import shard
 from mpicnn.data.augment import Augmenter, parse_augment, sample_draws
 from mpicnn.data.cache import check_cache_fits
@@ -11,7 +12,6 @@ from mpicnn.data.loader import Loader
 from mpicnn.data.prefetch import ProcessSource
 from mpicnn.data.reader import ReaderSpec
 from mpicnn.data.schema import open_dataset
-from mpicnn.errors import MpicnnError
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import run_command
 
 MIB = 2 ** 20

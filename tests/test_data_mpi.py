@@ -5,9 +5,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import DIGITS, mpirun, read_jsonl, run_command
-from mpicnn import checkpoint
+
+from mpicnn.checkpoint import files as checkpoint
 from mpicnn.config import parse_config
 
 pytestmark = pytest.mark.mpi

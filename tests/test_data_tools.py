@@ -4,8 +4,8 @@ import sys
 import h5py
 import numpy as np
 import pytest
-
 from conftest import DIGITS, run_command
+
 from mpicnn.data.__main__ import main
 from mpicnn.data.schema import open_dataset
 
@@ -119,7 +119,7 @@ def test_convert_npy_with_labels_and_h5_rechunking(tmp_path):
             f.create_dataset(f"{name}/images", data=np.repeat(x[:, None], 3, 1),
                              chunks=(4, 1, 8, 8), compression="gzip", compression_opts=9)
             f.create_dataset(f"{name}/labels", data=y)
-    from mpicnn.data.convert import array_source, write_source     # forward scans
+    from mpicnn.data.convert import array_source, write_source
     write_source(array_source(str(tmp_path / "bad.h5")), str(tmp_path / "mixed.h5"),
                  memory=60 * 192)              # 60 rows per segment: 9 scans per split
     with h5py.File(tmp_path / "mixed.h5") as f:

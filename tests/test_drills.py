@@ -10,11 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import read_jsonl
-from drill import (Job, assert_one_clean_error, digits_arrays, flip_tensor_byte, record,
-                   run_job, small_digits, write_h5)
-from mpicnn import checkpoint
+from drill import (
+    Job,
+    assert_one_clean_error,
+    digits_arrays,
+    flip_tensor_byte,
+    record,
+    run_job,
+    small_digits,
+    write_h5,
+)
+
+from mpicnn.checkpoint import files as checkpoint
 from mpicnn.config import FIELDS
 from mpicnn.data.loader import Loader
 from mpicnn.data.schema import NAN_SAMPLE, open_dataset

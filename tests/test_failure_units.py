@@ -9,14 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpicnn import checkpoint, digest, faults
+from mpicnn.checkpoint import checksum as digest
+from mpicnn.checkpoint import files as checkpoint
+from mpicnn.checkpoint.state import plain_scheduler_state
+from mpicnn.cluster.errors import MpicnnError
+from mpicnn.cluster.world import World
 from mpicnn.config import parse_config
-from mpicnn.errors import MpicnnError
-from mpicnn.guards import NanGuard, grads_finite
-from mpicnn.optim import build_scheduler
-from mpicnn.resume import plain_scheduler_state
-from mpicnn.watchdog import COMPUTE, DONE, SERVE, WAIT, Seen, diagnose, heartbeat_interval, spans
-from mpicnn.world import World
+from mpicnn.resilience import drills as faults
+from mpicnn.resilience.nan_policy import NanGuard, grads_finite
+from mpicnn.resilience.watchdog import (
+    COMPUTE,
+    DONE,
+    SERVE,
+    WAIT,
+    Seen,
+    diagnose,
+    heartbeat_interval,
+    spans,
+)
+from mpicnn.training.optim import build_scheduler
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mpicnn"
 LOG = logging.getLogger("test")
@@ -269,4 +280,4 @@ def test_package_never_evaluates_input_or_listens():
                     else [node.module or ""]
                 problems += [f"{where} imports {m}" for m in modules if m in FORBIDDEN_IMPORTS]
     assert not problems, "\n".join(problems)
-    assert "tomllib.load(" in (PACKAGE / "config.py").read_text()
+    assert "tomllib.load(" in (PACKAGE / "config" / "__init__.py").read_text()

@@ -8,11 +8,14 @@ import sys
 import time
 
 import pytest
-
 from conftest import mpirun, mpirun_command, read_jsonl, run_command
-from mpicnn import metrics, timeline
-from mpicnn.errors import MpicnnError
-from mpicnn.metrics import PHASES, PhaseTimer, Progress, check_record, status_line
+
+from mpicnn.cluster.errors import MpicnnError
+from mpicnn.observe import records as metrics
+from mpicnn.observe import timeline
+from mpicnn.observe.progress import Progress, status_line
+from mpicnn.observe.records import check_record
+from mpicnn.observe.steps import PHASES, PhaseTimer
 
 STEPS, EVERY, WINDOW = 20, 4, (3, 9)
 
@@ -200,8 +203,8 @@ def test_trace_has_every_rank_and_phase(runs):
 SKEW_SCRIPT = """
 import json, sys
 from mpi4py import MPI
-from mpicnn import timeline
-from mpicnn.world import init_world
+from mpicnn.observe import timeline
+from mpicnn.cluster.world import init_world
 world = init_world()
 recorder = timeline.start(world, sys.argv[1], "0:1")
 recorder.wall0 += 1000.0 * world.rank        # every rank's clock is off by 1000 s per rank
@@ -256,7 +259,7 @@ def with_ps_fields(source, target) -> None:
 
 @pytest.mark.mpi
 def test_report_png_has_the_expected_panels(runs, tmp_path):
-    from mpicnn import report
+    from mpicnn.observe import report
 
     two, one = runs[2][1], runs[1][1]
     png = tmp_path / "report.png"

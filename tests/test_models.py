@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mpicnn.errors import MpicnnError
-from mpicnn.models import MODELS, build_model
+from mpicnn.cluster.errors import MpicnnError
+from mpicnn.training.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mpicnn.config import parse_config
-from mpicnn.optim import build_optimizer
+from mpicnn.training.optim import build_optimizer
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])

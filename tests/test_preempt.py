@@ -8,15 +8,14 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, job_env, mpirun, mpirun_command, read_jsonl
 
-from conftest import mpirun, mpirun_command, job_env, read_jsonl, ROOT
-from mpicnn.batchjob import job_defaults
+from mpicnn.checkpoint.state import RunState
+from mpicnn.cluster.batchjob import BatchJob, batch_job, job_defaults
+from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config
-from mpicnn.errors import MpicnnError
-from mpicnn.loop import RunState
-from mpicnn.metrics import check_record
-from mpicnn.preempt import PREEMPTED_EXIT, Preemption, StopSignals
-from mpicnn.world import BatchJob, batch_job
+from mpicnn.observe.records import check_record
+from mpicnn.resilience.preemption import PREEMPTED_EXIT, Preemption, StopSignals
 
 
 # --- which job are we in -----------------------------------------------------------

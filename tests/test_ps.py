@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, job_env, mpirun, mpirun_command, read_jsonl, run_command
+
+from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config, staleness_bound
-from mpicnn.errors import MpicnnError
-from mpicnn.metrics import check_record
+from mpicnn.observe.records import check_record
 from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
 from mpicnn.sync.ps.layout import partition, roles
 from mpicnn.sync.ps.policy import Dispatcher, may_proceed, stop_step
@@ -142,7 +142,7 @@ def test_optimizer_state_survives_flattening_and_sharding(optimizer):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
     params = list(model.parameters())
-    from mpicnn.optim import build_optimizer
+    from mpicnn.training.optim import build_optimizer
 
     opt = build_optimizer(cfg, params, 32)
     for _ in range(3):

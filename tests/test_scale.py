@@ -5,11 +5,11 @@ import json
 import sys
 
 import pytest
-
 from conftest import run_command
-from mpicnn.bench import scale
-from mpicnn.errors import MpicnnError
 from test_metrics_report import png_size
+
+from mpicnn.bench import scale
+from mpicnn.cluster.errors import MpicnnError
 
 
 def test_fit_recovers_alpha_and_beta_of_exact_ring_costs():

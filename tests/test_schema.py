@@ -3,11 +3,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import DIGITS, mpirun, read_jsonl
+
+from mpicnn.cluster.errors import MpicnnError
 from mpicnn.data.loader import Loader
 from mpicnn.data.schema import open_dataset
-from mpicnn.errors import MpicnnError
 
 
 def digits_arrays():

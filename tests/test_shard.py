@@ -4,8 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
+from mpicnn.cluster.errors import MpicnnError
 from mpicnn.data import shard
-from mpicnn.errors import MpicnnError
 
 CASES = [(n, world, batch) for n, world, batch in
          itertools.product([1, 7, 100, 1000, 1797], [1, 2, 3, 4, 8], [1, 5, 16, 32])

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, job_env, read_jsonl
-from mpicnn.config import FIELDS
 from slurm_cluster import LocalSlurm, Unavailable, ensure_installed
+
+from mpicnn.config import FIELDS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 

@@ -1,12 +1,12 @@
 """End-to-end training over real MPI ranks on real HDF5 files."""
 import pytest
 import torch
-
 from conftest import DIGITS, mpirun, read_jsonl
+
 from mpicnn.data.loader import Loader
 from mpicnn.data.schema import open_dataset
-from mpicnn.loop import evaluate
-from mpicnn.models import build_model
+from mpicnn.training.loop import evaluate
+from mpicnn.training.models import build_model
 
 END_FIELDS = {"event", "val_acc", "val_loss", "train_loss", "images_per_s", "steps", "epochs",
               "world_size", "mode", "wall_s"}

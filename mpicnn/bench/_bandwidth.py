@@ -16,9 +16,9 @@ import time
 import numpy as np
 import torch
 
+from ..cluster.errors import run_guarded
 from ..config import parse_config
-from ..sync.allreduce import AllreduceStrategy
-from ..world import run_guarded
+from ..sync.allreduce.strategy import AllreduceStrategy
 
 
 def bus_bandwidth(nbytes: int, seconds: float, ranks: int) -> float:

@@ -13,15 +13,17 @@ import sys
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.state import RunState
+from ..cluster.devices import bind_device
+from ..cluster.errors import run_guarded
 from ..config import parse_config
 from ..data import shard
 from ..data.loader import Loader
 from ..data.schema import open_dataset
-from ..loop import RunState, Throughput, train_epoch
-from ..models import build_model
-from ..optim import build_optimizer, build_scheduler, total_steps
-from ..sync.base import Strategy
-from ..world import bind_device, run_guarded
+from ..sync.contract import Strategy
+from ..training.loop import Throughput, train_epoch
+from ..training.models import build_model
+from ..training.optim import build_optimizer, build_scheduler, total_steps
 
 
 class DDPStrategy(Strategy):

@@ -137,7 +137,7 @@ def train_run(path, args, folder: Path, name: str, extra: list) -> dict:
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     with open(metrics) as fh:
         epoch = [json.loads(line) for line in fh if '"epoch"' in line][-1]
-    from mpicnn.metrics import PHASES          # the step's sequential phases
+    from mpicnn.observe.steps import PHASES
 
     phases = {name: epoch[f"{name}_ms"] for name in PHASES if f"{name}_ms" in epoch}
     step = sum(phases.values())

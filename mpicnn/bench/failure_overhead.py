@@ -30,8 +30,8 @@ def time_check(name: str, shape, batch: int, repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from ..guards import grads_finite
-    from ..models import build_model
+    from ..resilience.nan_policy import grads_finite
+    from ..training.models import build_model
 
     model = build_model(name, shape, 10)
     optimizer = torch.optim.AdamW(model.parameters())

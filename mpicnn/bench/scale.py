@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_PROBE_BYTES = 64 * 1024     # below this, MPI's eager protocol follows another line
@@ -184,8 +184,8 @@ def measure_training(n: int, opts, workdir: str, timeout: float) -> dict:
                 "--batch-size", str(opts.batch_size), "--threads", str(opts.threads),
                 "--max-steps", str(opts.steps), "--epochs", "1000", "--log-every", str(every),
                 "--progress", "off", "--metrics", path], timeout)
-    from ..metrics import PHASES
-    from ..report import load_run
+    from ..observe.report import load_run
+    from ..observe.steps import PHASES
 
     run = load_run(path)
     intervals = run.intervals[1:] or run.intervals      # the first holds the warm-up
@@ -198,7 +198,7 @@ def measure_training(n: int, opts, workdir: str, timeout: float) -> dict:
 def gradient_bytes(data_path: str, model_name: str) -> int:
     """Bytes of all trainable gradients of ``model_name`` on ``data_path``'s shape."""
     from ..data.schema import open_dataset
-    from ..models import build_model
+    from ..training.models import build_model
 
     data = open_dataset(data_path)
     try:

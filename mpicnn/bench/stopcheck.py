@@ -17,7 +17,7 @@ from pathlib import Path
 
 def agreement_latency_us(comm, calls: int) -> float:
     """Mean microseconds of one stop agreement (after a barrier, so ranks start together)."""
-    from ..metrics import reduce_sums
+    from ..cluster.world import reduce_sums
 
     comm.Barrier()
     start = time.perf_counter()
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=5000, help="agreements timed alone")
     args, train_args = parser.parse_known_args(argv)
 
+    from ..cluster.world import init_world, make_logger
     from ..train import train
-    from ..world import init_world, make_logger
 
     world = init_world()
     latency = agreement_latency_us(world.comm, args.calls)

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 
 def cmd_digits(args) -> int:

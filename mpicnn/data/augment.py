@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 AUGMENTATIONS = ("crop", "flip")
 STREAM = 0xA5A5_0001          # keeps these draws apart from any other use of the seed

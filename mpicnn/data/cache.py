@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 MEMINFO = "/proc/meminfo"
 USABLE_SHARE = 0.8        # leave room for the OS, page cache and the models

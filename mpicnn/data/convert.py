@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 from .digits import stratified_split
 from .schema import detect_layout
 from .writer import SplitWriter, atomic_h5, block_rows, write_attrs

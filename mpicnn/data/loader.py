@@ -16,7 +16,7 @@ from . import shard
 from .augment import Augmenter
 from .cache import check_cache_fits
 from .prefetch import InlineSource, ProcessSource, ThreadSource
-from .reader import ReaderSpec, to_nchw, unit_rows  # noqa: F401 - to_nchw re-exported
+from .reader import ReaderSpec, unit_rows
 from .schema import Dataset, Split
 
 EVAL_BATCH = 512

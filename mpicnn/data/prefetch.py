@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MpicnnError
-from ..preempt import STOP_SIGNALS
+from ..cluster.errors import MpicnnError
+from ..resilience.preemption import STOP_SIGNALS
 from .reader import ReaderSpec
 
 MODES = ("thread", "process")
@@ -246,7 +246,7 @@ def serve(conn: Connection) -> None:
 
 def main(argv) -> int:
     # SLURM and PBS signal every process of a job: stop signals are for the trainer
-    # (mpicnn/preempt.py), which checkpoints and then stops this reader itself.
+    # (mpicnn/resilience/preemption.py), which checkpoints and then stops this reader itself.
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     conn = Connection(int(argv[0]))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 SPLITS = ("train", "val")
 NAN_SAMPLE = 256           # float images checked for NaN/Inf per split

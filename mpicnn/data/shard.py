@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MpicnnError
+from ..cluster.errors import MpicnnError
 from .writer import SplitWriter, atomic_h5, block_rows, write_attrs
 
 WAVES = 3            # plane waves per class and channel

@@ -1,14 +1,14 @@
 """Gradient synchronisation strategies, chosen once from ``--mode``."""
 from __future__ import annotations
 
-from ..errors import MpicnnError
-from .base import Strategy
+from ..cluster.errors import MpicnnError
+from .contract import Strategy
 
 
 def make_strategy(cfg, world) -> Strategy:
     """The strategy object for ``cfg.mode``; the training loop never branches on the mode."""
     if cfg.mode == "allreduce":
-        from .allreduce import AllreduceStrategy
+        from .allreduce.strategy import AllreduceStrategy
 
         strategy = AllreduceStrategy(world, cfg)
     elif cfg.mode in ("ps-sync", "ps-async"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...errors import MpicnnError
+from ...cluster.errors import MpicnnError
 
 ALIGN_BYTES = 64     # range boundaries on cache-line multiples
 

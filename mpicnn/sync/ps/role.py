@@ -5,10 +5,10 @@ from collections import Counter
 
 import numpy as np
 
+from ...cluster.errors import MpicnnError
 from ...config import staleness_bound
-from ...errors import MpicnnError
-from ..base import Strategy
-from ..collectives import broadcast_module
+from ..contract import Strategy
+from ..replicas import broadcast_module
 from .layout import Roles, partition
 
 

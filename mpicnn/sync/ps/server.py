@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ... import timeline
-from ...errors import MpicnnError
-from ...optim import build_optimizer
+from ...cluster.errors import MpicnnError
+from ...observe import timeline
+from ...training.optim import build_optimizer
 from . import protocol as P
 from .flatstate import flat_state, flatten_params, set_flat_state, state_keys
 from .policy import Dispatcher, may_proceed, stop_step

@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import torch
 
-from ... import timeline
-from ...guards import grads_finite
-from ...metrics import reduce_sums
-from ..collectives import average_buffers
+from ...cluster.world import reduce_sums
+from ...observe import timeline
+from ...resilience.nan_policy import grads_finite
+from ..replicas import average_buffers
 from . import protocol as P
 from .flatstate import flatten_params, set_flat_state, state_keys, unflatten_into
 from .role import PSRole, decode_stats, summarize

@@ -24,16 +24,15 @@ from functools import partial
 
 import torch
 
-from ..world import cuda_aware_override
-from .base import Strategy
+from ...cluster.world import cuda_aware_override
+from ..contract import Strategy
+from ..replicas import average_buffers, broadcast_module
 from .buckets import FIRST_BUCKET_BYTES, MB, bucket_plan, build_buckets, same_plan
-from .collectives import average_buffers, broadcast_module
+from .codec import HALF_DTYPES, Codec
+from .collectives import FlatAllreduce, HierarchicalAllreduce, SharedMemoryAllreduce
 from .comm_thread import make_runner
-from .compression import HALF_DTYPES, Codec
-from .hierarchy import FlatAllreduce, HierarchicalAllreduce
 from .reducer import Reducer
-from .shared import SharedMemoryAllreduce
-from .staging import choose_path, probe_cuda_support
+from .transport import choose_path, probe_cuda_support
 
 PLAIN_KEY = "plain"
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from . import faults
-from .errors import MpicnnError
-from .guards import NanGuard, grads_finite
+from ..cluster.errors import MpicnnError
+from . import drills as faults
+from .drills import drill_sleep_spec
+from .nan_policy import NanGuard, grads_finite
 from .watchdog import COMPUTE, SERVE, WAIT, Watchdog
-from .world import drill_sleep_spec
 
 
 class Supervised:

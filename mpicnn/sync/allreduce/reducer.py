@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .staging import mpi_buffer
+from .transport import mpi_buffer
 
 
 class Reducer:
@@ -15,7 +15,7 @@ class Reducer:
     """
 
     def __init__(self, collective, codec, device: torch.device, aware: bool = False):
-        from .staging import make_buffers
+        from .transport import make_buffers
 
         self.collective, self.codec, self.device = collective, codec, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None

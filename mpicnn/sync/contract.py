@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from ..metrics import reduce_sums
+from ..cluster.world import reduce_sums
 
 
 class Strategy:

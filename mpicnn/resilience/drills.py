@@ -1,9 +1,44 @@
-"""Straggler simulation (``--slow-rank R --slow-factor F``) for tests and benchmarks."""
+"""Test-only drills: stall injection, the straggler, and the drill environment's reader.
+
+Production code calls them only through the hooks that name them; outside a drill
+(no ``MPICNN_TEST_SLEEP``, no ``--slow-rank``) they do nothing.
+"""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
+
+from ..cluster.errors import MpicnnError
+
+# Testing aid: 'rank:step:seconds[,...]' makes that rank stall before that step's exchange.
+TEST_SLEEP_ENV = "MPICNN_TEST_SLEEP"
+
+
+def drill_sleep_spec() -> str:
+    """The stall drill's 'rank:step:seconds' list (empty outside tests)."""
+    return os.environ.get(TEST_SLEEP_ENV, "")
+
+
+def parse_sleeps(spec: str, rank: int) -> dict[int, float]:
+    """{step: seconds} for ``rank`` from ``'rank:step:seconds[,...]'`` (steps count from 1)."""
+    sleeps = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            r, step, seconds = item.split(":")
+            r, step, seconds = int(r), int(step), float(seconds)
+        except ValueError:
+            raise MpicnnError(f"test sleep {item!r} is not 'rank:step:seconds'") from None
+        if r == rank:
+            sleeps[step] = sleeps.get(step, 0.0) + seconds
+    return sleeps
+
+
+def stall(sleeps: dict[int, float], step: int) -> None:
+    """Sleep as the drill asked for ``step`` (nothing outside drills)."""
+    if step in sleeps:
+        time.sleep(sleeps[step])
 
 
 class Straggler:

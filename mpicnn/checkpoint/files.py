@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from . import digest
-from .errors import MpicnnError
+from ..cluster.errors import MpicnnError
+from . import checksum as digest
 
 FINAL = "final.pt"
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")

@@ -1,4 +1,4 @@
-"""Collectives on torch tensors through mpi4py's buffer interface (no pickling)."""
+"""Keeping model replicas equal: broadcast from rank 0, average buffers (no pickling)."""
 from __future__ import annotations
 
 import torch

@@ -6,7 +6,7 @@ import importlib
 import torch
 from torch import nn
 
-from .errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 
 def _flat_features(body: nn.Module, input_shape) -> int:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
-SHIPPED_DATA = Path(__file__).resolve().parent.parent / "data" / "digits.h5"
+SHIPPED_DATA = Path(__file__).resolve().parents[2] / "data" / "digits.h5"
 
 
 def opt(default, help, group, choices=None, metavar=None):
@@ -142,7 +142,7 @@ class Config:
                              "one exchange (0: never)", "failure")
     keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
                                 "is always kept)", "failure")
-    # --- preemption (mpicnn/preempt.py, jobs/) ---------------------------------
+    # --- preemption (mpicnn/resilience/preemption.py, jobs/) ---------------------------------
     stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
                                 "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "
                                 "leave signals alone", "output")
@@ -321,7 +321,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) < 0:
             raise MpicnnError(f"--{name.replace('_', '-')} must not be negative",
                               collective=True)
-    from .data.augment import parse_augment
+    from ..data.augment import parse_augment
     parse_augment(cfg.augment)
     for name in ["stall_warn", "stall_abort", "keep_checkpoints"]:
         if not getattr(cfg, name) >= 0:

@@ -1,13 +1,21 @@
-"""Save and restore the full training state so a resumed run continues exactly."""
+"""The training state: where the run is (RunState), what a checkpoint holds, restoring it."""
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from . import checkpoint
-from .errors import MpicnnError
-from .loop import RunState
+from ..cluster.errors import MpicnnError
+from . import files as checkpoint
+
+
+@dataclass
+class RunState:
+    """Where the run is: the next epoch to run, and steps already done in it."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
 
 
 def plain_scheduler_state(scheduler) -> dict:
@@ -28,20 +36,6 @@ def training_state(cfg, model, optimizer, scheduler, state: RunState) -> dict:
             "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
             "rng": torch.get_rng_state(), "model_name": cfg.model, "mode": cfg.mode,
             "config": cfg.to_dict()}
-
-
-def save(cfg, model, optimizer, scheduler, state: RunState, name: str) -> Path:
-    """Write the training state atomically into ``cfg.checkpoint_dir`` (rank 0 only)."""
-    path = Path(cfg.checkpoint_dir) / name
-    checkpoint.atomic_save(training_state(cfg, model, optimizer, scheduler, state), path)
-    checkpoint.prune(cfg.checkpoint_dir, cfg.keep_checkpoints)
-    return path
-
-
-def save_config(cfg) -> None:
-    """Check the checkpoint directory is writable and keep the effective config there."""
-    checkpoint.ensure_writable(cfg.checkpoint_dir)
-    (Path(cfg.checkpoint_dir) / "config.toml").write_text(cfg.dump())
 
 
 def check_compatible(saved: dict, cfg, path) -> None:

@@ -7,7 +7,7 @@ recording window (``--timeline-steps a:b``), and ``finish()`` gathers every rank
 to rank 0, corrects the ranks' clock offsets and writes one Chrome-trace/Perfetto JSON
 file: one process track per rank, one thread track per thread (main, communication...).
 
-Spans on a thread where a :class:`~mpicnn.metrics.PhaseTimer` is listening are also
+Spans on a thread where a :class:`~mpicnn.observe.steps.PhaseTimer` is listening are also
 charged to it as exclusive time: a ``ps_push`` span inside the loop's ``comm`` phase is
 counted as ``ps_push`` and taken out of ``comm``, so the split always adds up.
 """
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 PINGS = 8                    # ping-pong rounds per rank; the fastest round wins
 MAX_EVENTS = 200_000         # per rank, so a long window cannot exhaust memory

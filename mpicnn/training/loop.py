@@ -9,19 +9,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import timeline
-from .metrics import Meter, PhaseTimer, reduce_sums
+from ..checkpoint.state import RunState
+from ..cluster.world import reduce_sums
+from ..observe import timeline
+from ..observe.steps import Meter, PhaseTimer
 
 WARMUP_STEPS_UNTIMED = 5
-
-
-@dataclass
-class RunState:
-    """Where the run is: the next epoch to run, and steps already done in it."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
 
 
 @dataclass

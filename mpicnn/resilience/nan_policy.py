@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import MpicnnError
+from ..cluster.errors import MpicnnError
 
 # A run that only produces non-finite gradients is not training; stop it.
 MAX_CONSECUTIVE_SKIPS = 20

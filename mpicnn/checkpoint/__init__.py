@@ -1,0 +1,7 @@
+"""Checkpoints: what they hold, how they are written and found, and resuming from them.
+
+- ``files``: atomic writes, safe loads, finding the newest, pruning.
+- ``checksum``: the SHA-256 of a checkpoint's content, stored inside it.
+- ``state``: ``RunState`` (where the run is), the saved training state, ``restore``.
+- ``checkpointer``: rank 0's writer (cadence, stop saves, ``config.toml``, pruning).
+"""

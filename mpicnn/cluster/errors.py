@@ -1,0 +1,65 @@
+"""The one user-facing error, and how a failure reaches the user: one line, once per job.
+
+Every rank that fails ends: a collective error (all ranks found it) exits together, any
+other aborts the whole MPI job so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .world import World
+
+
+class MpicnnError(Exception):
+    """A user-facing failure, reported as one line ``mpicnn: error: <message>``.
+
+    ``collective=True`` means every rank detected the same failure (config parsing,
+    agreed validation), so rank 0 alone reports it and all ranks exit together
+    instead of aborting the job.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, collective: bool = False):
+        super().__init__(message)
+        self.collective = collective
+
+
+def report_failure(world: World | None, exc: BaseException, debug: bool) -> int:
+    """Print one ``mpicnn: error:`` line (once per job) and return the exit code."""
+    collective = isinstance(exc, MpicnnError) and exc.collective
+    rank = world.rank if world else 0
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if isinstance(exc, MpicnnError):
+        message = str(exc)
+    else:
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        message = f"{type(exc).__name__}: {exc}{hint}"
+    if not collective and world and world.size > 1:
+        message = f"rank {rank}: {message}"
+    if not collective or rank == 0:
+        print(f"mpicnn: error: {message}", file=sys.stderr, flush=True)
+    return exc.exit_code if isinstance(exc, MpicnnError) else 1
+
+
+def run_guarded(main, argv, world_factory=None) -> int:
+    """Run ``main(world, argv)``; on failure report once and end every rank."""
+    if world_factory is None:
+        from .world import init_world as world_factory
+    debug = "--debug" in (argv or [])
+    world = None
+    try:
+        world = world_factory()
+        return main(world, argv) or 0
+    except SystemExit as exc:          # --help and friends
+        return exc.code if isinstance(exc.code, int) else 0
+    except BaseException as exc:       # noqa: B902 - every failure must end the job
+        code = report_failure(world, exc, debug)
+        collective = isinstance(exc, MpicnnError) and exc.collective
+        if world is not None and world.size > 1 and not collective:
+            world.abort(code)
+        return code

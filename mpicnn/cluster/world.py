@@ -1,0 +1,132 @@
+"""The MPI world: ranks, nodes, the rank-aware logger, abort, and small reductions.
+
+This package is the only reader of launcher environment variables.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batchjob import BatchJob, batch_job
+from .errors import MpicnnError
+
+# Testing aid: group consecutive ranks into fake nodes of this many ranks.
+FAKE_RANKS_PER_NODE_ENV = "MPICNN_RANKS_PER_NODE"
+CUDA_AWARE_ENV = "MPICNN_CUDA_AWARE"
+# Testing aid: ask MPI for a lower thread level (single, funneled, serialized).
+THREAD_LEVEL_ENV = "MPICNN_THREAD_LEVEL"
+ABORT_GRACE_S = 0.5              # before MPI_Abort: the error line must reach the user
+
+
+@dataclass
+class World:
+    """Who this process is in the job; decided once and passed down."""
+
+    comm: object                     # MPI.Comm (COMM_WORLD)
+    rank: int = 0
+    size: int = 1
+    local_comm: object = None        # ranks on this node
+    local_rank: int = 0
+    local_size: int = 1
+    node: int = 0                    # index of this node among nodes
+    num_nodes: int = 1
+    hostname: str = field(default_factory=socket.gethostname)
+    device: object = None            # torch.device, set by bind_device()
+    log: logging.Logger = None
+    job: "BatchJob | None" = None    # the SLURM/PBS job this run belongs to, if any
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def agree(self, check):
+        """Run ``check()`` on every rank; if any rank fails, raise the same error on all.
+
+        The first failing rank's message wins, so all ranks stop together and
+        rank 0 alone reports it. Unexpected exceptions are agreed on too (as
+        ``Type: message``) so that a check failing everywhere prints one line.
+        """
+        cause = None
+        try:
+            result, error = check(), None
+        except MpicnnError as exc:
+            result, error = None, str(exc)
+        except Exception as exc:      # noqa: B902 - reported once below, cause kept for --debug
+            result, error, cause = None, f"{type(exc).__name__}: {exc}", exc
+        errors = self.comm.allgather(error)
+        for rank, message in enumerate(errors):
+            if message is not None:
+                where = f" (rank {rank})" if self.size > 1 and errors.count(None) else ""
+                raise MpicnnError(message + where, collective=True) from cause
+        return result
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (after the launcher has had a moment to forward
+        what this rank printed: MPICH's hydra drops output still in the pipe on an abort)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
+        self.comm.Abort(code)
+
+
+def init_world() -> World:
+    """Start MPI (thread-multiple when offered) and find this rank's node."""
+    import mpi4py
+    mpi4py.rc.thread_level = os.environ.get(THREAD_LEVEL_ENV, "multiple")
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    fake = os.environ.get(FAKE_RANKS_PER_NODE_ENV)
+    if fake:
+        local_comm = comm.Split(color=rank // max(1, int(fake)), key=rank)
+    else:
+        local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = local_comm.Get_rank(), local_comm.Get_size()
+    leaders = comm.allgather(local_rank == 0)
+    node = sum(leaders[: rank + 1]) - 1 if local_rank == 0 else None
+    node = local_comm.bcast(node, root=0)
+    world = World(comm=comm, rank=rank, size=size, local_comm=local_comm,
+                  local_rank=local_rank, local_size=local_size,
+                  node=node, num_nodes=sum(leaders),
+                  job=comm.bcast(batch_job(), root=0))   # rank 0's view, so all agree
+    world.log = make_logger(world.is_root)
+    return world
+
+
+def make_logger(active: bool) -> logging.Logger:
+    """Rank 0 logs to stdout; every other rank gets a logger that does nothing."""
+    logger = logging.getLogger("mpicnn" if active else "mpicnn.silent")
+    logger.propagate = False
+    logger.handlers.clear()
+    if active:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("mpicnn: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.CRITICAL + 1)
+    return logger
+
+
+def cuda_aware_override() -> str | None:
+    """The user's CUDA-aware setting from the environment, if any (on/off)."""
+    value = os.environ.get(CUDA_AWARE_ENV, "").strip().lower()
+    return {"1": "on", "on": "on", "true": "on", "0": "off", "off": "off",
+            "false": "off"}.get(value)
+
+
+def reduce_sums(comm, values) -> np.ndarray:
+    """Sum a short vector of numbers over all ranks (one Allreduce)."""
+    from mpi4py import MPI
+
+    buf = np.asarray(values, dtype=np.float64).copy()
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    return buf

@@ -1,0 +1,8 @@
+"""What a run tells its user: step statistics, metrics records, progress, timeline, reports.
+
+- ``steps``: phase timers, (sum, count) meters, interval records reduced over ranks.
+- ``records``: the JSON-lines metrics schema, its checker and the writer.
+- ``progress``: rank 0's tqdm bar or status lines.
+- ``timeline``: Chrome-trace spans of every rank's phases, merged on rank 0.
+- ``report``: ``python -m mpicnn.report``: plots and tables from metrics files.
+"""

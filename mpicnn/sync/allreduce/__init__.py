@@ -1,0 +1,10 @@
+"""The allreduce engine: gradients averaged in buckets while backward runs.
+
+- ``strategy``: ``AllreduceStrategy``, what the training loop calls.
+- ``buckets``: which parameters share a bucket, and the flat views into it.
+- ``reducer``: one bucket's reduction (encode, collective, decode, divide).
+- ``comm_thread``: the thread that runs reductions beside backward.
+- ``codec``: fp16/bf16 compression on the wire.
+- ``transport``: device buffers to MPI, directly (CUDA-aware) or staged through pinned memory.
+- ``collectives``: the ``Collective`` family: flat, hierarchical, shared-memory windows.
+"""

@@ -1,0 +1,6 @@
+"""What one rank computes: the model zoo, optimizer and schedule, the epoch loop.
+
+- ``models``: the zoo and ``build_model`` (zoo names or ``package.module:Class``).
+- ``optim``: optimizers (fused where the device has them) and lr schedules.
+- ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.
+"""
