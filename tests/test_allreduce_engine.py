@@ -11,6 +11,7 @@ from torch import nn
 from mpicnn.checkpoint.state import RunState
 from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config
+from mpicnn.observe.steps import StepStats
 from mpicnn.sync.allreduce.buckets import (
     MB,
     Bucket,
@@ -30,7 +31,7 @@ from mpicnn.sync.allreduce.transport import (
     probe_cuda_support,
 )
 from mpicnn.sync.contract import Strategy
-from mpicnn.training.loop import Throughput, train_epoch
+from mpicnn.training.loop import train_epoch
 from mpicnn.training.models import build_model
 
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -329,9 +330,10 @@ def test_accumulation_syncs_once_and_equals_the_whole_batch():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
         strategy = _Counting(torch.optim.SGD(model.parameters(), lr=0.1))
-        result = train_epoch(model, _Batches(batches), strategy, RunState(), 3, 8, Throughput(),
-                             accum_steps=k)
-        runs[k] = (strategy, result)
+        stats = StepStats()
+        train_epoch(model, _Batches(batches), strategy, strategy, RunState(), 3, stats,
+                    scheduler=strategy.scheduler, global_batch=8, accum_steps=k)
+        runs[k] = (strategy, stats.end_epoch(RunState()))
     one, four = runs[1][0], runs[4][0]
     assert one.calls == {"no_sync": 0, "after_backward": 3}
     assert four.calls == {"no_sync": 9, "after_backward": 3}   # 3 of 4 micro-batches per step

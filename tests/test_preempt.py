@@ -70,8 +70,8 @@ def test_a_second_ctrl_c_interrupts_at_once():
 def test_preemption_asks_every_n_steps_and_stops_when_any_rank_wants_to():
     asked = []
 
-    def agree(wanted):                        # stands in for the allreduce over ranks
-        asked.append(wanted)
+    def agree(wanted, step):                  # stands in for the allreduce over ranks
+        asked.append((wanted, step))
         return wanted or len(asked) == 4      # "another rank" saw a signal at the 4th check
 
     preempt = Preemption(check_every=3, agree=agree)
@@ -80,7 +80,7 @@ def test_preemption_asks_every_n_steps_and_stops_when_any_rank_wants_to():
     for step in range(1, 14):
         state.global_step = step
         stops.append(preempt.should_stop(state))
-    assert asked == [False] * 4                 # steps 3, 6, 9, 12 only
+    assert asked == [(False, 3), (False, 6), (False, 9), (False, 12)]    # checked steps only
     assert stops.index(True) == 11 and preempt.stopped
     assert preempt.reason == "a signal to another rank"
     off = Preemption(check_every=0, agree=agree)

@@ -20,8 +20,9 @@ from ..config import parse_config
 from ..data import shard
 from ..data.loader import Loader
 from ..data.schema import open_dataset
+from ..observe.steps import StepStats
 from ..sync.contract import Strategy
-from ..training.loop import Throughput, train_epoch
+from ..training.loop import train_epoch
 from ..training.models import build_model
 from ..training.optim import build_optimizer, build_scheduler, total_steps
 
@@ -55,16 +56,16 @@ def run(world, argv) -> int:
         ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
         optimizer = build_optimizer(cfg, ddp.parameters(), global_batch)
         strategy = DDPStrategy(world, cfg)
-        strategy.attach(ddp, optimizer, build_scheduler(cfg, optimizer, steps_per_epoch,
-                                                        run_steps))
+        scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
+        strategy.attach(ddp, optimizer, scheduler)
         loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
                         cfg.seed, cfg.shuffle)
-        throughput = Throughput()
-        result = train_epoch(ddp, loader, strategy, RunState(), run_steps, global_batch,
-                             throughput)
+        stats = StepStats()
+        train_epoch(ddp, loader, strategy, strategy, RunState(), run_steps, stats,
+                    scheduler=scheduler, global_batch=global_batch)
         if world.is_root:
-            print(json.dumps({"images_per_s": throughput.images_per_s, "steps": result.steps,
-                              **result.timer.snapshot_ms()}), flush=True)
+            print(json.dumps({"images_per_s": stats.images_per_s, "steps": stats.timer.steps,
+                              **stats.timer.snapshot_ms()}), flush=True)
         data.close()
     finally:
         dist.destroy_process_group()

@@ -1,21 +1,49 @@
-"""Rank 0's checkpoint writer: the training state into ``--checkpoint-dir``, pruned."""
+"""Rank 0's checkpoints: ``config.toml`` at start, the epoch cadence, the stop save, pruning.
+
+Every rank holds a ``Checkpointer``; only rank 0 of a run with ``--checkpoint-dir``
+writes, so callers need no rank checks.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import files as checkpoint
+from . import files
 from .state import RunState, training_state
 
 
-def save(cfg, model, optimizer, scheduler, state: RunState, name: str) -> Path:
-    """Write the training state atomically into ``cfg.checkpoint_dir`` (rank 0 only)."""
-    path = Path(cfg.checkpoint_dir) / name
-    checkpoint.atomic_save(training_state(cfg, model, optimizer, scheduler, state), path)
-    checkpoint.prune(cfg.checkpoint_dir, cfg.keep_checkpoints)
-    return path
+class Checkpointer:
+    """Writes the training state of ``model``/``optimizer``/``scheduler`` when it is due."""
 
+    def __init__(self, cfg, world, model, optimizer, scheduler):
+        self.cfg, self.world = cfg, world
+        self.parts = (model, optimizer, scheduler)
+        self.writes = bool(cfg.checkpoint_dir) and world.is_root
+        self.saved: Path | None = None          # the newest checkpoint this run wrote
 
-def save_config(cfg) -> None:
-    """Check the checkpoint directory is writable and keep the effective config there."""
-    checkpoint.ensure_writable(cfg.checkpoint_dir)
-    (Path(cfg.checkpoint_dir) / "config.toml").write_text(cfg.dump())
+    def prepare(self) -> None:
+        """Check the directory is writable and keep the effective config there (collective)."""
+        if self.cfg.checkpoint_dir:
+            self.world.agree(lambda: self.writes and self._write_config())
+
+    def _write_config(self) -> None:
+        files.ensure_writable(self.cfg.checkpoint_dir)
+        (Path(self.cfg.checkpoint_dir) / "config.toml").write_text(self.cfg.dump())
+
+    def epoch_done(self, state: RunState, finished: bool, last_epoch: int) -> None:
+        """Save after an epoch: ``final.pt`` when training is over, else by the cadence."""
+        due = state.epoch % self.cfg.checkpoint_every == 0 or state.epoch == last_epoch
+        if finished or due:
+            self.save(state, files.FINAL if finished else files.checkpoint_name(state.global_step))
+
+    def stopped(self, state: RunState) -> None:
+        """Save where a stop signal ended the run (mid-epoch is fine: resume skips done steps)."""
+        self.save(state, files.checkpoint_name(state.global_step))
+
+    def save(self, state: RunState, name: str) -> None:
+        """Write the training state atomically as ``name``, then prune old ones (rank 0)."""
+        if not self.writes:
+            return
+        path = Path(self.cfg.checkpoint_dir) / name
+        files.atomic_save(training_state(self.cfg, *self.parts, state), path)
+        files.prune(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
+        self.saved = path

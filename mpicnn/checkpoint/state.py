@@ -17,6 +17,23 @@ class RunState:
     step_in_epoch: int = 0
     global_step: int = 0
 
+    def move_to(self, global_step: int | None) -> None:
+        """Stand at ``global_step`` of the same epoch (None: stay)."""
+        if global_step is not None:
+            self.step_in_epoch += global_step - self.global_step
+            self.global_step = global_step
+
+    def advance(self, global_step: int | None = None) -> None:
+        """Count one finished step, or stand at ``global_step`` where the work plan says."""
+        self.step_in_epoch += 1
+        self.global_step += 1
+        self.move_to(global_step)
+
+    def next_epoch(self, steps_per_epoch: int) -> None:
+        """Begin the next epoch once this one's steps are all done."""
+        if self.step_in_epoch >= steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
 
 def plain_scheduler_state(scheduler) -> dict:
     """The scheduler's state without its lr function, which holds the Config object.

@@ -45,8 +45,8 @@ class World:
     def is_root(self) -> bool:
         return self.rank == 0
 
-    def agree(self, check):
-        """Run ``check()`` on every rank; if any rank fails, raise the same error on all.
+    def agree(self, check, comm=None):
+        """Run ``check()`` on every rank (of ``comm``); if any fails, raise the same error on all.
 
         The first failing rank's message wins, so all ranks stop together and
         rank 0 alone reports it. Unexpected exceptions are agreed on too (as
@@ -59,10 +59,10 @@ class World:
             result, error = None, str(exc)
         except Exception as exc:      # noqa: B902 - reported once below, cause kept for --debug
             result, error, cause = None, f"{type(exc).__name__}: {exc}", exc
-        errors = self.comm.allgather(error)
+        errors = (comm or self.comm).allgather(error)
         for rank, message in enumerate(errors):
             if message is not None:
-                where = f" (rank {rank})" if self.size > 1 and errors.count(None) else ""
+                where = f" (rank {rank})" if len(errors) > 1 and errors.count(None) else ""
                 raise MpicnnError(message + where, collective=True) from cause
         return result
 
@@ -124,9 +124,10 @@ def cuda_aware_override() -> str | None:
 
 
 def reduce_sums(comm, values) -> np.ndarray:
-    """Sum a short vector of numbers over all ranks (one Allreduce)."""
-    from mpi4py import MPI
-
+    """Sum a short vector of numbers over all ranks (one Allreduce; ``comm`` None: no MPI)."""
     buf = np.asarray(values, dtype=np.float64).copy()
-    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    if comm is not None:
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     return buf

@@ -64,6 +64,7 @@ class Loader:
         self.planned = batch * world if shuffle == "global" else batch   # rows per step
         self.window = window or shard.auto_window(self.planned, self.block, self.sample_bytes)
         self.sources: dict = {}
+        self._plans: tuple = (None, {})
 
     @property
     def steps(self) -> int:
@@ -72,16 +73,31 @@ class Loader:
     # --- what is read ---------------------------------------------------------------
     def plan(self, epoch: int) -> np.ndarray:
         """Rows of this rank for every step of ``epoch``: (steps, batch), rows sorted."""
+        return self.plan_for(self.rank, epoch)
+
+    def plan_for(self, worker: int, epoch: int) -> np.ndarray:
+        """Rows of ``worker`` for every step of ``epoch`` (the last epoch's plans are kept).
+
+        A parameter-server dispatcher may hand any worker's batch to any worker.
+        """
+        if self._plans[0] != epoch:
+            self._plans = (epoch, {})
+        plans = self._plans[1]
+        if worker not in plans:
+            plans[worker] = self._plan(worker, epoch)
+        return plans[worker]
+
+    def _plan(self, worker: int, epoch: int) -> np.ndarray:
         n, start = len(self.split), self.split.start
         if self.shuffle == "local":
             size = n // self.world
-            first = start + self.rank * size
+            first = start + worker * size
             order = shard.chunk_order(size, self.seed, epoch, self.block, self.window,
-                                      offset=-first, rank=self.rank, batch=self.batch)
+                                      offset=-first, rank=worker, batch=self.batch)
         else:
             order = shard.chunk_order(n, self.seed, epoch, self.block, self.window,
                                       offset=-start, batch=self.planned)
-        return shard.rank_batches(n, self.batch, self.world, self.rank, self.seed, epoch,
+        return shard.rank_batches(n, self.batch, self.world, worker, self.seed, epoch,
                                   self.shuffle, order=order)
 
     def ranges(self, kind: str) -> tuple[int, int]:
@@ -212,11 +228,11 @@ def check_cache(loaders_kinds, local_size: int) -> None:
 
 
 def make_loaders(cfg, data: Dataset, world, workers: int | None = None,
-                 index: int | None = None) -> tuple[Loader, Loader]:
+                 index: int | None = None, comm=None) -> tuple[Loader, Loader]:
     """The train and val loaders of this rank, as configured; checks --cache memory.
 
-    ``workers``/``index``: the ranks that read data and this rank's place among them
-    (default: all ranks of ``world``; parameter servers read none).
+    ``workers``/``index``/``comm``: the ranks that read data, this rank's place among
+    them and their communicator (default: all ranks of ``world``; servers read none).
     """
     workers = world.size if workers is None else workers
     index = world.rank if index is None else index
@@ -228,7 +244,8 @@ def make_loaders(cfg, data: Dataset, world, workers: int | None = None,
                    cfg.seed, cfg.shuffle, augment=parse_augment(cfg.augment), **options)
     val = Loader(data, data.val, world.device, cfg.batch_size, workers, index, **options)
     if cfg.cache:
-        world.agree(lambda: check_cache([(train, "epoch"), (val, "eval")], world.local_size))
+        world.agree(lambda: check_cache([(train, "epoch"), (val, "eval")], world.local_size),
+                    comm)
     train.source("epoch"), val.source("eval")     # start reader processes before step 1
     mib = 2 ** 20
     cached = (train.cache_bytes("epoch") + val.cache_bytes("eval")) / mib

@@ -1,36 +1,24 @@
-"""Step statistics: phase timers, (sum, count) meters, interval records reduced over ranks."""
+"""Step statistics, kept once: loss, images and time split of every step, reduced over ranks.
+
+One recorder (``StepStats``) feeds the interval records, the epoch record and the end
+record; ``PhaseTimer`` splits a step's time into phases.
+"""
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from ..cluster.world import reduce_sums
 from . import timeline
-
-if TYPE_CHECKING:
-    from .progress import Progress
-    from .records import MetricsWriter
 
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 # Waits a strategy may report with ``timeline.span(name)`` inside a phase; charged
 # exclusively (taken out of the enclosing phase) and recorded only when they occur.
 WAIT_PHASES = ("ps_push", "ps_pull")
-
-
-class Meter:
-    """A running (sum, count); the global mean is sum of sums / sum of counts."""
-
-    def __init__(self):
-        self.sum, self.count = 0.0, 0
-
-    def add(self, value: float, n: int = 1) -> None:
-        self.sum += value
-        self.count += n
-
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else float("nan")
+# The first steps (warm-up: allocations, bucket rebuilds) stay out of the run's images/s.
+WARMUP_STEPS_UNTIMED = 5
 
 
 class PhaseTimer:
@@ -75,65 +63,108 @@ class PhaseTimer:
         self.steps = 0
 
 
-class IntervalLog:
-    """Every ``every`` steps: loss, lr, images/s and the time split, reduced over ranks.
+@dataclass
+class EpochSummary:
+    """One epoch's training as every rank saw it."""
 
-    Collective: every training rank calls ``on_step`` and ``flush`` at the same steps.
-    ``begin()`` at the start of each epoch's training restarts the clock, so evaluation
-    time never counts as training time. ``mid_epoch=False`` (ranks that do not run the
-    same steps, e.g. ps-async workers) writes one record per epoch, from ``flush``.
+    train_loss: float          # mean over all ranks' finite steps
+    steps: int                 # this rank's steps
+    phases_ms: dict            # mean milliseconds per step of each phase (this rank)
+
+
+class StepStats:
+    """Each step's loss, images and time split; the interval, epoch and end figures.
+
+    Collective over ``comm`` (None: a single process): every training rank calls
+    ``step_done`` at the same global steps and ``end_epoch`` once per epoch. Intervals
+    of ``every`` steps become ``interval`` records; ``mid_epoch=False`` (ranks that do
+    not run the same steps, e.g. ps-async workers) writes one per epoch instead.
+    ``begin_epoch`` restarts the clock, so evaluation never counts as training time.
     """
 
-    def __init__(self, comm, writer: MetricsWriter, progress: Progress, every: int,
-                 local_batch: int, global_batch: int, steps_per_epoch: int, lr,
-                 mid_epoch: bool = True):
+    def __init__(self, comm=None, writer=None, progress=None, every: int = 0,
+                 steps_per_epoch: int = 1, lr=lambda: 0.0, mid_epoch: bool = True):
         self.comm, self.writer, self.progress, self.every = comm, writer, progress, every
-        self.mid_epoch = mid_epoch
-        self.local_batch, self.global_batch = local_batch, global_batch
-        self.steps_per_epoch, self.lr = steps_per_epoch, lr
+        self.steps_per_epoch, self.lr, self.mid_epoch = steps_per_epoch, lr, mid_epoch
         self.names = PHASES + WAIT_PHASES
-        self._clear()
+        self.timer = PhaseTimer()
+        self.run_images = self.run_seconds = 0.0
         self.clock = time.perf_counter()
+        self._clear_interval()
+        self._clear_epoch()
 
-    def _clear(self) -> None:
-        self.loss_sum = self.count = self.seconds = 0.0
-        self.steps = 0
-        self.split = dict.fromkeys(self.names, 0.0)
+    def _clear_interval(self) -> None:
+        self.interval_loss = self.interval_count = self.interval_seconds = 0.0
+        self.interval_steps = 0
+        self.interval_split = dict.fromkeys(self.names, 0.0)
 
-    def begin(self) -> None:
+    def _clear_epoch(self) -> None:
+        self.epoch_loss = self.epoch_count = 0.0
+        self.timer.reset()
+
+    def phase(self, name: str):
+        """Time a block of the step as phase ``name``."""
+        return self.timer.phase(name)
+
+    def begin_epoch(self) -> None:
         self.clock = time.perf_counter()
+        self._clear_epoch()
 
-    def on_step(self, state, loss: float, timer: PhaseTimer) -> None:
-        """Account one step; write a record every ``every`` global steps."""
+    def step_done(self, state, loss_sum: float, count: int, images: int) -> None:
+        """Account one finished step (``state`` already counts it); maybe write an interval."""
         now = time.perf_counter()
-        self.seconds += now - self.clock
-        self.clock = now
-        self.loss_sum += loss * self.local_batch
-        self.count += self.local_batch
-        self.steps += 1
-        for name, seconds in timer.take().items():
-            if name in self.split:
-                self.split[name] += seconds
-        epoch = state.epoch + 1
-        self.progress.update(epoch, state.global_step, loss)
-        if self.mid_epoch and state.global_step % self.every == 0:
-            self.flush(state)
+        seconds, self.clock = now - self.clock, now
+        loss = loss_sum / count
+        if state.global_step - 1 >= WARMUP_STEPS_UNTIMED:
+            self.run_seconds += seconds
+            self.run_images += images
+        if math.isfinite(loss):        # a skipped non-finite step stays out of the mean
+            self.epoch_loss += loss_sum
+            self.epoch_count += count
+        self.interval_loss += loss_sum
+        self.interval_count += count
+        self.interval_seconds += seconds
+        self.interval_steps += 1
+        for name, spent in self.timer.take().items():
+            if name in self.interval_split:
+                self.interval_split[name] += spent
+        self.timer.steps += 1
+        if self.progress is not None:
+            self.progress.update(state.epoch + 1, state.global_step, loss)
+        if self.mid_epoch and self.every and state.global_step % self.every == 0:
+            self._write_interval(state)
 
-    def flush(self, state) -> None:
+    def end_epoch(self, state) -> EpochSummary:
+        """Write the last interval and reduce the epoch's loss (collective)."""
+        self._write_interval(state)
+        total, count = reduce_sums(self.comm, [self.epoch_loss, self.epoch_count])
+        return EpochSummary(train_loss=total / max(count, 1), steps=self.timer.steps,
+                            phases_ms=self.timer.snapshot_ms())
+
+    @property
+    def images_per_s(self) -> float:
+        """Training images per second over all steps but the first few (data included)."""
+        return self.run_images / self.run_seconds if self.run_seconds > 0 else float("nan")
+
+    def _write_interval(self, state) -> None:
         """Write the steps accounted since the last record, if any (collective)."""
-        if not self.steps:
+        if not self.interval_steps or self.writer is None:
+            self._clear_interval()
             return
-        sums = reduce_sums(self.comm, [self.loss_sum, self.count, self.steps,
-                                       *(self.split[n] for n in self.names)])
+        sums = reduce_sums(self.comm, [self.interval_loss, self.interval_count,
+                                       self.interval_steps,
+                                       *(self.interval_split[n] for n in self.names)])
         loss_sum, count, rank_steps = sums[:3]
         split = dict(zip(self.names, sums[3:]))
-        images = rank_steps * self.local_batch          # every rank's steps: any mode
-        images_per_s = images / self.seconds if self.seconds else 0.0
+        local_batch = self.interval_count / self.interval_steps
+        images = rank_steps * local_batch               # every rank's steps: any mode
+        images_per_s = images / self.interval_seconds if self.interval_seconds else 0.0
         record = {f"{name}_ms": round(1000 * split[name] / rank_steps, 3)
                   for name in self.names if name in PHASES or split[name] > 0}
         loss = loss_sum / max(count, 1)
         self.writer.write("interval", epoch=round(state.global_step / self.steps_per_epoch, 4),
-                          step=state.global_step, steps=self.steps, loss=loss, lr=self.lr(),
-                          images_per_s=images_per_s, **record)
-        self.progress.status(state.epoch + 1, state.global_step, loss, images_per_s)
-        self._clear()
+                          step=state.global_step, steps=self.interval_steps, loss=loss,
+                          lr=self.lr(), images_per_s=images_per_s, **record)
+        if self.progress is not None:
+            self.progress.status(state.epoch + 1, state.global_step, loss, images_per_s)
+        self._clear_interval()

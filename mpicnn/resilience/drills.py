@@ -72,6 +72,12 @@ class Straggler:
             self.start = None
 
 
+def straggle(model: torch.nn.Module, slow_rank: int, factor: float, rank: int) -> None:
+    """Make this rank the straggler when ``--slow-rank`` names it."""
+    if rank == slow_rank:
+        slow_down(model, factor)
+
+
 def slow_down(model: torch.nn.Module, factor: float) -> Straggler | None:
     """Make ``model`` compute ``factor`` times slower on this rank (no-op for factor <= 1)."""
     return Straggler(model, factor) if factor > 1 else None

@@ -53,8 +53,8 @@ class Preemption:
 
     def __init__(self, check_every: int = 1, agree=None, signals: StopSignals | None = None):
         self.check_every = check_every   # 0: signals are left alone, never stops
-        # agree(wanted) -> whether any rank wants to stop; collective, e.g.
-        # Strategy.agree_stop (assigned once the strategy exists)
+        # agree(wanted, global_step) -> whether any rank wants to stop; collective, e.g.
+        # WorkPlan.agree_stop (assigned once the strategy exists)
         self.agree = agree
         self.signals = signals or StopSignals()
         self.stopped = False
@@ -68,11 +68,18 @@ class Preemption:
         """Give the signals back to their previous handlers."""
         self.signals.restore()
 
+    def __enter__(self) -> "Preemption":
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
     def should_stop(self, state) -> bool:
         """Call after every step on every training rank (collective on checked steps)."""
         if self.check_every <= 0 or state.global_step % self.check_every:
             return False
-        self.stopped = self.agree(self.signals.received is not None)
+        self.stopped = self.agree(self.signals.received is not None, state.global_step)
         return self.stopped
 
     @property

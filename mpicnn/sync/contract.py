@@ -1,4 +1,11 @@
-"""The small interface every gradient synchronisation strategy offers the training loop."""
+"""What the training loop calls: the gradient side and the work side of a sync strategy.
+
+The loop never branches on the mode. It calls a ``GradientSync`` around each step
+(attach, zero_grad, no_sync, after_backward, step or skip_step, sync_buffers, finish,
+timings) and asks a ``WorkPlan`` who trains, which batches this worker gets, where
+the run stands, whether to stop, and what to report. A strategy implements both
+(``Strategy``); the loop owns the run's counters and the learning-rate schedule.
+"""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -6,14 +13,57 @@ from contextlib import nullcontext
 from ..cluster.world import reduce_sums
 
 
-class Strategy:
-    """attach -> (forward, backward, after_backward, step)* -> finish."""
-
-    name = "base"
+class GradientSync:
+    """attach -> (zero_grad, backward, after_backward, step | skip_step)* -> finish."""
 
     def __init__(self, world, cfg):
         self.world, self.cfg = world, cfg
         self.model = self.optimizer = self.scheduler = None
+
+    def attach(self, model, optimizer, scheduler) -> None:
+        """Take the model and its optimizer; make all ranks start from the same state."""
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def zero_grad(self) -> None:
+        """Clear gradients before backward."""
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def no_sync(self):
+        """Context for a micro-batch whose gradients are only accumulated locally."""
+        return nullcontext()
+
+    def after_backward(self) -> None:
+        """Make every rank's ``.grad`` the average over ranks (may wait for communication)."""
+
+    @property
+    def synced_grads(self) -> bool:
+        """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
+        return True
+
+    def step(self) -> None:
+        """Apply the averaged gradients (the loop moves the schedule)."""
+        self.optimizer.step()
+
+    def skip_step(self) -> None:
+        """Drop this step's update (its gradient was not finite)."""
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def sync_buffers(self) -> None:
+        """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
+
+    def timings_ms(self) -> dict:
+        """Extra per-step timings for the metrics records, since the last call."""
+        return {}
+
+    def finish(self) -> None:
+        """Release communication resources; called once, also after errors."""
+
+
+class WorkPlan:
+    """Which ranks train, on which batches, where the run stands, when it stops."""
+
+    def __init__(self, world, cfg):
+        self.world, self.cfg = world, cfg
 
     @property
     def trains(self) -> bool:
@@ -44,47 +94,19 @@ class Strategy:
         """Answer the ranks that train until they are done (parameter servers only)."""
 
     def batches(self, loader, state, run_steps: int):
-        """This rank's batches for the rest of ``state.epoch``: the fixed shard plan."""
+        """This rank's batches for the rest of ``state.epoch``: its fixed shard plan."""
         return loader.epoch(state.epoch, start_step=state.step_in_epoch)
 
-    def advance(self, state, global_batch: int) -> int:
-        """Count one finished step in ``state``; return how many images all ranks trained on."""
-        state.step_in_epoch += 1
-        state.global_step += 1
+    def position(self) -> int | None:
+        """The global step the run stands at by this plan; None: the loop's own count."""
+        return None
+
+    def trained_images(self, global_batch: int) -> int:
+        """Images all workers trained on since the last call (one global batch per step)."""
         return global_batch
 
-    def attach(self, model, optimizer, scheduler) -> None:
-        """Take the model and its optimizer; make all ranks start from the same state."""
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-
-    def zero_grad(self) -> None:
-        """Clear gradients before backward."""
-        self.optimizer.zero_grad(set_to_none=False)
-
-    def no_sync(self):
-        """Context for a micro-batch whose gradients are only accumulated locally."""
-        return nullcontext()
-
-    def after_backward(self) -> None:
-        """Make every rank's ``.grad`` the average over ranks (may wait for communication)."""
-
-    def step(self) -> None:
-        """Apply the averaged gradients and advance the schedule."""
-        self.optimizer.step()
-        self.scheduler.step()
-
-    @property
-    def synced_grads(self) -> bool:
-        """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
-        return True
-
-    def skip_step(self) -> None:
-        """Drop this step's update (its gradient was not finite); the schedule moves on."""
-        self.optimizer.zero_grad(set_to_none=False)
-        self.scheduler.step()
-
-    def agree_stop(self, wanted: bool) -> bool:
-        """Whether any training rank wants to stop now; the same answer on all of them.
+    def agree_stop(self, wanted: bool, step: int) -> bool:
+        """Whether any training rank wants to stop at global ``step``; the same answer on all.
 
         Called after every ``--stop-check-every``-th step on every rank that trains, so
         a collective over those ranks fits when they run the same steps. Override where
@@ -93,16 +115,12 @@ class Strategy:
         """
         return bool(reduce_sums(self.world.comm, [float(wanted)])[0] > 0)
 
-    def sync_buffers(self) -> None:
-        """Make non-parameter state (e.g. BatchNorm running statistics) equal on all ranks."""
-
-    def timings_ms(self) -> dict:
-        """Extra per-step timings for the metrics records, since the last call."""
-        return {}
-
-    def finish(self) -> None:
-        """Release communication resources; called once, also after errors."""
-
     def report(self) -> dict:
-        """Mode-specific fields for the end-of-run metrics record (after ``finish``)."""
+        """Mode-specific fields for the epoch and end metrics records."""
         return {}
+
+
+class Strategy(GradientSync, WorkPlan):
+    """A sync mode: both sides of the contract in one object per rank."""
+
+    name = "base"

@@ -1,101 +1,83 @@
-"""One epoch of training and one evaluation pass; no mode-specific branches."""
+"""One epoch of training steps and one evaluation pass; no mode-specific branches."""
 from __future__ import annotations
 
-import math
-import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.state import RunState
 from ..cluster.world import reduce_sums
 from ..observe import timeline
-from ..observe.steps import Meter, PhaseTimer
-
-WARMUP_STEPS_UNTIMED = 5
 
 
-@dataclass
-class Throughput:
-    """Training images per second over the timed steps (data loading included)."""
-
-    seconds: float = 0.0
-    images: int = 0
-    steps: int = 0
-
-    def add(self, seconds: float, images: int, global_step: int) -> None:
-        if global_step >= WARMUP_STEPS_UNTIMED:
-            self.seconds += seconds
-            self.images += images
-            self.steps += 1
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
+def follow_schedule(scheduler, global_step: int) -> None:
+    """Move the lr schedule to ``global_step`` (the loop, not the strategy, owns it)."""
+    with warnings.catch_warnings():   # PS workers' local optimizer never steps: only lr moves
+        warnings.simplefilter("ignore", UserWarning)
+        while scheduler.last_epoch < global_step:
+            scheduler.step()
 
 
-@dataclass
-class EpochResult:
-    train_loss: float
-    steps: int
-    timer: PhaseTimer = field(default_factory=PhaseTimer)
+def forward_backward(model, sync, stats, images, labels, accum_steps: int) -> float:
+    """Forward and backward of one rank's batch; returns the summed loss of its samples.
+
+    With ``accum_steps`` k the batch runs as k consecutive slices (micro-batches): the
+    loss of each is scaled by 1/k and the gradients summed locally, and only the last
+    backward communicates, so the step sees the gradient of the whole batch.
+    """
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(zip(images.chunk(accum_steps), labels.chunk(accum_steps))):
+        with stats.phase("forward"):
+            loss = F.cross_entropy(model(x), y)
+        with stats.phase("backward"):
+            if i == 0:
+                sync.zero_grad()
+            with sync.no_sync() if i < accum_steps - 1 else nullcontext():
+                (loss / accum_steps if accum_steps > 1 else loss).backward()
+        loss_sum += loss.item() * len(y)
+    return loss_sum
 
 
-def train_epoch(model, loader, strategy, state: RunState, run_steps: int, global_batch: int,
-                throughput: Throughput, on_step=None, accum_steps: int = 1,
-                should_stop=None) -> EpochResult:
-    """Run the remaining steps of ``state.epoch``; returns the mean loss over all ranks.
+def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, scheduler,
+                global_batch: int, guard=None, accum_steps: int = 1, should_stop=None) -> None:
+    """Run the remaining steps of ``state.epoch``, counting them in ``state`` and ``stats``.
 
-    With ``accum_steps`` k, each rank's batch runs as k consecutive slices
-    (micro-batches of batch / k samples): the loss of each is scaled by 1/k and
-    the gradients summed locally, and only the last backward communicates. The
-    optimizer step therefore sees the gradient of the whole batch, and the data
-    plan, schedule and checkpoints are those of the run without accumulation.
-
-    ``should_stop(state)``, called after every step but the run's last on every rank,
-    ends the epoch early when it returns True (the same answer on all ranks).
+    ``sync`` is the gradient side of the strategy and ``work`` its work plan (one
+    object for mpicnn's modes); ``guard`` the stall heartbeats and NaN policy (None:
+    neither). ``should_stop(state)``, called after every step but the run's last on
+    every rank, ends the epoch early when it returns True (the same on all ranks).
     """
     model.train()
-    timer, loss_meter = PhaseTimer(), Meter()
-    batches = strategy.batches(loader, state, run_steps)
-    last = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = work.batches(loader, state, run_steps)
     while state.global_step < run_steps:
         timeline.step(state.global_step)
-        with timer.phase("data"):
+        with stats.phase("data"):
             batch = next(batches, None)
+        state.move_to(work.position())
         if batch is None:
             break
         images, labels = batch
-        loss_sum = 0.0
-        for i, (x, y) in enumerate(zip(images.chunk(accum_steps), labels.chunk(accum_steps))):
-            with timer.phase("forward"):
-                loss = F.cross_entropy(model(x), y)
-            with timer.phase("backward"):
-                if i == 0:
-                    strategy.zero_grad()
-                with strategy.no_sync() if i < accum_steps - 1 else nullcontext():
-                    (loss / accum_steps if accum_steps > 1 else loss).backward()
-            loss_sum += loss.item() * len(y)
-        with timer.phase("comm"):
-            strategy.after_backward()
-        with timer.phase("optimizer"):
-            strategy.step()
-        loss_value = loss_sum / len(labels)
-        if math.isfinite(loss_value):     # a skipped non-finite step stays out of the mean
-            loss_meter.add(loss_sum, len(labels))
-        trained = strategy.advance(state, global_batch)
-        timer.steps += 1
-        now = time.perf_counter()
-        throughput.add(now - last, trained, state.global_step - 1)
-        last = now
-        if on_step is not None:
-            on_step(state, loss_value, timer)
+        loss_sum = forward_backward(model, sync, stats, images, labels, accum_steps)
+        step = state.global_step + 1
+        with stats.phase("comm"):
+            if guard is not None:
+                guard.exchanging(step)
+            sync.after_backward()
+        with stats.phase("optimizer"):
+            lr = sync.optimizer.param_groups[0]["lr"]
+            if guard is None or guard.allows_update(params, step, lr, sync.synced_grads):
+                sync.step()
+            else:
+                sync.skip_step()
+            if guard is not None:
+                guard.computing(step)
+        state.advance(work.position())
+        follow_schedule(scheduler, state.global_step)
+        stats.step_done(state, loss_sum, len(labels), work.trained_images(global_batch))
         if should_stop is not None and state.global_step < run_steps and should_stop(state):
             break
-    total, count = reduce_sums(strategy.comm, [loss_meter.sum, loss_meter.count])
-    return EpochResult(train_loss=total / max(count, 1), steps=timer.steps, timer=timer)
 
 
 @torch.no_grad()

@@ -1,9 +1,6 @@
 """A worker rank: computes gradients, pushes them to the servers, pulls fresh parameters."""
 from __future__ import annotations
 
-import copy
-import warnings
-
 import numpy as np
 import torch
 
@@ -30,8 +27,8 @@ class PSWorker(PSRole):
         self.params_np, self.grads_np = self.flat_params.numpy(), self.flat_grads.numpy()
         self.requests = [P.header() for _ in self.ranges]
         self.replies = [P.header() for _ in self.ranges]
-        self.clock = self.version = self.counted = self.position = 0
-        self.item, self.window, self.plans = P.NO_ITEM, (0, 0), (None, None)
+        self.clock = self.version = self.counted = 0
+        self.item, self.window = P.NO_ITEM, (0, 0)
         self.flags, self.stop_at = 0, -1
         # images one update trains on: a global batch (ps-sync) or one worker's batch
         self.images_per_update = self.cfg.batch_size * (self.workers if self.sync else 1)
@@ -61,7 +58,7 @@ class PSWorker(PSRole):
         """The servers dropped the non-finite gradient: take their parameters as they are."""
         self.step()
 
-    def agree_stop(self, wanted: bool) -> bool:
+    def agree_stop(self, wanted: bool, step: int) -> bool:
         """Stop at the global step server 0 fixed once a worker reported a stop signal.
 
         ps-sync workers run in lockstep and agree by one collective among themselves;
@@ -71,18 +68,10 @@ class PSWorker(PSRole):
             return bool(reduce_sums(self.train_comm, [float(wanted)])[0] > 0)
         if wanted:
             self.flags |= P.STOP
-        return 0 <= self.stop_at <= self.position
+        return 0 <= self.stop_at <= step
 
-    def advance(self, state, global_batch: int) -> int:
-        if self.dispatched:
-            self._position(state)
-        else:
-            super().advance(state, global_batch)
-        self.position = state.global_step
-        with warnings.catch_warnings():    # the local optimizer never steps: only its lr moves
-            warnings.simplefilter("ignore", UserWarning)
-            while self.scheduler.last_epoch < state.global_step:
-                self.scheduler.step()
+    def trained_images(self, global_batch: int) -> int:
+        """Images the servers' updates since the last call trained on (any worker's)."""
         images = (self.version - self.counted) * self.images_per_update
         self.counted = self.version
         return images
@@ -101,29 +90,19 @@ class PSWorker(PSRole):
                        base=self.window[0])
         self.step()
         self.counted = self.version
-        self._position(state)
-        plans = self._plans(loader, state.epoch)
         while self.item != P.NO_ITEM:
             step, rank = divmod(self.item, workers)
-            yield loader.rows_batch(plans[rank][step], state.epoch)
+            yield loader.rows_batch(loader.plan_for(rank, state.epoch)[step], state.epoch)
 
-    def _plans(self, loader, epoch: int):
-        """Every worker's shard plan of ``epoch`` (any worker may be handed any item)."""
-        if self.plans[0] != epoch:
-            views = [copy.copy(loader) for _ in range(self.workers)]
-            for rank, view in enumerate(views):
-                view.rank = rank
-            self.plans = (epoch, [view.plan(epoch) for view in views])
-        return self.plans[1]
-
-    def _position(self, state) -> None:
-        """Where the run is: the global step of this worker's next item, or the epoch's end."""
+    def position(self) -> int | None:
+        """Dispatched: the global step of this worker's next item, or the epoch's end."""
+        if not self.dispatched:
+            return None
         base, end = self.window
         position = (base + (self.item if self.item != P.NO_ITEM else end)) // self.workers
         if self.item == P.NO_ITEM and self.stop_at >= 0:     # the epoch was cut short
             position = min(position, self.stop_at)
-        state.step_in_epoch = position - base // self.workers
-        state.global_step = position
+        return position
 
     def sync_buffers(self) -> None:
         """Average buffers over workers, pull the final parameters (and optimizer state)."""

@@ -1,0 +1,47 @@
+"""The hooks the training loop calls around each step: stall heartbeats, NaN policy, drills.
+
+The loop marks each step's exchange for the watchdog (from before after_backward()
+until the update is applied), asks the NaN policy whether to apply the update, and
+lets a stall drill (tests only) sleep where it asked to.
+"""
+from __future__ import annotations
+
+from . import drills
+from .nan_policy import NanGuard, grads_finite
+from .watchdog import COMPUTE, SERVE, WAIT, Watchdog
+
+
+class StepGuard:
+    """The NaN policy and stall heartbeats of ``cfg`` for one rank (built on every rank)."""
+
+    def __init__(self, cfg, world):
+        self.policy = NanGuard(cfg.nan_policy, world.log)
+        self.sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank)
+        watch = world.size > 1 and (cfg.stall_warn > 0 or cfg.stall_abort > 0)
+        self.watchdog = Watchdog(world, cfg.stall_warn, cfg.stall_abort) if watch else None
+
+    def _mark(self, state: int, step: int) -> None:
+        if self.watchdog is not None:
+            self.watchdog.mark(state, step)
+
+    def serving(self) -> None:
+        """This rank serves the others (a parameter server): it waits by design."""
+        self._mark(SERVE, 0)
+
+    def exchanging(self, step: int) -> None:
+        """Step ``step``'s gradient exchange begins (a stall drill may sleep first)."""
+        drills.stall(self.sleeps, step)
+        self._mark(WAIT, step)
+
+    def allows_update(self, params, step: int, lr: float, agreed: bool) -> bool:
+        """Whether to apply step ``step``'s update by the NaN policy (may raise)."""
+        return self.policy.apply(grads_finite(params), step, lr, agreed=agreed)
+
+    def computing(self, step: int) -> None:
+        """Step ``step``'s exchange is over; the rank computes toward step ``step + 1``."""
+        self._mark(COMPUTE, step + 1)
+
+    def close(self) -> None:
+        """Stop the watchdog once every rank finished (it waits for their last heartbeats)."""
+        if self.watchdog is not None:
+            self.watchdog.close(orderly=True)

@@ -1,0 +1,162 @@
+"""A worker rank's run: the model and its state built once, then epochs, evaluation, records.
+
+``build_parts`` makes what every rank needs (model, optimizer, schedule, the restored
+position); a ``Trainer`` then runs the epochs on a rank that trains, and writes the
+epoch, timeline, stop and end records. Parameter servers never build one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint.state import RunState, restore
+from ..data import shard
+from ..data.loader import make_loaders
+from ..observe import timeline
+from ..observe.progress import Progress
+from ..observe.records import MetricsWriter
+from ..observe.steps import StepStats
+from ..resilience import drills
+from .loop import evaluate, train_epoch
+from .models import build_model
+from .optim import build_optimizer, build_scheduler, total_steps
+
+
+@dataclass
+class Parts:
+    """What a run trains, built alike on every rank."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: RunState
+    steps_per_epoch: int
+    run_steps: int
+    global_batch: int
+
+
+def build_parts(cfg, world, data, work) -> Parts:
+    """Model, optimizer and schedule of the run, at the position ``--resume`` names."""
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    steps_per_epoch = world.agree(lambda: shard.check_fits(
+        len(data.train), cfg.batch_size, work.workers, cfg.shuffle))
+    global_batch = cfg.batch_size * work.workers
+    run_steps = total_steps(cfg, steps_per_epoch)
+    torch.manual_seed(cfg.seed)
+    model = world.agree(lambda: build_model(cfg.model, data.input_shape,
+                                            data.num_classes)).to(world.device)
+    optimizer = build_optimizer(cfg, model.parameters(), global_batch)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
+    state = restore(world, cfg, model, optimizer, scheduler)
+    drills.straggle(model, cfg.slow_rank, cfg.slow_factor, world.rank)
+    return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, global_batch)
+
+
+@dataclass
+class Outcome:
+    """How training ended on this rank."""
+
+    val_loss: float = math.nan
+    val_acc: float = math.nan
+    train_loss: float = math.nan
+    evaluated: bool = False          # whether the last state of the model was evaluated
+    stopped: bool = False            # a stop signal ended it early
+
+
+class Trainer:
+    """Epochs of steps on a training rank, evaluation after each, checkpoints and records."""
+
+    def __init__(self, cfg, world, data, parts: Parts, strategy, guard, preempt, checkpointer):
+        self.cfg, self.world, self.data, self.parts = cfg, world, data, parts
+        self.strategy, self.guard, self.preempt = strategy, guard, preempt
+        self.checkpointer = checkpointer
+        self.train_loader, self.val_loader = make_loaders(
+            cfg, data, world, strategy.workers, strategy.worker_index, comm=strategy.comm)
+        self.metrics = MetricsWriter(cfg.metrics if world.is_root else "")
+        self.bar = Progress(world.is_root, cfg.progress, world.log)
+        self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.log_every,
+                               parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep)
+
+    def lr(self) -> float:
+        return self.parts.scheduler.get_last_lr()[0]
+
+    def close(self) -> None:
+        """Release what this rank holds alone (no collective: also after a failure)."""
+        self.bar.close()
+        self.train_loader.close()
+        self.val_loader.close()
+        self.metrics.close()
+
+    def run(self) -> Outcome:
+        """Train until the last epoch, the step limit or a stop signal."""
+        cfg, parts, state = self.cfg, self.parts, self.parts.state
+        self.metrics.write("config", **cfg.to_dict(), world_size=self.world.size,
+                           steps_per_epoch=parts.steps_per_epoch)
+        self.world.log.info(
+            f"{self.data.path}: {len(self.data.train)} train / {len(self.data.val)} val "
+            f"samples of {self.data.input_shape}, {self.data.num_classes} classes; {cfg.model}, "
+            f"{parts.steps_per_epoch} steps/epoch at global batch {parts.global_batch}")
+        self.bar.start(parts.run_steps, state.global_step, cfg.epochs, parts.global_batch)
+        last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
+        outcome = Outcome()
+        while state.epoch < last_epoch and state.global_step < parts.run_steps:
+            self._epoch(outcome)
+            if outcome.stopped:
+                self.checkpointer.stopped(state)
+                return outcome
+            finished = state.epoch >= cfg.epochs or state.global_step >= parts.run_steps
+            self.checkpointer.epoch_done(state, finished, last_epoch)
+        if not outcome.evaluated:             # no epoch ran here (resumed at the end)
+            self.strategy.sync_buffers()
+            outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,
+                                                         self.strategy.comm)
+        return outcome
+
+    def _epoch(self, outcome: Outcome) -> None:
+        """One epoch's steps, then (unless stopped) evaluation and the epoch record."""
+        parts, state, strategy = self.parts, self.parts.state, self.strategy
+        self.stats.begin_epoch()
+        train_epoch(parts.model, self.train_loader, strategy, strategy, state, parts.run_steps,
+                    self.stats, scheduler=parts.scheduler, global_batch=parts.global_batch,
+                    guard=self.guard, accum_steps=self.cfg.accum_steps,
+                    should_stop=self.preempt.should_stop)
+        summary = self.stats.end_epoch(state)
+        strategy.sync_buffers()
+        outcome.stopped = self.preempt.stopped
+        if outcome.stopped:
+            return
+        with timeline.span("evaluate"):
+            outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,
+                                                         strategy.comm)
+        outcome.train_loss, outcome.evaluated = summary.train_loss, True
+        state.next_epoch(parts.steps_per_epoch)
+        self.metrics.write("epoch", epoch=state.epoch, step=state.global_step,
+                           train_loss=summary.train_loss, val_loss=outcome.val_loss,
+                           val_acc=outcome.val_acc, lr=self.lr(),
+                           images_per_s=self.stats.images_per_s, **summary.phases_ms,
+                           **strategy.timings_ms(), **strategy.report())
+        self.world.log.info(f"epoch {state.epoch}/{self.cfg.epochs} step {state.global_step}: "
+                            f"train loss {summary.train_loss:.4f}, val loss "
+                            f"{outcome.val_loss:.4f}, val acc {outcome.val_acc:.4f}")
+
+    def conclude(self, outcome: Outcome, trace: dict | None, wall: float) -> int:
+        """Write the timeline and the stop or end record after the strategy finished."""
+        cfg, state, log = self.cfg, self.parts.state, self.world.log
+        if trace:
+            self.metrics.write("timeline", **trace)
+            log.info(f"timeline: {trace['events']} events of steps {trace['steps'][0]}:"
+                     f"{trace['steps'][1]} written to {cfg.timeline}")
+        if outcome.stopped:
+            return self.preempt.report(log, self.metrics, state, self.checkpointer.saved)
+        self.metrics.write("end", val_acc=outcome.val_acc, val_loss=outcome.val_loss,
+                           train_loss=outcome.train_loss, images_per_s=self.stats.images_per_s,
+                           steps=state.global_step, epochs=state.epoch,
+                           world_size=self.world.size, mode=cfg.mode, wall_s=wall,
+                           **self.strategy.report())
+        log.info(f"done: {self.world.size} rank(s), {cfg.mode}, {state.epoch} epoch(s), "
+                 f"{state.global_step} steps, val acc {outcome.val_acc:.4f}, val loss "
+                 f"{outcome.val_loss:.4f}, {self.stats.images_per_s:.0f} images/s, {wall:.1f} s")
+        return 0
