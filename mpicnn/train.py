@@ -31,19 +31,21 @@ def train(world, argv) -> int:
     started = time.perf_counter()
     cfg = parse_config(argv, defaults=job_defaults(world.job))
     with ExitStack() as teardown:
-        preempt = teardown.enter_context(Preemption(cfg.stop_check_every))  # before setup
-        timeline.start(world, cfg.timeline, cfg.timeline_steps)
-        bind_device(world, cfg.device, cfg.threads)
+        preempt = teardown.enter_context(Preemption(cfg.failure.stop_check_every))  # before setup
+        timeline.start(world, cfg.output.timeline, cfg.output.timeline_steps)
+        bind_device(world, cfg.sync.device, cfg.sync.threads)
         world.log.info(describe(world))
         world.log.info(f"config: {cfg.summary()}")
         strategy = make_strategy(cfg, world)          # decides which ranks train
-        data = world.agree(lambda: open_dataset(cfg.data, cfg.images_key, cfg.labels_key,
-                                                cfg.layout, cfg.val_fraction))
+        source = cfg.data
+        data = world.agree(lambda: open_dataset(source.data, source.images_key,
+                                                source.labels_key, source.layout,
+                                                source.val_fraction))
         teardown.callback(data.close)
         parts = build_parts(cfg, world, data, strategy)
         checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler)
         checkpointer.prepare()
-        guard = StepGuard(cfg, world)
+        guard = StepGuard(cfg.failure, world)
         preempt.agree = strategy.agree_stop
         strategy.attach(parts.model, parts.optimizer, parts.scheduler)
         trainer = None
@@ -56,7 +58,7 @@ def train(world, argv) -> int:
             strategy.serve()        # parameter servers answer the workers until they are done
         strategy.finish()
         guard.close()
-        trace = timeline.finish(world, cfg.timeline)
+        trace = timeline.finish(world, cfg.output.timeline)
         return trainer.conclude(outcome, trace, time.perf_counter() - started) if trainer else 0
 
 

@@ -39,9 +39,9 @@ def make(world, flags, seed=0):
     cfg = parse_config(["--optimizer", "sgd", "--lr", "0.1", *flags])
     torch.manual_seed(seed)
     model = Shuffled()
-    optimizer = build_optimizer(cfg, model.parameters(), 1)
+    optimizer = build_optimizer(cfg.training, model.parameters(), 1)
     strategy = AllreduceStrategy(world, cfg)
-    strategy.attach(model, optimizer, build_scheduler(cfg, optimizer, 10, 10))
+    strategy.attach(model, optimizer, build_scheduler(cfg.training, optimizer, 10, 10))
     return model, strategy
 
 

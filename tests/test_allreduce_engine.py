@@ -285,7 +285,7 @@ def test_bad_engine_settings_are_refused():
     with pytest.raises(MpicnnError, match="choose from none, fp16, bf16"):
         parse_config(["--compression", "int8"])
     cfg = parse_config(["--accum-steps", "4", "--bucket-mb", "0.5", "--hierarchical"])
-    assert (cfg.accum_steps, cfg.bucket_mb, cfg.hierarchical) == (4, 0.5, True)
+    assert (cfg.training.accum_steps, cfg.sync.bucket_mb, cfg.sync.hierarchical) == (4, 0.5, True)
 
 
 class _OneRank:

@@ -35,7 +35,7 @@ MARKER = "pwned"                       # a file that code smuggled into input wo
 
 
 def has_mode(mode: str) -> bool:
-    return mode in (FIELDS["mode"].metadata["choices"] or ())
+    return mode in (FIELDS["mode"][1].metadata["choices"] or ())
 
 
 def good(**changes):

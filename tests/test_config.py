@@ -10,16 +10,17 @@ def test_defaults_and_overrides():
     assert cfg == Config()
     cfg = parse_config(["--epochs", "3", "--lr", "0.1", "--betas", "0.8,0.9",
                         "--no-nesterov", "--deterministic", "--lr-milestones", "5,8"])
-    assert (cfg.epochs, cfg.lr, cfg.betas, cfg.nesterov, cfg.deterministic) == \
-        (3, 0.1, (0.8, 0.9), False, True)
-    assert cfg.lr_milestones == (5.0, 8.0)
+    training = cfg.training
+    assert (training.epochs, training.lr, training.betas, training.nesterov,
+            training.deterministic) == (3, 0.1, (0.8, 0.9), False, True)
+    assert cfg.training.lr_milestones == (5.0, 8.0)
 
 
 def test_toml_file_and_flag_precedence(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[training]\nepochs = 7\nbatch-size = 4\n[data]\nshuffle = "local"\n')
     cfg = parse_config(["--config", str(path), "--epochs", "9"])
-    assert (cfg.epochs, cfg.batch_size, cfg.shuffle) == (9, 4, "local")
+    assert (cfg.training.epochs, cfg.training.batch_size, cfg.data.shuffle) == (9, 4, "local")
 
 
 def test_dump_round_trips_through_config(tmp_path):
@@ -27,7 +28,8 @@ def test_dump_round_trips_through_config(tmp_path):
     path = tmp_path / "config.toml"
     path.write_text(cfg.dump())
     again = parse_config(["--config", str(path)])
-    assert again.epochs == 4 and again.model == "lenet" and again.betas == (0.5, 0.6)
+    assert (again.training.epochs, again.training.model, again.training.betas) == \
+        (4, "lenet", (0.5, 0.6))
 
 
 @pytest.mark.parametrize("argv,message", [

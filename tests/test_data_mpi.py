@@ -69,4 +69,4 @@ def test_cache_larger_than_the_node_stops_every_rank(tmp_path):
 def test_pipeline_flags_parse():
     """(Their bad values are in test_config's table of rejected settings.)"""
     cfg = parse_config(["--augment", "crop,flip", "--cache", "--prefetch", "4"])
-    assert (cfg.augment, cfg.cache, cfg.prefetch) == ("crop,flip", True, 4)
+    assert (cfg.data.augment, cfg.data.cache, cfg.data.prefetch) == ("crop,flip", True, 4)

@@ -96,12 +96,12 @@ def test_scheduler_state_loads_without_unpickling_objects(tmp_path):
     cfg = parse_config([])
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = build_scheduler(cfg, optimizer, 10, 100)
+    scheduler = build_scheduler(cfg.training, optimizer, 10, 100)
     for _ in range(7):
         optimizer.step()
         scheduler.step()
     checkpoint.atomic_save({"scheduler": plain_scheduler_state(scheduler)}, tmp_path / "s.pt")
-    again = build_scheduler(cfg, torch.optim.SGD(model.parameters(), lr=0.1), 10, 100)
+    again = build_scheduler(cfg.training, torch.optim.SGD(model.parameters(), lr=0.1), 10, 100)
     again.load_state_dict(checkpoint.load(tmp_path / "s.pt")["scheduler"])
     assert again.last_epoch == 7 and again.get_last_lr() == scheduler.get_last_lr()
 
@@ -213,8 +213,8 @@ def test_failure_options_parse():
     """(Their bad values are in test_config's table of rejected settings.)"""
     cfg = parse_config(["--nan-policy", "skip", "--stall-warn", "5", "--stall-abort", "30",
                         "--keep-checkpoints", "0"])
-    assert (cfg.nan_policy, cfg.stall_warn, cfg.stall_abort, cfg.keep_checkpoints) == \
-        ("skip", 5.0, 30.0, 0)
+    assert (cfg.failure.nan_policy, cfg.failure.stall_warn, cfg.failure.stall_abort,
+            cfg.output.keep_checkpoints) == ("skip", 5.0, 30.0, 0)
 
 
 def test_drill_sleep_spec():

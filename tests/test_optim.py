@@ -13,9 +13,10 @@ def test_fused_optimizer_matches_the_per_tensor_loop(name):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 6 * 6, 5))
     reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    fused = build_optimizer(cfg, model.parameters(), global_batch=32)
+    fused = build_optimizer(cfg.training, model.parameters(), global_batch=32)
     assert fused.defaults["fused"] is True
-    options = {k: v for k, v in fused.defaults.items() if k not in ("fused", "foreach", "decoupled_weight_decay")}
+    options = {k: v for k, v in fused.defaults.items()
+               if k not in ("fused", "foreach", "decoupled_weight_decay")}
     loop = type(fused)(reference, foreach=False, **options)
     for _ in range(10):
         for p, q in zip(model.parameters(), reference):

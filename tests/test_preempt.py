@@ -42,9 +42,9 @@ def test_job_defaults_give_each_job_its_directory_and_resume_only_after_a_requeu
     assert again["resume"] == "auto" and again["checkpoint_dir"] == "runs/slurm-812"
     # They are defaults: a flag wins, and an empty directory means no checkpoints.
     cfg = parse_config(["--checkpoint-dir", "/scratch/x"], defaults=again)
-    assert (cfg.checkpoint_dir, cfg.resume, cfg.metrics) == \
+    assert (cfg.output.checkpoint_dir, cfg.output.resume, cfg.output.metrics) == \
         ("/scratch/x", "auto", "runs/slurm-812/metrics.jsonl")
-    assert parse_config(["--checkpoint-dir", ""], defaults=first).checkpoint_dir == ""
+    assert parse_config(["--checkpoint-dir", ""], defaults=first).output.checkpoint_dir == ""
     with pytest.raises(MpicnnError, match="--stop-check-every must not be negative"):
         parse_config(["--stop-check-every", "-1"])
 

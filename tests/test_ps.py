@@ -13,7 +13,8 @@ import torch
 from conftest import ROOT, job_env, mpirun, mpirun_command, read_jsonl, run_command
 
 from mpicnn.cluster.errors import MpicnnError
-from mpicnn.config import parse_config, staleness_bound
+from mpicnn.config import parse_config
+from mpicnn.sync.ps.policy import staleness_bound
 from mpicnn.observe.records import check_record
 from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
 from mpicnn.sync.ps.layout import partition, roles
@@ -111,7 +112,7 @@ def test_roles_and_bad_layouts():
 
 def test_staleness_option():
     assert staleness_bound("none") is None and staleness_bound("0") == 0
-    assert parse_config(["--mode", "ps-async", "--staleness", "4"]).staleness == "4"
+    assert parse_config(["--mode", "ps-async", "--staleness", "4"]).sync.staleness == "4"
     for bad in ("-1", "1.5", "soon"):
         with pytest.raises(MpicnnError, match="--staleness must be"):
             parse_config(["--mode", "ps-async", "--staleness", bad])
@@ -144,22 +145,23 @@ def test_optimizer_state_survives_flattening_and_sharding(optimizer):
     params = list(model.parameters())
     from mpicnn.training.optim import build_optimizer
 
-    opt = build_optimizer(cfg, params, 32)
+    opt = build_optimizer(cfg.training, params, 32)
     for _ in range(3):
         model(torch.randn(8, 5)).square().sum().backward()
         opt.step()
-    step, vectors = flat_state(opt, params, cfg)
+    step, vectors = flat_state(opt, params, cfg.training)
     # shard over two "servers", then gather back into a fresh per-parameter optimizer
     numel = sum(p.numel() for p in params)
     shards = []
     for lo, hi in partition(numel, 2, align_bytes=16):
         flat = torch.nn.Parameter(torch.zeros(hi - lo))
-        server_opt = build_optimizer(cfg, [flat], 32)
-        set_flat_state(server_opt, [flat], cfg, step, {k: v[lo:hi] for k, v in vectors.items()})
-        shards.append(flat_state(server_opt, [flat], cfg))
+        server_opt = build_optimizer(cfg.training, [flat], 32)
+        set_flat_state(server_opt, [flat], cfg.training, step,
+                       {k: v[lo:hi] for k, v in vectors.items()})
+        shards.append(flat_state(server_opt, [flat], cfg.training))
     gathered = {k: torch.cat([s[1][k] for s in shards]) for k in vectors}
-    fresh = build_optimizer(cfg, params, 32)
-    set_flat_state(fresh, params, cfg, shards[0][0], gathered)
+    fresh = build_optimizer(cfg.training, params, 32)
+    set_flat_state(fresh, params, cfg.training, shards[0][0], gathered)
     for p in params:
         for key, value in opt.state[p].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(fresh.state[p][key]))

@@ -167,7 +167,7 @@ def test_sweep_array_runs_every_task_in_its_own_directory(slurm, tmp_path):
     assert "submit with --array=0-1" in job_log(tmp_path, f"mpicnn-sweep-{job_id}_2.out")
 
 
-@pytest.mark.skipif("ps-sync" not in (FIELDS["mode"].metadata["choices"] or []),
+@pytest.mark.skipif("ps-sync" not in (FIELDS["mode"][1].metadata["choices"] or []),
                     reason="parameter-server modes are not in this build")
 def test_train_ps_sbatch_runs_a_parameter_server_job(slurm, tmp_path):
     job_id = submit(slurm, tmp_path, "train_ps.sbatch", ["--ntasks-per-node=3"], SERVERS="1",

@@ -41,25 +41,25 @@ def free_port() -> int:
 
 def run(world, argv) -> int:
     cfg = parse_config(argv)
-    device = bind_device(world, cfg.device, cfg.threads)
+    device = bind_device(world, cfg.sync.device, cfg.sync.threads)
     port = world.comm.bcast(free_port() if world.is_root else None, root=0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=world.rank, world_size=world.size)
     try:
-        data = open_dataset(cfg.data)
-        steps_per_epoch = shard.check_fits(len(data.train), cfg.batch_size, world.size,
-                                           cfg.shuffle)
-        global_batch = cfg.batch_size * world.size
-        run_steps = total_steps(cfg, steps_per_epoch)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+        data = open_dataset(cfg.data.data)
+        steps_per_epoch = shard.check_fits(len(data.train), cfg.training.batch_size, world.size,
+                                           cfg.data.shuffle)
+        global_batch = cfg.training.batch_size * world.size
+        run_steps = total_steps(cfg.training, steps_per_epoch)
+        torch.manual_seed(cfg.training.seed)
+        model = build_model(cfg.training.model, data.input_shape, data.num_classes).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
-        optimizer = build_optimizer(cfg, ddp.parameters(), global_batch)
+        optimizer = build_optimizer(cfg.training, ddp.parameters(), global_batch)
         strategy = DDPStrategy(world, cfg)
-        scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
+        scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
         strategy.attach(ddp, optimizer, scheduler)
-        loader = Loader(data, data.train, device, cfg.batch_size, world.size, world.rank,
-                        cfg.seed, cfg.shuffle)
+        loader = Loader(data, data.train, device, cfg.training.batch_size, world.size, world.rank,
+                        cfg.training.seed, cfg.data.shuffle)
         stats = StepStats()
         train_epoch(ddp, loader, strategy, strategy, RunState(), run_steps, stats,
                     scheduler=scheduler, global_batch=global_batch)

@@ -17,21 +17,21 @@ class Checkpointer:
     def __init__(self, cfg, world, model, optimizer, scheduler):
         self.cfg, self.world = cfg, world
         self.parts = (model, optimizer, scheduler)
-        self.writes = bool(cfg.checkpoint_dir) and world.is_root
+        self.writes = bool(cfg.output.checkpoint_dir) and world.is_root
         self.saved: Path | None = None          # the newest checkpoint this run wrote
 
     def prepare(self) -> None:
         """Check the directory is writable and keep the effective config there (collective)."""
-        if self.cfg.checkpoint_dir:
+        if self.cfg.output.checkpoint_dir:
             self.world.agree(lambda: self.writes and self._write_config())
 
     def _write_config(self) -> None:
-        files.ensure_writable(self.cfg.checkpoint_dir)
-        (Path(self.cfg.checkpoint_dir) / "config.toml").write_text(self.cfg.dump())
+        files.ensure_writable(self.cfg.output.checkpoint_dir)
+        (Path(self.cfg.output.checkpoint_dir) / "config.toml").write_text(self.cfg.dump())
 
     def epoch_done(self, state: RunState, finished: bool, last_epoch: int) -> None:
         """Save after an epoch: ``final.pt`` when training is over, else by the cadence."""
-        due = state.epoch % self.cfg.checkpoint_every == 0 or state.epoch == last_epoch
+        due = state.epoch % self.cfg.output.checkpoint_every == 0 or state.epoch == last_epoch
         if finished or due:
             self.save(state, files.FINAL if finished else files.checkpoint_name(state.global_step))
 
@@ -43,7 +43,7 @@ class Checkpointer:
         """Write the training state atomically as ``name``, then prune old ones (rank 0)."""
         if not self.writes:
             return
-        path = Path(self.cfg.checkpoint_dir) / name
+        path = Path(self.cfg.output.checkpoint_dir) / name
         files.atomic_save(training_state(self.cfg, *self.parts, state), path)
-        files.prune(self.cfg.checkpoint_dir, self.cfg.keep_checkpoints)
+        files.prune(self.cfg.output.checkpoint_dir, self.cfg.output.keep_checkpoints)
         self.saved = path

@@ -51,12 +51,12 @@ def training_state(cfg, model, optimizer, scheduler, state: RunState) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": plain_scheduler_state(scheduler), "epoch": state.epoch,
             "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-            "rng": torch.get_rng_state(), "model_name": cfg.model, "mode": cfg.mode,
+            "rng": torch.get_rng_state(), "model_name": cfg.training.model, "mode": cfg.sync.mode,
             "config": cfg.to_dict()}
 
 
 def check_compatible(saved: dict, cfg, path) -> None:
-    for key, ours in (("model_name", cfg.model), ("mode", cfg.mode)):
+    for key, ours in (("model_name", cfg.training.model), ("mode", cfg.sync.mode)):
         if saved.get(key) != ours:
             what = key.replace("_name", "")
             raise MpicnnError(f"cannot resume from {str(path)!r}: it was written with "
@@ -69,10 +69,10 @@ def restore(world, cfg, model, optimizer, scheduler) -> RunState:
     def load_on_root():
         if not world.is_root:
             return None
-        if cfg.resume == "auto":      # a damaged newest checkpoint falls back to an older one
-            path, saved = checkpoint.load_newest(cfg.checkpoint_dir, world.log.warning)
+        if cfg.output.resume == "auto":   # a damaged newest checkpoint falls back to an older
+            path, saved = checkpoint.load_newest(cfg.output.checkpoint_dir, world.log.warning)
         else:
-            path = checkpoint.resolve_resume(cfg.resume, cfg.checkpoint_dir)
+            path = checkpoint.resolve_resume(cfg.output.resume, cfg.output.checkpoint_dir)
             saved = checkpoint.load(path) if path else None
         if path is None:
             return None
@@ -81,7 +81,7 @@ def restore(world, cfg, model, optimizer, scheduler) -> RunState:
 
     found = world.comm.bcast(world.agree(load_on_root), root=0)
     if found is None:
-        if cfg.resume:
+        if cfg.output.resume:
             world.log.info("resume: no checkpoint found, starting fresh")
         return RunState()
     path, saved = found

@@ -227,9 +227,12 @@ def check_cache(loaders_kinds, local_size: int) -> None:
         check_cache_fits(need, local_size, hint=hint)
 
 
-def make_loaders(cfg, data: Dataset, world, workers: int | None = None,
-                 index: int | None = None, comm=None) -> tuple[Loader, Loader]:
-    """The train and val loaders of this rank, as configured; checks --cache memory.
+def make_loaders(settings, data: Dataset, world, batch_size: int, seed: int,
+                 workers: int | None = None, index: int | None = None,
+                 comm=None) -> tuple[Loader, Loader]:
+    """The train and val loaders of this rank (``settings``: the data section).
+
+    Checks that the node can hold what ``--cache`` keeps.
 
     ``workers``/``index``/``comm``: the ranks that read data, this rank's place among
     them and their communicator (default: all ranks of ``world``; servers read none).
@@ -238,12 +241,13 @@ def make_loaders(cfg, data: Dataset, world, workers: int | None = None,
     index = world.rank if index is None else index
     from .augment import parse_augment
 
-    options = dict(prefetch=cfg.prefetch, prefetch_mode=cfg.prefetch_mode, cache=cfg.cache,
-                   block=cfg.shuffle_block, window=cfg.shuffle_window)
-    train = Loader(data, data.train, world.device, cfg.batch_size, workers, index,
-                   cfg.seed, cfg.shuffle, augment=parse_augment(cfg.augment), **options)
-    val = Loader(data, data.val, world.device, cfg.batch_size, workers, index, **options)
-    if cfg.cache:
+    options = dict(prefetch=settings.prefetch, prefetch_mode=settings.prefetch_mode,
+                   cache=settings.cache, block=settings.shuffle_block,
+                   window=settings.shuffle_window)
+    train = Loader(data, data.train, world.device, batch_size, workers, index,
+                   seed, settings.shuffle, augment=parse_augment(settings.augment), **options)
+    val = Loader(data, data.val, world.device, batch_size, workers, index, **options)
+    if settings.cache:
         world.agree(lambda: check_cache([(train, "epoch"), (val, "eval")], world.local_size),
                     comm)
     train.source("epoch"), val.source("eval")     # start reader processes before step 1
@@ -251,8 +255,8 @@ def make_loaders(cfg, data: Dataset, world, workers: int | None = None,
     cached = (train.cache_bytes("epoch") + val.cache_bytes("eval")) / mib
     world.log.info(
         f"data: blocks of {train.block} rows shuffled, then rows within {train.window}; "
-        f"prefetch {cfg.prefetch} ({cfg.prefetch_mode}); cache "
-        f"{f'{cached:.1f} MiB per rank' if cfg.cache else 'off'}; "
+        f"prefetch {settings.prefetch} ({settings.prefetch_mode}); cache "
+        f"{f'{cached:.1f} MiB per rank' if settings.cache else 'off'}; "
         f"reader memory <= {train.footprint('epoch') / mib:.1f} MiB per rank"
         + ("" if data.stats_in_file else "; no mean/std in the file, using dtype defaults "
            "(python -m mpicnn.data inspect FILE --write-stats)"))

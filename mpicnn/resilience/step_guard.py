@@ -12,13 +12,13 @@ from .watchdog import COMPUTE, SERVE, WAIT, Watchdog
 
 
 class StepGuard:
-    """The NaN policy and stall heartbeats of ``cfg`` for one rank (built on every rank)."""
+    """The NaN policy and stall heartbeats of the failure section (built on every rank)."""
 
-    def __init__(self, cfg, world):
-        self.policy = NanGuard(cfg.nan_policy, world.log)
+    def __init__(self, failure, world):
+        self.policy = NanGuard(failure.nan_policy, world.log)
         self.sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank)
-        watch = world.size > 1 and (cfg.stall_warn > 0 or cfg.stall_abort > 0)
-        self.watchdog = Watchdog(world, cfg.stall_warn, cfg.stall_abort) if watch else None
+        watch = world.size > 1 and (failure.stall_warn > 0 or failure.stall_abort > 0)
+        self.watchdog = Watchdog(world, failure.stall_warn, failure.stall_abort) if watch else None
 
     def _mark(self, state: int, step: int) -> None:
         if self.watchdog is not None:

@@ -12,18 +12,18 @@ from .contract import Strategy
 
 
 def make_strategy(cfg, world) -> Strategy:
-    """The strategy object for ``cfg.mode``; the training loop never branches on the mode."""
-    if cfg.mode == "allreduce":
+    """The strategy object for ``cfg.sync.mode``; the training loop never branches on the mode."""
+    if cfg.sync.mode == "allreduce":
         from .allreduce.strategy import AllreduceStrategy
 
         strategy = AllreduceStrategy(world, cfg)
-    elif cfg.mode in ("ps-sync", "ps-async"):
+    elif cfg.sync.mode in ("ps-sync", "ps-async"):
         from .ps import make_ps_strategy
 
         strategy = make_ps_strategy(cfg, world)
     else:
-        raise MpicnnError(f"unknown mode {cfg.mode!r}", collective=True)
-    if cfg.slow_rank >= strategy.workers:
-        raise MpicnnError(f"--slow-rank {cfg.slow_rank} is not a worker: workers are ranks "
+        raise MpicnnError(f"unknown mode {cfg.sync.mode!r}", collective=True)
+    if cfg.sync.slow_rank >= strategy.workers:
+        raise MpicnnError(f"--slow-rank {cfg.sync.slow_rank} is not a worker: workers are ranks "
                           f"0-{strategy.workers - 1}", collective=True)
     return strategy

@@ -6,12 +6,12 @@ import math
 import torch
 
 
-def peak_lr(cfg, global_batch: int) -> float:
+def peak_lr(training, global_batch: int) -> float:
     """``--lr``, scaled linearly with the global batch when ``--scale-lr`` is on."""
-    return cfg.lr * global_batch / cfg.base_batch if cfg.scale_lr else cfg.lr
+    return training.lr * global_batch / training.base_batch if training.scale_lr else training.lr
 
 
-def build_optimizer(cfg, params, global_batch: int) -> torch.optim.Optimizer:
+def build_optimizer(training, params, global_batch: int) -> torch.optim.Optimizer:
     """``--optimizer`` over ``params``: torch's fused kernel where the device has one.
 
     The fused kernels update every parameter in one pass over memory (AdamW on
@@ -19,14 +19,14 @@ def build_optimizer(cfg, params, global_batch: int) -> torch.optim.Optimizer:
     which matters most when several ranks share a node's memory bandwidth.
     """
     params = list(params)
-    lr = peak_lr(cfg, global_batch)
-    if cfg.optimizer == "adamw":
-        cls, options = torch.optim.AdamW, dict(lr=lr, betas=tuple(cfg.betas),
-                                               weight_decay=cfg.weight_decay)
+    lr = peak_lr(training, global_batch)
+    if training.optimizer == "adamw":
+        cls, options = torch.optim.AdamW, dict(lr=lr, betas=tuple(training.betas),
+                                               weight_decay=training.weight_decay)
     else:
-        cls, options = torch.optim.SGD, dict(lr=lr, momentum=cfg.momentum,
-                                             nesterov=cfg.nesterov and cfg.momentum > 0,
-                                             weight_decay=cfg.weight_decay)
+        cls, options = torch.optim.SGD, dict(lr=lr, momentum=training.momentum,
+                                             nesterov=training.nesterov and training.momentum > 0,
+                                             weight_decay=training.weight_decay)
     try:
         return cls(params, fused=True, **options)
     except RuntimeError:           # no fused kernel for these devices or dtypes
@@ -53,22 +53,23 @@ def lr_factor(step: int, steps_per_epoch: int, total_steps: int, schedule: str,
 class Schedule:
     """A per-step lr multiplier for ``LambdaLR``; holds plain data only, so it checkpoints."""
 
-    def __init__(self, steps_per_epoch: int, total_steps: int, cfg):
+    def __init__(self, steps_per_epoch: int, total_steps: int, training):
         self.args = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                         schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
-                         min_lr_ratio=cfg.min_lr_ratio, milestones=list(cfg.lr_milestones),
-                         gamma=cfg.lr_gamma)
+                         schedule=training.schedule, warmup_epochs=training.warmup_epochs,
+                         min_lr_ratio=training.min_lr_ratio,
+                         milestones=list(training.lr_milestones),
+                         gamma=training.lr_gamma)
 
     def __call__(self, step: int) -> float:
         return lr_factor(step, **self.args)
 
 
-def build_scheduler(cfg, optimizer, steps_per_epoch: int, total_steps: int):
+def build_scheduler(training, optimizer, steps_per_epoch: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                             Schedule(steps_per_epoch, total_steps, cfg))
+                                             Schedule(steps_per_epoch, total_steps, training))
 
 
-def total_steps(cfg, steps_per_epoch: int) -> int:
+def total_steps(training, steps_per_epoch: int) -> int:
     """Optimizer steps of the whole run (``--max-steps`` caps ``--epochs``)."""
-    steps = cfg.epochs * steps_per_epoch
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+    steps = training.epochs * steps_per_epoch
+    return min(steps, training.max_steps) if training.max_steps else steps

@@ -39,19 +39,19 @@ class Parts:
 
 def build_parts(cfg, world, data, work) -> Parts:
     """Model, optimizer and schedule of the run, at the position ``--resume`` names."""
-    if cfg.deterministic:
+    if cfg.training.deterministic:
         torch.use_deterministic_algorithms(True)
     steps_per_epoch = world.agree(lambda: shard.check_fits(
-        len(data.train), cfg.batch_size, work.workers, cfg.shuffle))
-    global_batch = cfg.batch_size * work.workers
-    run_steps = total_steps(cfg, steps_per_epoch)
-    torch.manual_seed(cfg.seed)
-    model = world.agree(lambda: build_model(cfg.model, data.input_shape,
+        len(data.train), cfg.training.batch_size, work.workers, cfg.data.shuffle))
+    global_batch = cfg.training.batch_size * work.workers
+    run_steps = total_steps(cfg.training, steps_per_epoch)
+    torch.manual_seed(cfg.training.seed)
+    model = world.agree(lambda: build_model(cfg.training.model, data.input_shape,
                                             data.num_classes)).to(world.device)
-    optimizer = build_optimizer(cfg, model.parameters(), global_batch)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch, run_steps)
+    optimizer = build_optimizer(cfg.training, model.parameters(), global_batch)
+    scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
     state = restore(world, cfg, model, optimizer, scheduler)
-    drills.straggle(model, cfg.slow_rank, cfg.slow_factor, world.rank)
+    drills.straggle(model, cfg.sync.slow_rank, cfg.sync.slow_factor, world.rank)
     return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, global_batch)
 
 
@@ -74,10 +74,11 @@ class Trainer:
         self.strategy, self.guard, self.preempt = strategy, guard, preempt
         self.checkpointer = checkpointer
         self.train_loader, self.val_loader = make_loaders(
-            cfg, data, world, strategy.workers, strategy.worker_index, comm=strategy.comm)
-        self.metrics = MetricsWriter(cfg.metrics if world.is_root else "")
-        self.bar = Progress(world.is_root, cfg.progress, world.log)
-        self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.log_every,
+            cfg.data, data, world, cfg.training.batch_size, cfg.training.seed,
+            strategy.workers, strategy.worker_index, comm=strategy.comm)
+        self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "")
+        self.bar = Progress(world.is_root, cfg.output.progress, world.log)
+        self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.output.log_every,
                                parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep)
 
     def lr(self) -> float:
@@ -97,17 +98,18 @@ class Trainer:
                            steps_per_epoch=parts.steps_per_epoch)
         self.world.log.info(
             f"{self.data.path}: {len(self.data.train)} train / {len(self.data.val)} val "
-            f"samples of {self.data.input_shape}, {self.data.num_classes} classes; {cfg.model}, "
+            f"samples of {self.data.input_shape}, {self.data.num_classes} classes; "
+            f"{cfg.training.model}, "
             f"{parts.steps_per_epoch} steps/epoch at global batch {parts.global_batch}")
-        self.bar.start(parts.run_steps, state.global_step, cfg.epochs, parts.global_batch)
-        last_epoch = min(cfg.epochs, cfg.stop_epoch or cfg.epochs)
+        self.bar.start(parts.run_steps, state.global_step, cfg.training.epochs, parts.global_batch)
+        last_epoch = min(cfg.training.epochs, cfg.training.stop_epoch or cfg.training.epochs)
         outcome = Outcome()
         while state.epoch < last_epoch and state.global_step < parts.run_steps:
             self._epoch(outcome)
             if outcome.stopped:
                 self.checkpointer.stopped(state)
                 return outcome
-            finished = state.epoch >= cfg.epochs or state.global_step >= parts.run_steps
+            finished = state.epoch >= cfg.training.epochs or state.global_step >= parts.run_steps
             self.checkpointer.epoch_done(state, finished, last_epoch)
         if not outcome.evaluated:             # no epoch ran here (resumed at the end)
             self.strategy.sync_buffers()
@@ -121,7 +123,7 @@ class Trainer:
         self.stats.begin_epoch()
         train_epoch(parts.model, self.train_loader, strategy, strategy, state, parts.run_steps,
                     self.stats, scheduler=parts.scheduler, global_batch=parts.global_batch,
-                    guard=self.guard, accum_steps=self.cfg.accum_steps,
+                    guard=self.guard, accum_steps=self.cfg.training.accum_steps,
                     should_stop=self.preempt.should_stop)
         summary = self.stats.end_epoch(state)
         strategy.sync_buffers()
@@ -138,8 +140,8 @@ class Trainer:
                            val_acc=outcome.val_acc, lr=self.lr(),
                            images_per_s=self.stats.images_per_s, **summary.phases_ms,
                            **strategy.timings_ms(), **strategy.report())
-        self.world.log.info(f"epoch {state.epoch}/{self.cfg.epochs} step {state.global_step}: "
-                            f"train loss {summary.train_loss:.4f}, val loss "
+        self.world.log.info(f"epoch {state.epoch}/{self.cfg.training.epochs} step "
+                            f"{state.global_step}: train loss {summary.train_loss:.4f}, val loss "
                             f"{outcome.val_loss:.4f}, val acc {outcome.val_acc:.4f}")
 
     def conclude(self, outcome: Outcome, trace: dict | None, wall: float) -> int:
@@ -148,15 +150,15 @@ class Trainer:
         if trace:
             self.metrics.write("timeline", **trace)
             log.info(f"timeline: {trace['events']} events of steps {trace['steps'][0]}:"
-                     f"{trace['steps'][1]} written to {cfg.timeline}")
+                     f"{trace['steps'][1]} written to {cfg.output.timeline}")
         if outcome.stopped:
             return self.preempt.report(log, self.metrics, state, self.checkpointer.saved)
         self.metrics.write("end", val_acc=outcome.val_acc, val_loss=outcome.val_loss,
                            train_loss=outcome.train_loss, images_per_s=self.stats.images_per_s,
                            steps=state.global_step, epochs=state.epoch,
-                           world_size=self.world.size, mode=cfg.mode, wall_s=wall,
+                           world_size=self.world.size, mode=cfg.sync.mode, wall_s=wall,
                            **self.strategy.report())
-        log.info(f"done: {self.world.size} rank(s), {cfg.mode}, {state.epoch} epoch(s), "
+        log.info(f"done: {self.world.size} rank(s), {cfg.sync.mode}, {state.epoch} epoch(s), "
                  f"{state.global_step} steps, val acc {outcome.val_acc:.4f}, val loss "
                  f"{outcome.val_loss:.4f}, {self.stats.images_per_s:.0f} images/s, {wall:.1f} s")
         return 0

@@ -58,21 +58,21 @@ class AllreduceStrategy(Strategy):
             return
         device = self.params[0].device
         self.reducer = self._make_reducer(device)
-        if self.cfg.bucket_mb > 0:
+        if self.cfg.sync.bucket_mb > 0:
             self._start_engine()
         self.world.log.info(f"gradient sync: {self.describe()}")
 
     def _make_reducer(self, device: torch.device) -> Reducer:
-        codec = Codec(self.cfg.compression, self.world.size)
-        if self.cfg.hierarchical:
+        codec = Codec(self.cfg.sync.compression, self.world.size)
+        if self.cfg.sync.hierarchical:
             collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm)
-        elif (self.cfg.shared_memory == "auto" and self.world.num_nodes == 1
-              and device.type == "cpu" and codec.wire_dtype is None and self.cfg.bucket_mb > 0
+        elif (self.cfg.sync.shared_memory == "auto" and self.world.num_nodes == 1
+              and device.type == "cpu" and codec.wire_dtype is None and self.cfg.sync.bucket_mb > 0
               and self.params[0].dtype in (torch.float32, torch.float64)):
             collective = SharedMemoryAllreduce(self.world.local_comm)
         else:
             collective = FlatAllreduce(self.world.comm)
-        aware, self._buffers_why = choose_path(self.cfg.cuda_aware, device.type,
+        aware, self._buffers_why = choose_path(self.cfg.sync.cuda_aware, device.type,
                                                cuda_aware_override(), probe_cuda_support)
         if aware and (codec.wire_dtype is not None or self.params[0].dtype in HALF_DTYPES):
             aware = False      # MPI would call the Python sum operation on device pointers
@@ -96,7 +96,7 @@ class AllreduceStrategy(Strategy):
                        for i, p in enumerate(self.params)]
 
     def _plan(self, order: list[int]) -> list[list[int]]:
-        return bucket_plan(self.params, order, int(self.cfg.bucket_mb * MB))
+        return bucket_plan(self.params, order, int(self.cfg.sync.bucket_mb * MB))
 
     def _build(self, plan: list[list[int]]) -> None:
         old = self.buckets
@@ -135,9 +135,9 @@ class AllreduceStrategy(Strategy):
                 thread = "the main thread after backward (one bucket: nothing to overlap)"
             else:
                 thread = "a communication thread, overlapped with backward"
-            first = min(FIRST_BUCKET_BYTES / MB, self.cfg.bucket_mb)
+            first = min(FIRST_BUCKET_BYTES / MB, self.cfg.sync.bucket_mb)
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
-                    f"{self.cfg.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
+                    f"{self.cfg.sync.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
         return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
 
     def _sizes(self) -> str:

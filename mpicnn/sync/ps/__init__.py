@@ -13,10 +13,10 @@ def make_ps_strategy(cfg, world):
     from .server import PSServer
     from .worker import PSWorker
 
-    layout = roles(world.size, cfg.servers, cfg.mode)
+    layout = roles(world.size, cfg.sync.servers, cfg.sync.mode)
     server = layout.is_server(world.rank)
     train_comm = world.comm.Split(color=int(server), key=world.rank)
     ps_comm = world.comm.Dup()      # PS traffic can never match a collective or another tag
-    world.log.info(f"{cfg.mode}: {layout.workers} worker(s) (ranks 0-{layout.workers - 1}), "
+    world.log.info(f"{cfg.sync.mode}: {layout.workers} worker(s) (ranks 0-{layout.workers - 1}), "
                    f"{layout.servers} server(s) (ranks {layout.workers}-{world.size - 1})")
     return (PSServer if server else PSWorker)(world, cfg, layout, train_comm, ps_comm)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def state_keys(cfg) -> tuple[str, ...]:
+def state_keys(training) -> tuple[str, ...]:
     """The per-element state tensors of ``--optimizer`` (each as long as the parameters)."""
-    if cfg.optimizer == "adamw":
+    if training.optimizer == "adamw":
         return ("exp_avg", "exp_avg_sq")
-    return ("momentum_buffer",) if cfg.momentum > 0 else ()
+    return ("momentum_buffer",) if training.momentum > 0 else ()
 
 
-def has_step(cfg) -> bool:
+def has_step(training) -> bool:
     """Whether the optimizer keeps a step counter in its state (AdamW's bias correction)."""
-    return cfg.optimizer == "adamw"
+    return training.optimizer == "adamw"
 
 
 def flatten_params(params, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,22 +41,22 @@ def unflatten_into(flat: torch.Tensor, tensors) -> None:
             offset += t.numel()
 
 
-def flat_state(optimizer, params, cfg):
+def flat_state(optimizer, params, training):
     """(step, {key: flat vector}) of a per-parameter optimizer, or None before its first step."""
     states = [optimizer.state.get(p) for p in params]
     if not all(states):
         return None
-    step = int(states[0]["step"]) if has_step(cfg) else 0
-    return step, {k: flatten_params([s[k] for s in states]) for k in state_keys(cfg)}
+    step = int(states[0]["step"]) if has_step(training) else 0
+    return step, {k: flatten_params([s[k] for s in states]) for k in state_keys(training)}
 
 
-def set_flat_state(optimizer, params, cfg, step: int, vectors: dict) -> None:
+def set_flat_state(optimizer, params, training, step: int, vectors: dict) -> None:
     """Fill a per-parameter optimizer's state from flat vectors (inverse of flat_state)."""
     offset = 0
     for p in params:
         state = {k: v[offset: offset + p.numel()].view_as(p).clone().to(p.device)
                  for k, v in vectors.items()}
-        if has_step(cfg):
+        if has_step(training):
             state["step"] = torch.tensor(float(step))
         optimizer.state[p] = state
         offset += p.numel()

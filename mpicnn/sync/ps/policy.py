@@ -1,6 +1,7 @@
 """Server-side decisions, as pure functions: SSP replies and handing out batches."""
 from __future__ import annotations
 
+from ...cluster.errors import MpicnnError
 from .protocol import NO_ITEM
 
 
@@ -71,3 +72,18 @@ class Dispatcher:
     def _cap(self) -> None:
         if self.stop_at is not None:
             self.end = max(self.first, min(self.end, self.stop_at * self.workers - self.base))
+
+
+def staleness_bound(text: str) -> int | None:
+    """``--staleness`` as a whole number of clocks >= 0, or None for unbounded."""
+    text = text.strip().lower()
+    if text in ("none", "inf", "unbounded"):
+        return None
+    try:
+        bound = int(text)
+    except ValueError:
+        bound = -1
+    if bound < 0:
+        raise MpicnnError(f"--staleness must be a whole number >= 0 or 'none' (unbounded), "
+                          f"got {text!r}", collective=True)
+    return bound

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 
 from ...cluster.errors import MpicnnError
-from ...config import staleness_bound
+from .policy import staleness_bound
 from ..contract import Strategy
 from ..replicas import broadcast_module
 from .layout import Roles, partition
@@ -17,10 +17,10 @@ class PSRole(Strategy):
 
     def __init__(self, world, cfg, roles: Roles, train_comm, ps_comm):
         super().__init__(world, cfg)
-        self.name = cfg.mode
+        self.name = cfg.sync.mode
         self.roles, self.train_comm, self.ps_comm = roles, train_comm, ps_comm
-        self.sync = cfg.mode == "ps-sync"
-        self.bound = 0 if self.sync else staleness_bound(cfg.staleness)
+        self.sync = cfg.sync.mode == "ps-sync"
+        self.bound = 0 if self.sync else staleness_bound(cfg.sync.staleness)
         # Unbounded async hands batches out on demand so fast workers take more of them;
         # under a bound the slowest worker sets the pace anyway, so shards stay fixed.
         self.dispatched = self.bound is None
@@ -49,7 +49,7 @@ class PSRole(Strategy):
         self.params = [p for p in model.parameters() if p.requires_grad]
         dtypes = {p.dtype for p in self.params}
         if len(dtypes) != 1:
-            raise MpicnnError(f"--mode {self.cfg.mode} needs all trainable parameters in one "
+            raise MpicnnError(f"--mode {self.cfg.sync.mode} needs all trainable parameters in one "
                               f"dtype, the model has {sorted(map(str, dtypes))}",
                               collective=True)
         numel = sum(p.numel() for p in self.params)

@@ -35,12 +35,12 @@ class PSServer(PSRole):
         index = self.world.rank - self.roles.workers
         self.lo, self.hi = self.ranges[index]
         self.param = torch.nn.Parameter(flatten_params(self.params)[self.lo: self.hi].clone())
-        self.server_opt = build_optimizer(self.cfg, [self.param],
-                                          self.cfg.batch_size * self.workers)
-        restored = flat_state(optimizer, self.params, self.cfg)
+        self.server_opt = build_optimizer(self.cfg.training, [self.param],
+                                          self.cfg.training.batch_size * self.workers)
+        restored = flat_state(optimizer, self.params, self.cfg.training)
         if restored is not None:
             step, vectors = restored
-            set_flat_state(self.server_opt, [self.param], self.cfg, step,
+            set_flat_state(self.server_opt, [self.param], self.cfg.training, step,
                            {k: v[self.lo: self.hi] for k, v in vectors.items()})
         # The workers' schedule, at the restored position, drives this range's lr.
         self.server_sched = torch.optim.lr_scheduler.LambdaLR(self.server_opt,
@@ -106,7 +106,7 @@ class PSServer(PSRole):
         """A worker got a stop signal: fix the global step where every worker stops."""
         if not self.decides or self.stop_at >= 0:
             return
-        every = self.cfg.stop_check_every
+        every = self.cfg.failure.stop_check_every
         if self.dispatcher is not None:
             self.stop_at = self.dispatcher.stop(every)
         else:       # fixed shards: past every clock reached or in flight
@@ -136,7 +136,7 @@ class PSServer(PSRole):
             for w in range(self.workers):
                 self._proceed(w)
             return
-        lr_divisor = max(1, staleness) if self.cfg.staleness_lr else 1
+        lr_divisor = max(1, staleness) if self.cfg.sync.staleness_lr else 1
         with timeline.span("ps_apply", worker=worker, staleness=staleness):
             self._apply(grad, lr_divisor, finite)
         if self._may_proceed(worker):
@@ -204,13 +204,13 @@ class PSServer(PSRole):
 
     def _send_state(self, worker: int) -> None:
         """Start sending this range's optimizer state (for a checkpoint on ``worker``)."""
-        state = flat_state(self.server_opt, [self.param], self.cfg)
+        state = flat_state(self.server_opt, [self.param], self.cfg.training)
         head = P.header()
         if state is None:
             self._send_extra(worker, head, [], 0)
         else:
             head[P.STEP] = state[0]
-            vectors = [state[1][k].numpy() for k in state_keys(self.cfg)]
+            vectors = [state[1][k].numpy() for k in state_keys(self.cfg.training)]
             self._send_extra(worker, head, vectors, len(vectors))
 
     def _send_extra(self, worker: int, head: np.ndarray, arrays: list, count: int) -> None:

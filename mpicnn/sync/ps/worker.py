@@ -31,7 +31,7 @@ class PSWorker(PSRole):
         self.item, self.window = P.NO_ITEM, (0, 0)
         self.flags, self.stop_at = 0, -1
         # images one update trains on: a global batch (ps-sync) or one worker's batch
-        self.images_per_update = self.cfg.batch_size * (self.workers if self.sync else 1)
+        self.images_per_update = self.cfg.training.batch_size * (self.workers if self.sync else 1)
 
     @property
     def synced_grads(self) -> bool:
@@ -112,7 +112,7 @@ class PSWorker(PSRole):
         self.counted = self.version
         if self.world.is_root:
             self._fetch_stats()
-            if self.cfg.checkpoint_dir:
+            if self.cfg.output.checkpoint_dir:
                 self._fetch_state()
 
     def _fetch_stats(self) -> None:
@@ -158,7 +158,7 @@ class PSWorker(PSRole):
         """Copy the servers' optimizer state into the local optimizer, for checkpoints."""
         from mpi4py import MPI
 
-        keys, comm = state_keys(self.cfg), self.ps_comm
+        keys, comm = state_keys(self.cfg.training), self.ps_comm
         vectors = {k: torch.zeros_like(self.flat_params) for k in keys}
         for s, (lo, hi) in enumerate(self.ranges):
             server, request = self.roles.server_rank(s), self.requests[s]
@@ -169,7 +169,7 @@ class PSWorker(PSRole):
                 MPI.Request.Waitall([r for k in keys for r in
                                      P.irecv_array(comm, vectors[k].numpy()[lo:hi], server)])
         if all(reply[P.COUNT] for reply in self.replies):
-            set_flat_state(self.optimizer, self.params, self.cfg,
+            set_flat_state(self.optimizer, self.params, self.cfg.training,
                            int(self.replies[0][P.STEP]), vectors)
 
     def finish(self) -> None:

@@ -1,0 +1,25 @@
+"""The failure section: the NaN policy, stall warnings and abort, stop signals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import non_negative, opt
+
+@dataclass
+class FailureConfig:
+    """What happens when something goes wrong (``mpicnn.resilience``)."""
+
+    # --- failure handling -----------------------------------------------------
+    nan_policy: str = opt("abort", "on a non-finite loss or gradient: abort the run, or skip "
+                          "that update on every rank", "failure", ["abort", "skip"])
+    stall_warn: float = opt(60.0, "seconds ranks may wait at a gradient exchange before rank 0 "
+                            "names the missing ranks (0: off)", "failure")
+    stall_abort: float = opt(0.0, "abort the job after ranks have waited this many seconds at "
+                             "one exchange (0: never)", "failure")
+    stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
+                                "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "
+                                "leave signals alone", "failure")
+
+    def validate(self) -> None:
+        non_negative(self, "stall_warn", "stall_abort", hint="0 turns it off")
+        non_negative(self, "stop_check_every", hint="0 leaves signals alone")

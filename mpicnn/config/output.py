@@ -1,0 +1,35 @@
+"""The output section: checkpoints and resume, metrics, logs, progress, timeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import at_least, must, non_negative, opt
+
+@dataclass
+class OutputConfig:
+    """What a run writes and where (``mpicnn.checkpoint``, ``mpicnn.observe``)."""
+
+    # --- output ---------------------------------------------------------------
+    checkpoint_dir: str = opt("", "directory for checkpoints (empty: none written)", "output")
+    checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and at the end)",
+                                "output")
+    resume: str = opt("", "resume: 'auto' (latest in --checkpoint-dir) or a checkpoint path",
+                      "output")
+    metrics: str = opt("", "write JSON-lines metrics to this file", "output")
+    log_every: int = opt(50, "steps between metric records / status lines", "output")
+    progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
+    debug: bool = opt(False, "show tracebacks on errors", "output")
+    config: str = opt("", "TOML file of settings (flags override it)", "output")
+    # --- timeline (see README "Metrics, timeline and reports") -------------------
+    timeline: str = opt("", "write a Chrome-trace/Perfetto JSON of every rank's phases to "
+                        "this file (open in ui.perfetto.dev)", "output")
+    timeline_steps: str = opt("0:20", "global steps a:b (b excluded) recorded by --timeline",
+                              "output", metavar="A:B")
+    keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
+                                "is always kept)", "output")
+
+    def validate(self) -> None:
+        at_least(1, self, "checkpoint_every", "log_every")
+        non_negative(self, "keep_checkpoints", hint="0 turns it off")
+        must(not (self.resume == "auto" and not self.checkpoint_dir),
+             "--resume auto needs --checkpoint-dir")

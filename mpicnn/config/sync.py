@@ -1,0 +1,53 @@
+"""The sync section: mode, devices, the allreduce engine, parameter servers, stragglers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import at_least, must, non_negative, opt
+
+@dataclass
+class SyncConfig:
+    """How ranks combine gradients and where they compute (``mpicnn.sync``)."""
+
+    # --- distribution ---------------------------------------------------------
+    mode: str = opt("allreduce", "how ranks combine gradients", "distributed",
+                    ["allreduce", "ps-sync", "ps-async"])
+    device: str = opt("auto", "compute device (GPU = node-local rank mod GPU count)",
+                      "distributed", ["auto", "cpu", "cuda"])
+    threads: int = opt(0, "torch CPU threads per rank (0: cores per node / ranks per node)",
+                       "distributed")
+    # --- gradient communication (the allreduce engine) ---
+    bucket_mb: float = opt(25.0, "gradient bucket size in MB, reduced while backward goes on "
+                           "(the first bucket is 1 MB); 0: one blocking Allreduce of all "
+                           "gradients after backward", "distributed")
+    compression: str = opt("none", "gradient precision on the wire (fp16/bf16 halve the bytes)",
+                           "distributed", ["none", "fp16", "bf16"])
+    cuda_aware: str = opt("auto", "CUDA buffers straight to MPI (on), staged through pinned "
+                          "host memory (off), or probe the MPI library (auto)", "distributed",
+                          ["auto", "on", "off"])
+    hierarchical: bool = opt(False, "reduce within each node, allreduce across node leaders, "
+                             "broadcast within the node", "distributed")
+    shared_memory: str = opt("auto", "auto: ranks of one node average CPU buckets in MPI "
+                             "shared-memory windows; off: always MPI Allreduce", "distributed",
+                             ["auto", "off"])
+    # parameter-server modes (ps-sync, ps-async) and straggler simulation
+    servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "
+                       "others are workers", "distributed")
+    staleness: str = opt("none", "ps-async: clocks the fastest worker may run ahead of the "
+                         "slowest (SSP; 0 acts like ps-sync); none: unbounded (Downpour, "
+                         "batches handed out on demand)", "distributed", metavar="S|none")
+    staleness_lr: bool = opt(False, "ps-async: divide each update's lr by its staleness",
+                             "distributed")
+    slow_rank: int = opt(-1, "straggler simulation: this worker computes --slow-factor times "
+                         "slower (-1: none)", "distributed")
+    slow_factor: float = opt(2.0, "how many times slower --slow-rank computes", "distributed")
+
+    def validate(self) -> None:
+        non_negative(self, "threads")
+        must(self.bucket_mb >= 0, "--bucket-mb must not be negative (0: one flat Allreduce)")
+        at_least(1, self, "servers")
+        from ..sync.ps.policy import staleness_bound
+
+        staleness_bound(self.staleness)
+        must(self.slow_rank >= -1 and self.slow_factor >= 1,
+             "--slow-rank takes a worker rank (or -1) and --slow-factor a number >= 1")

@@ -1,0 +1,56 @@
+"""The training section: model, epochs and batch, optimizer and schedule, seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .fields import at_least, must, non_negative, opt
+
+@dataclass
+class TrainingConfig:
+    """What one rank computes and how the optimizer moves (``mpicnn.training``)."""
+
+    # --- model ----------------------------------------------------------------
+    model: str = opt("digitnet", "model name from the zoo, or package.module:Class", "model")
+    # --- training -------------------------------------------------------------
+    epochs: int = opt(20, "passes over the training split", "training")
+    batch_size: int = opt(16, "samples per rank per step (global batch = this x workers)",
+                          "training")
+    max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit)",
+                         "training")
+    stop_epoch: int = opt(0, "end this invocation after this epoch with a checkpoint, keeping "
+                          "the schedule of --epochs (split a long run over several jobs; "
+                          "continue with --resume auto)", "training")
+    optimizer: str = opt("adamw", "optimizer", "training", ["sgd", "adamw"])
+    lr: float = opt(0.002, "peak learning rate (after warmup, before scaling); for SGD try "
+                    "0.05", "training")
+    momentum: float = opt(0.9, "SGD momentum", "training")
+    nesterov: bool = opt(True, "Nesterov momentum for SGD", "training")
+    weight_decay: float = opt(0.01, "weight decay (decoupled for AdamW; for SGD try 5e-4)",
+                              "training")
+    betas: tuple = opt((0.9, 0.999), "AdamW betas", "training", metavar="B1,B2")
+    schedule: str = opt("cosine", "learning-rate schedule after warmup", "training",
+                        ["cosine", "step", "constant"])
+    warmup_epochs: float = opt(1.0, "linear warmup length in epochs", "training")
+    lr_milestones: tuple = opt((), "epochs at which the step schedule multiplies the lr by "
+                               "--lr-gamma", "training", metavar="E1,E2,...")
+    lr_gamma: float = opt(0.1, "step schedule factor", "training")
+    min_lr_ratio: float = opt(0.0, "cosine floor as a fraction of the peak lr", "training")
+    scale_lr: bool = opt(False, "linear lr scaling: lr x global batch / --base-batch",
+                         "training")
+    base_batch: int = opt(32, "global batch that --lr is tuned for (with --scale-lr)",
+                          "training")
+    seed: int = opt(0, "seed for initialisation and sample order", "training")
+    deterministic: bool = opt(False, "bit-reproducible runs on CPU", "training")
+    accum_steps: int = opt(1, "micro-batches per optimizer step: each rank's --batch-size batch "
+                           "runs as this many slices, gradients are summed locally and "
+                           "communicated once", "distributed")
+
+    def validate(self) -> None:
+        at_least(1, self, "epochs", "batch_size", "base_batch")
+        non_negative(self, "max_steps", "stop_epoch", "warmup_epochs", "weight_decay",
+                     "momentum", "min_lr_ratio")
+        must(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        must(len(self.betas) == 2, "--betas takes two numbers, e.g. 0.9,0.999")
+        must(self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
+             f"--accum-steps {self.accum_steps} must be at least 1 and divide --batch-size "
+             f"{self.batch_size} (each micro-batch is batch-size / accum-steps samples)")
