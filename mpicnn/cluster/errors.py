@@ -42,8 +42,22 @@ def report_failure(world: World | None, exc: BaseException, debug: bool) -> int:
     if not collective and world and world.size > 1:
         message = f"rank {rank}: {message}"
     if not collective or rank == 0:
-        print(f"mpicnn: error: {message}", file=sys.stderr, flush=True)
+        print_error(message)
     return exc.exit_code if isinstance(exc, MpicnnError) else 1
+
+
+def print_error(message: str) -> None:
+    """Print a user-facing error in its one format, ``mpicnn: error: <message>``."""
+    print(f"mpicnn: error: {message}", file=sys.stderr, flush=True)
+
+
+def run_tool(main, *args) -> int:
+    """Run a single-process command: an MpicnnError becomes one error line and its exit code."""
+    try:
+        return main(*args) or 0
+    except MpicnnError as exc:
+        print_error(str(exc))
+        return exc.exit_code
 
 
 def run_guarded(main, argv, world_factory=None) -> int:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from .fields import non_negative, opt
 
+
 @dataclass
 class FailureConfig:
     """What happens when something goes wrong (``mpicnn.resilience``)."""

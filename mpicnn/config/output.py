@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from .fields import at_least, must, non_negative, opt
 
+
 @dataclass
 class OutputConfig:
     """What a run writes and where (``mpicnn.checkpoint``, ``mpicnn.observe``)."""

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from .fields import at_least, must, non_negative, opt
 
+
 @dataclass
 class SyncConfig:
     """How ranks combine gradients and where they compute (``mpicnn.sync``)."""

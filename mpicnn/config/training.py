@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from .fields import at_least, must, non_negative, opt
 
+
 @dataclass
 class TrainingConfig:
     """What one rank computes and how the optimizer moves (``mpicnn.training``)."""

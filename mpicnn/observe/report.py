@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cluster.errors import MpicnnError
+from ..cluster.errors import MpicnnError, run_tool
 from .steps import PHASES, WAIT_PHASES
 
 SPLIT_ORDER = PHASES + WAIT_PHASES
@@ -232,23 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_tool(_report, build_parser().parse_args(argv))
+
+
+def _report(args) -> int:
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else []
+    if labels and len(labels) != len(args.runs):
+        raise MpicnnError(f"--labels names {len(labels)} runs but {len(args.runs)} files "
+                          f"were given")
+    runs = [load_run(path, labels[i] if labels else None) for i, path in enumerate(args.runs)]
     try:
-        if labels and len(labels) != len(args.runs):
-            raise MpicnnError(f"--labels names {len(labels)} runs but {len(args.runs)} files "
-                              f"were given")
-        runs = [load_run(path, labels[i] if labels else None)
-                for i, path in enumerate(args.runs)]
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise MpicnnError("the report needs matplotlib: pip install 'mpicnn[plots]'") \
-                from None
-        titles = render(runs, args.output, args.title)
-    except MpicnnError as exc:
-        print(f"mpicnn: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MpicnnError("the report needs matplotlib: pip install 'mpicnn[plots]'") from None
+    titles = render(runs, args.output, args.title)
     print(f"mpicnn: wrote {args.output}: {', '.join(titles)}")
     return 0
 

@@ -11,12 +11,13 @@ so clocks need not agree.
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..cluster.errors import print_error
 
 COMPUTE, WAIT, SERVE, DONE = range(4)     # what a rank's main thread is doing
 TAG = 17
@@ -179,9 +180,8 @@ class Watchdog:
             return
         waited, point, text = found
         if self.abort_after and waited >= self.abort_after:
-            print(f"mpicnn: error: stall: {text}; aborting after --stall-abort "
-                  f"{self.abort_after:g} s (check the missing ranks' nodes)",
-                  file=sys.stderr, flush=True)
+            print_error(f"stall: {text}; aborting after --stall-abort {self.abort_after:g} s "
+                        f"(check the missing ranks' nodes)")
             self.world.abort(STALL_EXIT)
         elif self.warn and waited >= self.warn:
             level = (point, int(waited // self.warn))

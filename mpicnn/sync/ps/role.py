@@ -6,10 +6,10 @@ from collections import Counter
 import numpy as np
 
 from ...cluster.errors import MpicnnError
-from .policy import staleness_bound
 from ..contract import Strategy
 from ..replicas import broadcast_module
 from .layout import Roles, partition
+from .policy import staleness_bound
 
 
 class PSRole(Strategy):
