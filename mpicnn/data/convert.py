@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cluster.errors import MpicnnError
+from .chunks import block_rows, row_bytes
 from .digits import stratified_split
 from .schema import detect_layout
-from .writer import SplitWriter, atomic_h5, block_rows, write_attrs
+from .writer import SplitWriter, atomic_h5, write_attrs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm")
@@ -332,8 +333,7 @@ def gathered(images, rows: np.ndarray, step: int, memory: int):
             ordered = np.sort(want)
             yield want, np.asarray(images[ordered])[np.searchsorted(ordered, want)]
         return
-    sample_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
-    segment = max(1, memory // max(1, sample_bytes))
+    segment = max(1, memory // max(1, row_bytes(images)))
     for s0 in range(0, len(rows), segment):
         want = rows[s0: s0 + segment]
         ordered = np.sort(want)

@@ -15,8 +15,9 @@ import torch
 from . import shard
 from .augment import Augmenter
 from .cache import check_cache_fits
+from .chunks import unit_rows
 from .prefetch import InlineSource, ProcessSource, ThreadSource
-from .reader import ReaderSpec, unit_rows
+from .reader import ReaderSpec
 from .schema import Dataset, Split
 
 EVAL_BATCH = 512

@@ -28,15 +28,6 @@ def to_nchw(images: np.ndarray, layout: str) -> np.ndarray:
     return images
 
 
-def unit_rows(images) -> int:
-    """Rows per read unit: the file's chunk height, or about 1 MiB for contiguous data."""
-    from .writer import chunk_rows
-
-    if images.chunks:
-        return int(images.chunks[0])
-    return chunk_rows(int(np.prod(images.shape[1:])) * images.dtype.itemsize)
-
-
 class SlabStore:
     """Up to ``capacity`` units in slots of one preallocated array, oldest evicted first.
 

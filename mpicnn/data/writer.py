@@ -10,20 +10,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-SAMPLES_PER_CHUNK_BYTES = 1 << 20
-BLOCK_BYTES = 16 << 20          # rows handed to HDF5 per write by the tools
+from .chunks import chunk_rows
+
 STATS_ELEMENTS = 1 << 22        # float statistics are summed in pieces this large
-
-
-def chunk_rows(sample_bytes: int) -> int:
-    """Rows per chunk: whole samples, about 1 MiB, so reads never cut a sample."""
-    return max(1, SAMPLES_PER_CHUNK_BYTES // max(1, sample_bytes))
-
-
-def block_rows(sample_bytes: int) -> int:
-    """Rows per write block: a whole number of chunks, about ``BLOCK_BYTES``."""
-    rows = chunk_rows(sample_bytes)
-    return rows * max(1, BLOCK_BYTES // (rows * max(1, sample_bytes)))
 
 
 class ChannelStats:
