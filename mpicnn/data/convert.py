@@ -14,7 +14,7 @@ import numpy as np
 from ..cluster.errors import MpicnnError
 from .chunks import block_rows, row_bytes
 from .digits import stratified_split
-from .schema import detect_layout
+from .layout import detect_layout, sample_shape, to_nchw
 from .writer import SplitWriter, atomic_h5, write_attrs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -68,8 +68,7 @@ def _part(images, labels, layout: str, where: str) -> tuple[Part, list]:
     values, names = _labels(labels, where)
     if len(values) != len(images):
         raise MpicnnError(f"{where}: {len(images)} images but {len(values)} labels")
-    stored = "nhw" if images.ndim == 3 else detect_layout(images.shape, layout)
-    return Part(images, values, stored), names
+    return Part(images, values, detect_layout(images.shape, layout)), names
 
 
 def _npz_header(archive, key: str) -> tuple:
@@ -259,14 +258,6 @@ def _out_dtype(dtype) -> np.dtype:
     return np.dtype(np.uint8) if np.dtype(dtype) == np.uint8 else np.dtype(np.float32)
 
 
-def _nchw(block: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "nhwc":
-        return block.transpose(0, 3, 1, 2)
-    if layout == "nhw":
-        return block[:, None]
-    return block
-
-
 def write_source(source: Source, out: str, val_fraction: float = 0.1, seed: int = 0,
                  shuffle: bool = True, compression: str | None = None,
                  classes: list | None = None, progress=None,
@@ -292,10 +283,7 @@ def write_source(source: Source, out: str, val_fraction: float = 0.1, seed: int 
         for name, (part, rows) in splits.items():
             if shuffle:
                 rows = rng.permutation(rows)
-            shape = part.images.shape[1:]
-            sample = ((1,) + tuple(shape) if part.layout == "nhw" else
-                      tuple(shape) if part.layout == "nchw" else
-                      (shape[2], shape[0], shape[1]))
+            sample = sample_shape(part.images.shape, part.layout)
             dtype = _out_dtype(part.images.dtype)
             writer = SplitWriter(f.create_group(name), len(rows), sample, dtype,
                                  compression, stats=name == "train")
@@ -303,8 +291,7 @@ def write_source(source: Source, out: str, val_fraction: float = 0.1, seed: int 
             for want, block in gathered(part.images, rows, step, memory):
                 if dtype.kind == "f" and not np.isfinite(block).all():
                     raise MpicnnError(f"{name} images contain NaN or Inf; clean them first")
-                writer.append(np.ascontiguousarray(_nchw(block, part.layout), dtype=dtype),
-                              part.labels[want])
+                writer.append(to_nchw(block, part.layout, dtype), part.labels[want])
                 if progress:
                     progress(len(want))
             stats = writer.stats or stats

@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from .chunks import block_rows, chunk_rows, row_bytes, unit_rows
+from .layout import to_nchw
 from .schema import Dataset, Split, open_dataset
 from .writer import ChannelStats
 
@@ -137,8 +138,6 @@ def describe_labels(split: Split, classes: int, warnings: list, fix: str) -> lis
 
 def write_stats(path: str, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Compute per-channel mean/std of the train split (streamed) and store them in ``path``."""
-    from .reader import to_nchw
-
     split = data.train
     stats = ChannelStats(data.input_shape[0])
     step = block_rows(row_bytes(split.images))

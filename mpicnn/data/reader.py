@@ -12,18 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .layout import to_nchw
 from .stores import MISSING, RangeStore, SlabStore
 
 CHUNK_CACHE_BYTES = 1 << 20     # HDF5's own cache: units are read whole, once
-
-
-def to_nchw(images: np.ndarray, layout: str) -> np.ndarray:
-    """Stored layout -> contiguous (N, C, H, W)."""
-    if layout == "nhwc":
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    if layout == "nhw":
-        return images[:, None]
-    return images
 
 
 @dataclass

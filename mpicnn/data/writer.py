@@ -48,13 +48,6 @@ class ChannelStats:
         return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-6).astype(np.float32)
 
 
-def channel_stats(images: np.ndarray, layout: str = "nchw"):
-    """Per-channel mean and std in stored pixel units."""
-    stats = ChannelStats(images.shape[1] if layout == "nchw" else images.shape[-1])
-    stats.add(images if layout == "nchw" else images.transpose(0, 3, 1, 2))
-    return stats.result()
-
-
 @contextmanager
 def atomic_h5(path: str):
     """An HDF5 file open for writing that appears at ``path`` only if the block succeeds."""
