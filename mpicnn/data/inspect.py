@@ -8,7 +8,7 @@ import numpy as np
 from .chunks import block_rows, chunk_rows, row_bytes, unit_rows
 from .layout import to_nchw
 from .schema import Dataset, Split, open_dataset
-from .writer import ChannelStats
+from .stats import ChannelStats
 
 SMALL_CHUNK = 64 << 10          # below this, per-read overhead dominates
 LARGE_CHUNK = 16 << 20          # above this, every unit read holds this much per rank
