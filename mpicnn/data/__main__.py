@@ -39,7 +39,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import array_source, folder_source, write_source
+    from .convert import write_source
+    from .sources import array_source, folder_source
 
     if os.path.isdir(args.source):
         size = None
