@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .layout import to_nchw
+from .schema import open_h5
 from .stores import MISSING, RangeStore, SlabStore
 
 CHUNK_CACHE_BYTES = 1 << 20     # HDF5's own cache: units are read whole, once
@@ -31,11 +32,9 @@ class ReaderSpec:
     capacity: int           # units kept in the LRU
     cache_range: tuple | None = None   # (lo, hi) split rows kept in RAM with --cache
 
-    def open(self, images=None) -> "ChunkReader":
+    def open(self, images=None) -> ChunkReader:
         """A reader on ``images`` (an open h5py dataset), or on the file opened here."""
         if images is None:
-            from .schema import open_h5
-
             images = open_h5(self.path, rdcc_nbytes=CHUNK_CACHE_BYTES)[self.dataset]
         return ChunkReader(images, self)
 

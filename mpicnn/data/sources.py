@@ -12,6 +12,7 @@ import numpy as np
 
 from ..cluster.errors import MpicnnError
 from .layout import detect_layout
+from .schema import open_h5
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm")
@@ -141,8 +142,6 @@ def array_source(path: str, labels_path: str = "", images_key: str = "",
         arrays = {key: _npz_header(archive, key) for key in archive.files}
         loader = archive.__getitem__
     elif suffix in (".h5", ".hdf5", ".he5"):
-        from .schema import open_h5
-
         f = open_h5(path)
         arrays = {}
         f.visititems(lambda name, obj: arrays.__setitem__(name, (obj.shape, obj.dtype))
