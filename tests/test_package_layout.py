@@ -1,4 +1,6 @@
-"""The package's import graph has no cycle: read from the source with ``ast``, no import runs.
+"""The package's shape, read from the source with ``ast`` (no import runs).
+
+The import graph has no cycle, and a package's ``__init__`` names each of its modules.
 
 Every import counts, also those inside functions (a deferred import hides a cycle from
 the interpreter, not from a reader); only ``if TYPE_CHECKING:`` blocks are left out,
@@ -8,6 +10,7 @@ package's ``__init__`` (the interpreter does that, but it is no design dependenc
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,15 @@ def test_data_has_no_import_cycle():
 def test_package_has_no_import_cycle():
     found = cycles(import_graph())
     assert not found, f"import cycles:\n{describe(found)}"
+
+
+def unnamed_modules(package: Path) -> list[str]:
+    """Modules and subpackages of ``package`` that its ``__init__`` docstring does not name."""
+    doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+    names = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__") + \
+        sorted(p.name for p in package.iterdir() if (p / "__init__.py").exists())
+    return [name for name in names if not re.search(rf"``{re.escape(name)}``", doc)]
+
+
+def test_data_init_names_every_module():
+    assert unnamed_modules(ROOT / "data") == []
