@@ -10,6 +10,7 @@ import numpy as np
 from ..cluster.errors import MpicnnError
 
 LAYOUTS = ("nchw", "nhwc", "nhw")
+CHOICES = ("auto", "nchw", "nhwc")     # what --layout accepts (3-d images are always nhw)
 
 
 def detect_layout(shape: tuple, layout: str = "auto") -> str:

@@ -36,7 +36,7 @@ class Split:
 @dataclass
 class Dataset:
     path: str
-    layout: str                       # "nchw" or "nhwc" as stored
+    layout: str                       # as stored: one of layout.LAYOUTS
     input_shape: tuple                # (C, H, W) as the model sees it
     num_classes: int
     mean: np.ndarray                  # (C,) in stored pixel units

@@ -13,6 +13,8 @@ import numpy as np
 from .chunks import chunk_rows
 from .stats import ChannelStats
 
+COMPRESSIONS = ("none", "gzip", "lzf")     # filters h5py writes without plugins
+
 
 @contextmanager
 def atomic_h5(path: str):
