@@ -7,8 +7,8 @@ import torch
 from mpicnn.cluster.errors import MpicnnError
 from mpicnn.data import shard
 from mpicnn.data.augment import Augmenter, parse_augment, sample_draws
-from mpicnn.data.cache import check_cache_fits
 from mpicnn.data.loader import Loader
+from mpicnn.data.memory import check_cache_fits
 from mpicnn.data.prefetch import ProcessSource
 from mpicnn.data.reader import ReaderSpec
 from mpicnn.data.schema import open_dataset

@@ -119,7 +119,8 @@ def test_convert_npy_with_labels_and_h5_rechunking(tmp_path):
             f.create_dataset(f"{name}/images", data=np.repeat(x[:, None], 3, 1),
                              chunks=(4, 1, 8, 8), compression="gzip", compression_opts=9)
             f.create_dataset(f"{name}/labels", data=y)
-    from mpicnn.data.convert import array_source, write_source
+    from mpicnn.data.convert import write_source
+    from mpicnn.data.sources import array_source
     write_source(array_source(str(tmp_path / "bad.h5")), str(tmp_path / "mixed.h5"),
                  memory=60 * 192)              # 60 rows per segment: 9 scans per split
     with h5py.File(tmp_path / "mixed.h5") as f:

@@ -61,21 +61,6 @@ def test_flat_channels_last_file_with_other_keys(tmp_path):
     assert np.array_equal(labels.numpy(), data.val.labels[:3])
 
 
-@pytest.mark.parametrize("shape,layout", [((5, 3, 32, 32), "nchw"), ((5, 32, 32, 3), "nhwc"),
-                                          ((5, 1, 28, 28), "nchw"), ((5, 28, 28, 1), "nhwc")])
-def test_layout_detection(shape, layout):
-    from mpicnn.data.schema import detect_layout
-
-    assert detect_layout(shape, "auto") == layout
-
-
-def test_ambiguous_layout_asks_for_the_flag():
-    from mpicnn.data.schema import detect_layout
-
-    with pytest.raises(MpicnnError, match="--layout"):
-        detect_layout((5, 3, 3, 3), "auto")
-
-
 @pytest.mark.mpi
 def test_training_on_a_flat_nhwc_file(tmp_path):
     path = tmp_path / "flat.h5"

@@ -6,6 +6,8 @@ import os
 import sys
 
 from ..cluster.errors import MpicnnError
+from .layout import CHOICES as LAYOUT_CHOICES
+from .writer import COMPRESSIONS
 
 
 def cmd_digits(args) -> int:
@@ -39,7 +41,8 @@ def cmd_synth(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import array_source, folder_source, write_source
+    from .convert import write_source
+    from .sources import array_source, folder_source
 
     if os.path.isdir(args.source):
         size = None
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel noise relative to the pattern amplitude (0.5; higher is harder)")
     p.add_argument("--shift", type=int, default=2, help="random shift in pixels (2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none")
     p.set_defaults(run=cmd_synth)
 
     p = sub.add_parser("convert", help="convert .npz/.npy/.h5 arrays or an image folder",
@@ -104,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-key", default="", help="labels array name (default: guessed)")
     p.add_argument("--val-images-key", default="", help="validation images array, if any")
     p.add_argument("--val-labels-key", default="", help="validation labels array, if any")
-    p.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto")
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="stratified validation share when the source has no val part (0.1)")
     p.add_argument("--classes", default="", help="comma-separated class names")
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folders: 1 (grey) or 3 (RGB); default from the first image")
     p.add_argument("--keep-order", action="store_true", help="keep the source row order")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and row order")
-    p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("inspect", help="validate a file and warn about slow layouts",
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--images-key", default="images")
     p.add_argument("--labels-key", default="labels")
-    p.add_argument("--layout", choices=["auto", "nchw", "nhwc"], default="auto")
+    p.add_argument("--layout", choices=LAYOUT_CHOICES, default="auto")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="for flat files, as in training (0.1)")
     p.add_argument("--write-stats", action="store_true",

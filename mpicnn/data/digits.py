@@ -3,22 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .convert import stratified_split
 from .writer import write_splits
 
 VAL_PER_CLASS_FRACTION = 0.2
 SPLIT_SEED = 0
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int):
-    """Sorted train and val row indices with each class split in the same proportion."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for cls in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == cls))
-        n_val = int(round(len(rows) * val_fraction))
-        val.append(rows[:n_val])
-        train.append(rows[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def digits_arrays():

@@ -5,9 +5,10 @@ import os
 
 import numpy as np
 
-from .reader import unit_rows
+from .chunks import block_rows, chunk_rows, row_bytes, unit_rows
+from .layout import to_nchw
 from .schema import Dataset, Split, open_dataset
-from .writer import ChannelStats, block_rows, chunk_rows
+from .stats import ChannelStats
 
 SMALL_CHUNK = 64 << 10          # below this, per-read overhead dominates
 LARGE_CHUNK = 16 << 20          # above this, every unit read holds this much per rank
@@ -41,7 +42,7 @@ def rounded(values) -> list:
 
 def describe_split(data: Dataset, split: Split) -> tuple[list[str], list[str]]:
     images = split.images
-    sample_bytes = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+    sample_bytes = row_bytes(images)
     rows = f"rows {split.start}..{split.start + len(split) - 1} of " if split.start or \
         len(split) != len(images) else ""
     lines = [f"/{split.name}: {len(split)} samples ({rows}{images.name} {images.shape} "
@@ -137,12 +138,9 @@ def describe_labels(split: Split, classes: int, warnings: list, fix: str) -> lis
 
 def write_stats(path: str, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Compute per-channel mean/std of the train split (streamed) and store them in ``path``."""
-    from .reader import to_nchw
-
     split = data.train
     stats = ChannelStats(data.input_shape[0])
-    sample_bytes = int(np.prod(split.images.shape[1:])) * split.images.dtype.itemsize
-    step = block_rows(sample_bytes)
+    step = block_rows(row_bytes(split.images))
     for a in range(0, len(split), step):
         block = split.images[split.start + a: split.start + min(len(split), a + step)]
         stats.add(to_nchw(block, data.layout))

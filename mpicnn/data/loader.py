@@ -2,7 +2,7 @@
 
 Per step the shard plan names the rows; a source (inline, thread or process, see
 :mod:`prefetch`) reads them through chunk-aligned units (:mod:`reader`), optionally
-kept in RAM (:mod:`cache`); on the device they become float, normalised and augmented.
+kept in RAM (:mod:`stores`); on the device they become float, normalised and augmented.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch
 
 from . import shard
 from .augment import Augmenter
-from .cache import check_cache_fits
+from .chunks import unit_rows
+from .memory import check_cache_fits
 from .prefetch import InlineSource, ProcessSource, ThreadSource
-from .reader import ReaderSpec, unit_rows
+from .reader import ReaderSpec
 from .schema import Dataset, Split
 
 EVAL_BATCH = 512

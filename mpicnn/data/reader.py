@@ -2,73 +2,21 @@
 
 Every file access is one contiguous slice of ``unit`` rows aligned to the file's
 chunks, so HDF5 decompresses each chunk once and the OS reads forward. Units are kept
-in a small LRU (bounded memory) or, with ``--cache``, in a :class:`RangeCache` that
-holds the rank's whole range. This module imports no torch, so a reader process
+in a small LRU (bounded memory) or, with ``--cache``, in a store that holds the rank's
+whole range (:mod:`stores`). This module imports no torch, so a reader process
 starts quickly.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import RangeCache
+from .layout import to_nchw
+from .schema import open_h5
+from .stores import MISSING, RangeStore, SlabStore
 
 CHUNK_CACHE_BYTES = 1 << 20     # HDF5's own cache: units are read whole, once
-MISSING = np.iinfo(np.int64).min    # "this unit found no slot" (read its rows directly)
-
-
-def to_nchw(images: np.ndarray, layout: str) -> np.ndarray:
-    """Stored layout -> contiguous (N, C, H, W)."""
-    if layout == "nhwc":
-        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    if layout == "nhw":
-        return images[:, None]
-    return images
-
-
-def unit_rows(images) -> int:
-    """Rows per read unit: the file's chunk height, or about 1 MiB for contiguous data."""
-    from .writer import chunk_rows
-
-    if images.chunks:
-        return int(images.chunks[0])
-    return chunk_rows(int(np.prod(images.shape[1:])) * images.dtype.itemsize)
-
-
-class SlabStore:
-    """Up to ``capacity`` units in slots of one preallocated array, oldest evicted first.
-
-    ``offsets[u]`` maps a split row of unit ``u`` to its position in ``rows`` (MISSING
-    when absent), so a whole batch is located with one numpy lookup.
-    """
-
-    def __init__(self, capacity: int, unit: int, units: int, sample_shape: tuple, dtype):
-        capacity = max(1, capacity)
-        self.unit = unit
-        self.rows = np.empty((capacity * unit,) + tuple(sample_shape), dtype)
-        self.offsets = np.full(units, MISSING, np.int64)
-        self.loaded: deque = deque()                   # (unit, slot), oldest first
-        self.free = list(range(capacity))[::-1]
-
-    def reserve(self, unit: int, lo: int, n: int, keep) -> int | None:
-        """Position in ``rows`` for the ``n`` rows of ``unit`` starting at split row ``lo``;
-        evicts the oldest unit not in ``keep``, or returns None when all are in it."""
-        if not self.free:
-            for _ in range(len(self.loaded)):
-                old, slot = self.loaded.popleft()
-                if old not in keep:
-                    self.offsets[old] = MISSING
-                    self.free.append(slot)
-                    break
-                self.loaded.append((old, slot))
-            else:
-                return None
-        slot = self.free.pop()
-        self.loaded.append((unit, slot))
-        self.offsets[unit] = slot * self.unit - lo
-        return slot * self.unit
 
 
 @dataclass
@@ -84,16 +32,11 @@ class ReaderSpec:
     capacity: int           # units kept in the LRU
     cache_range: tuple | None = None   # (lo, hi) split rows kept in RAM with --cache
 
-    def open(self, images=None) -> "ChunkReader":
+    def open(self, images=None) -> ChunkReader:
         """A reader on ``images`` (an open h5py dataset), or on the file opened here."""
         if images is None:
-            from .schema import open_h5
-
             images = open_h5(self.path, rdcc_nbytes=CHUNK_CACHE_BYTES)[self.dataset]
         return ChunkReader(images, self)
-
-    def unit_bytes(self, sample_bytes: int) -> int:
-        return self.unit * sample_bytes
 
     def store_bytes(self, sample_bytes: int) -> int:
         """Memory the unit store may hold (the LRU, or the whole cached range)."""
@@ -111,7 +54,7 @@ class ChunkReader:
         self.first_unit = spec.start // spec.unit
         units = (spec.start + spec.n - 1) // spec.unit - self.first_unit + 1
         if spec.cache_range is not None:
-            self.store = RangeCache(*spec.cache_range, units, self.sample_shape, images.dtype)
+            self.store = RangeStore(*spec.cache_range, units, self.sample_shape, images.dtype)
         else:
             self.store = SlabStore(spec.capacity if spec.unit > 1 else 0, spec.unit, units,
                                    self.sample_shape, images.dtype)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cluster.errors import MpicnnError
+from .layout import detect_layout, sample_shape
 
 SPLITS = ("train", "val")
 NAN_SAMPLE = 256           # float images checked for NaN/Inf per split
@@ -35,7 +36,7 @@ class Split:
 @dataclass
 class Dataset:
     path: str
-    layout: str                       # "nchw" or "nhwc" as stored
+    layout: str                       # as stored: one of layout.LAYOUTS
     input_shape: tuple                # (C, H, W) as the model sees it
     num_classes: int
     mean: np.ndarray                  # (C,) in stored pixel units
@@ -79,19 +80,6 @@ def _get(container, key: str, where: str):
         raise MpicnnError(f"{where} has no dataset {key!r} (it has: {have}); "
                           f"choose with --images-key / --labels-key")
     return container[key]
-
-
-def detect_layout(shape: tuple, layout: str) -> str:
-    """``nchw`` or ``nhwc`` for a 4-d image shape; ``auto`` must be unambiguous."""
-    if layout != "auto":
-        return layout
-    _, a, b, c = shape
-    nchw = a <= 4 or (b == c and a != b)
-    nhwc = c <= 4 or (a == b and c != a)
-    if nchw != nhwc:
-        return "nchw" if nchw else "nhwc"
-    raise MpicnnError(f"cannot tell whether images of shape {tuple(shape)} are channels-first "
-                      f"or channels-last; pass --layout nchw or --layout nhwc")
 
 
 def _check_images(images, where: str) -> None:
@@ -182,12 +170,8 @@ def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
                               f"to it")
 
     first = splits["train"].images
-    if first.ndim == 3:
-        stored_layout, shape = "nhw", (1,) + tuple(first.shape[1:])
-    else:
-        stored_layout = detect_layout(first.shape, layout)
-        shape = tuple(first.shape[1:]) if stored_layout == "nchw" else \
-            (first.shape[3], first.shape[1], first.shape[2])
+    stored_layout = detect_layout(first.shape, layout)
+    shape = sample_shape(first.shape, stored_layout)
     for split in splits.values():
         if split.images.shape[1:] != first.shape[1:]:
             raise MpicnnError(f"train and val images differ in shape: "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..cluster.errors import MpicnnError
-from .writer import SplitWriter, atomic_h5, block_rows, write_attrs
+from .chunks import block_rows
+from .writer import SplitWriter, atomic_h5, write_attrs
 
 WAVES = 3            # plane waves per class and channel
 PIXEL_SCALE = 80     # pattern amplitude 1 -> 80 grey levels around 128

@@ -1,4 +1,4 @@
-"""Write mpicnn HDF5 files block by block: whole-sample chunks, per-channel statistics.
+"""Write mpicnn HDF5 files block by block, in whole-sample chunks, with channel statistics.
 
 Memory stays bounded by one block whatever the number of samples; files appear
 atomically (written under a temporary name, renamed when complete).
@@ -10,60 +10,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-SAMPLES_PER_CHUNK_BYTES = 1 << 20
-BLOCK_BYTES = 16 << 20          # rows handed to HDF5 per write by the tools
-STATS_ELEMENTS = 1 << 22        # float statistics are summed in pieces this large
+from .chunks import chunk_rows
+from .stats import ChannelStats
 
-
-def chunk_rows(sample_bytes: int) -> int:
-    """Rows per chunk: whole samples, about 1 MiB, so reads never cut a sample."""
-    return max(1, SAMPLES_PER_CHUNK_BYTES // max(1, sample_bytes))
-
-
-def block_rows(sample_bytes: int) -> int:
-    """Rows per write block: a whole number of chunks, about ``BLOCK_BYTES``."""
-    rows = chunk_rows(sample_bytes)
-    return rows * max(1, BLOCK_BYTES // (rows * max(1, sample_bytes)))
-
-
-class ChannelStats:
-    """Per-channel mean and (population) std of NCHW blocks, exact for uint8."""
-
-    def __init__(self, channels: int):
-        self.counts = np.zeros((channels, 256), np.int64)      # uint8: value histograms
-        self.sums = np.zeros(channels, np.float64)             # float: sums
-        self.squares = np.zeros(channels, np.float64)
-        self.n = 0
-
-    def add(self, images: np.ndarray) -> None:
-        if images.dtype == np.uint8:
-            for c in range(images.shape[1]):
-                self.counts[c] += np.bincount(images[:, c].ravel(), minlength=256)
-        else:
-            step = max(1, STATS_ELEMENTS // max(1, images[0].size))
-            for a in range(0, len(images), step):
-                x = images[a: a + step].astype(np.float64)
-                self.sums += x.sum(axis=(0, 2, 3))
-                self.squares += np.square(x).sum(axis=(0, 2, 3))
-        self.n += images.shape[0] * images.shape[2] * images.shape[3]
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, std) as float32, std at least 1e-6 so normalising never divides by 0."""
-        if self.counts.any():
-            values = np.arange(256, dtype=np.float64)
-            self.sums = self.counts @ values
-            self.squares = self.counts @ np.square(values)
-        n = max(1, self.n)
-        mean = self.sums / n
-        var = np.maximum(self.squares / n - np.square(mean), 0.0)
-        return mean.astype(np.float32), np.maximum(np.sqrt(var), 1e-6).astype(np.float32)
-
-
-def channel_stats(images: np.ndarray, layout: str = "nchw"):
-    """Per-channel mean and std in stored pixel units."""
-    stats = ChannelStats(images.shape[1] if layout == "nchw" else images.shape[-1])
-    stats.add(images if layout == "nchw" else images.transpose(0, 3, 1, 2))
-    return stats.result()
+COMPRESSIONS = ("none", "gzip", "lzf")     # filters h5py writes without plugins
 
 
 @contextmanager

@@ -1,31 +1,12 @@
-"""``--cache``: keep a rank's rows in RAM once read, after checking the node can hold them."""
+"""Node memory for ``--cache``: what the node can still give, and whether the ranks fit."""
 from __future__ import annotations
 
-import numpy as np
+import os
 
 from ..cluster.errors import MpicnnError
 
 MEMINFO = "/proc/meminfo"
 USABLE_SHARE = 0.8        # leave room for the OS, page cache and the models
-
-
-class RangeCache:
-    """Split rows ``[lo, hi)`` in one array, filled unit by unit as they are first read."""
-
-    def __init__(self, lo: int, hi: int, units: int, sample_shape: tuple, dtype):
-        from .reader import MISSING
-
-        self.lo, self.hi = lo, hi
-        # np.empty maps pages lazily: memory is used only as units arrive
-        self.rows = np.empty((hi - lo,) + tuple(sample_shape), dtype)
-        self.offsets = np.full(units, MISSING, np.int64)    # as in reader.SlabStore
-        self.filled = 0
-
-    def reserve(self, unit: int, lo: int, n: int, keep=()) -> int:
-        """Position in ``rows`` where the ``n`` rows of ``unit`` from ``lo`` belong."""
-        self.offsets[unit] = -self.lo
-        self.filled += n
-        return lo - self.lo
 
 
 def available_bytes(path: str = MEMINFO) -> int:
@@ -37,8 +18,6 @@ def available_bytes(path: str = MEMINFO) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -56,4 +35,5 @@ def check_cache_fits(need: int, local_size: int, available: int | None = None,
 
 
 def gib(nbytes: float) -> str:
+    """``nbytes`` as GiB with two decimals."""
     return f"{nbytes / 2**30:.2f} GiB"
