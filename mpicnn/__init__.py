@@ -2,7 +2,8 @@
 
 One training step runs down this line, and the packages follow it:
 
-- ``train``: the entry (``mpirun -n N python -m mpicnn.train``): build, train or serve, close.
+- ``train``: the entry (``mpirun -n N python -m mpicnn.train``): build, train or serve, close;
+  ``__main__`` lists the commands, ``report`` is the entry of ``python -m mpicnn.report``.
 - ``config``: settings in sections (data, training, sync, output, failure), flags and TOML.
 - ``cluster``: where ranks run: the MPI world, nodes, devices, the batch job, errors.
 - ``data``: HDF5 schema, the pure shard plan, readers, prefetch, augmentation, data tools.

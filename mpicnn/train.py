@@ -8,7 +8,7 @@ from contextlib import ExitStack
 from .checkpoint.checkpointer import Checkpointer
 from .cluster.batchjob import job_defaults
 from .cluster.devices import bind_device, describe
-from .cluster.errors import run_guarded
+from .cluster.world import run_guarded
 from .config import parse_config
 from .data.schema import open_dataset
 from .observe import timeline

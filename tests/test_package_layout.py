@@ -1,6 +1,8 @@
 """The package's shape, read from the source with ``ast`` (no import runs).
 
-The import graph has no cycle, and a package's ``__init__`` names each of its modules.
+The import graph has no cycle, a package's ``__init__`` names each of its modules, the top
+level holds few concepts, the sync path forwards nothing through ``__getattr__``, and
+``python -m mpicnn`` lists commands that each answer ``--help``.
 
 Every import counts, also those inside functions (a deferred import hides a cycle from
 the interpreter, not from a reader); only ``if TYPE_CHECKING:`` blocks are left out,
@@ -11,18 +13,17 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
-import pytest
+from conftest import job_env
+
+from mpicnn.__main__ import COMMANDS
 
 PACKAGE = "mpicnn"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
-# TODO(redesign): cycles outside mpicnn.data that remain to break; when they are gone,
-# drop the xfail below so the whole package is held to it.
-# - mpicnn.cluster.errors <-> mpicnn.cluster.world (errors.py imports init_world inside
-#   a function as the default world factory; world.py imports MpicnnError)
-KNOWN_CYCLES_OUTSIDE_DATA = [["mpicnn.cluster.errors", "mpicnn.cluster.world"]]
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -141,14 +142,6 @@ def test_the_graph_sees_relative_absolute_and_function_level_imports(tmp_path):
     assert cycles(graph) == [["mpicnn.sub.a", "mpicnn.sub.b", "mpicnn.sub.c"]]
 
 
-def test_data_has_no_import_cycle():
-    touching = [c for c in cycles(import_graph())
-                if any(m == f"{PACKAGE}.data" or m.startswith(f"{PACKAGE}.data.") for m in c)]
-    assert not touching, f"import cycles through mpicnn.data:\n{describe(touching)}"
-
-
-@pytest.mark.xfail(reason="TODO(redesign): cycles outside mpicnn.data remain: "
-                          + describe(KNOWN_CYCLES_OUTSIDE_DATA), strict=False)
 def test_package_has_no_import_cycle():
     found = cycles(import_graph())
     assert not found, f"import cycles:\n{describe(found)}"
@@ -162,5 +155,34 @@ def unnamed_modules(package: Path) -> list[str]:
     return [name for name in names if not re.search(rf"``{re.escape(name)}``", doc)]
 
 
-def test_data_init_names_every_module():
-    assert unnamed_modules(ROOT / "data") == []
+def test_every_package_init_names_every_module():
+    packages = [p.parent for p in ROOT.rglob("__init__.py") if "__pycache__" not in p.parts]
+    unnamed = {str(p.relative_to(ROOT.parent)): unnamed_modules(p) for p in packages}
+    assert not {k: v for k, v in unnamed.items() if v}, unnamed
+
+
+def test_python_m_mpicnn_lists_commands_that_each_answer_help():
+    listing = subprocess.run([sys.executable, "-m", "mpicnn"], capture_output=True, text=True,
+                             env=job_env(), cwd=ROOT.parent)
+    assert listing.returncode == 0
+    for module in COMMANDS:
+        assert module in listing.stdout
+        helped = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                                text=True, env=job_env(), cwd=ROOT.parent)
+        assert helped.returncode == 0, (module, helped.stderr)
+        assert "usage" in (helped.stdout + helped.stderr).lower()
+
+
+def test_top_level_holds_few_entries_each_a_concept():
+    entries = [p for p in ROOT.iterdir() if p.name != "__pycache__"]
+    entry_modules = {"__init__.py", "__main__.py", "train.py", "report.py"}
+    concepts = [p.name for p in entries if p.name not in entry_modules]
+    assert len(concepts) <= 10, sorted(concepts)
+
+
+def test_the_sync_path_forwards_nothing_implicitly():
+    for path in [*(ROOT / "sync").rglob("*.py"), *(ROOT / "resilience").rglob("*.py"),
+                 *(ROOT / "training").rglob("*.py")]:
+        tree = ast.parse(path.read_text())
+        names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert "__getattr__" not in names, path

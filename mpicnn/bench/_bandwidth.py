@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from ..cluster.errors import run_guarded
+from ..cluster.world import run_guarded
 from ..config import parse_config
 from ..sync.allreduce.strategy import AllreduceStrategy
 

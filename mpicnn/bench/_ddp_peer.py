@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..checkpoint.state import RunState
 from ..cluster.devices import bind_device
-from ..cluster.errors import run_guarded
+from ..cluster.world import run_guarded
 from ..config import parse_config
 from ..data import shard
 from ..data.loader import Loader

@@ -58,22 +58,3 @@ def run_tool(main, *args) -> int:
     except MpicnnError as exc:
         print_error(str(exc))
         return exc.exit_code
-
-
-def run_guarded(main, argv, world_factory=None) -> int:
-    """Run ``main(world, argv)``; on failure report once and end every rank."""
-    if world_factory is None:
-        from .world import init_world as world_factory
-    debug = "--debug" in (argv or [])
-    world = None
-    try:
-        world = world_factory()
-        return main(world, argv) or 0
-    except SystemExit as exc:          # --help and friends
-        return exc.code if isinstance(exc.code, int) else 0
-    except BaseException as exc:       # noqa: B902 - every failure must end the job
-        code = report_failure(world, exc, debug)
-        collective = isinstance(exc, MpicnnError) and exc.collective
-        if world is not None and world.size > 1 and not collective:
-            world.abort(code)
-        return code

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batchjob import BatchJob, batch_job
-from .errors import MpicnnError
+from .errors import MpicnnError, report_failure
 
 # Testing aid: group consecutive ranks into fake nodes of this many ranks.
 FAKE_RANKS_PER_NODE_ENV = "MPICNN_RANKS_PER_NODE"
@@ -131,3 +131,20 @@ def reduce_sums(comm, values) -> np.ndarray:
 
         comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     return buf
+
+
+def run_guarded(main, argv, world_factory=init_world) -> int:
+    """Run ``main(world, argv)``; on failure report once and end every rank."""
+    debug = "--debug" in (argv or [])
+    world = None
+    try:
+        world = world_factory()
+        return main(world, argv) or 0
+    except SystemExit as exc:          # --help and friends
+        return exc.code if isinstance(exc.code, int) else 0
+    except BaseException as exc:       # noqa: B902 - every failure must end the job
+        code = report_failure(world, exc, debug)
+        collective = isinstance(exc, MpicnnError) and exc.collective
+        if world is not None and world.size > 1 and not collective:
+            world.abort(code)
+        return code

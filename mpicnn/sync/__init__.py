@@ -2,8 +2,8 @@
 
 - ``contract``: what the training loop calls: ``GradientSync`` and ``WorkPlan``.
 - ``replicas``: keeping model replicas equal (broadcast from rank 0, average buffers).
-- ``allreduce/``: the allreduce engine (``--mode allreduce``).
-- ``ps/``: the parameter server (``--mode ps-sync``, ``ps-async``).
+- ``allreduce``: the allreduce engine (``--mode allreduce``).
+- ``ps``: the parameter server (``--mode ps-sync``, ``ps-async``).
 """
 from __future__ import annotations
 

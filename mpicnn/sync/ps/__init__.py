@@ -1,8 +1,11 @@
 """Parameter-server modes: ps-sync, ps-async (Downpour) and SSP, parameters sharded over servers.
 
-Layout: ``layout`` (roles and ranges, pure), ``protocol`` (the wire format), ``policy``
-(SSP and batch dispatch, pure), ``flatstate`` (optimizer state as flat vectors),
-``server`` (the server loop) and ``worker`` (the training loop's strategy on workers).
+- ``layout``: roles and parameter ranges (pure).
+- ``protocol``: the wire format: message kinds, tags, headers, chunked payloads.
+- ``policy``: SSP, batch dispatch, the stop step and ``--staleness`` (pure).
+- ``flatstate``: optimizer state as flat vectors (sharded over servers, checkpointed).
+- ``role``: what workers and servers share: communicators, ranges, run statistics.
+- ``server``: the server loop; ``worker``: the training loop's strategy on workers.
 """
 from __future__ import annotations
 
