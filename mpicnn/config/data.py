@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.layout import CHOICES as LAYOUT_CHOICES
 from .fields import must, non_negative, opt
 
 SHIPPED_DATA = Path(__file__).resolve().parents[2] / "data" / "digits.h5"
@@ -16,7 +17,7 @@ class DataConfig:
     data: str = opt(str(SHIPPED_DATA), "HDF5 dataset (default: the shipped digits)", "data")
     images_key: str = opt("images", "name of the images dataset in each split", "data")
     labels_key: str = opt("labels", "name of the labels dataset in each split", "data")
-    layout: str = opt("auto", "image layout in the file", "data", ["auto", "nchw", "nhwc"])
+    layout: str = opt("auto", "image layout in the file", "data", list(LAYOUT_CHOICES))
     val_fraction: float = opt(0.1, "validation share carved from a flat file (no train/val "
                               "groups)", "data")
     shuffle: str = opt("global", "global: world-size-invariant global batches; local: each "

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from ..cluster.errors import MpicnnError
+from ..cluster.errors import MpicnnError, run_tool
 from .layout import CHOICES as LAYOUT_CHOICES
 from .writer import COMPRESSIONS
 
@@ -138,10 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except MpicnnError as exc:
-        print(f"mpicnn: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return run_tool(args.run, args)
     except BrokenPipeError:          # output piped into head & co.
         sys.stdout = open(os.devnull, "w")
         return 0

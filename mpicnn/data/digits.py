@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cluster.errors import MpicnnError
 from .convert import stratified_split
 from .writer import write_splits
 
@@ -15,8 +16,8 @@ def digits_arrays():
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("mpicnn: error: the digits conversion needs scikit-learn "
-                         "(pip install scikit-learn)") from None
+        raise MpicnnError("the digits conversion needs scikit-learn "
+                          "(pip install scikit-learn)") from None
     digits = load_digits()
     images = np.clip(digits.images * 16.0, 0, 255).round().astype(np.uint8)[:, None]
     return images, digits.target.astype(np.int64)
