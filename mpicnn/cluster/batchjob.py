@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
+
+# What schedulers and users send before a job must stop: SLURM's warning (sbatch --signal),
+# preemption, scancel and the time limit (SIGTERM), Ctrl-C. SLURM and PBS signal every
+# process of the job.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cluster.batchjob import STOP_SIGNALS
 from ..cluster.errors import MpicnnError
-from ..resilience.preemption import STOP_SIGNALS
 from .reader import ReaderSpec
 
 MODES = ("thread", "process")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import signal
 
+from ..cluster.batchjob import STOP_SIGNALS
+
 # sysexits' EX_TEMPFAIL: stopped early with a checkpoint written; run again to continue.
 PREEMPTED_EXIT = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
