@@ -2,30 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from mpicnn.bench import launch
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "data" / "digits.h5"
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def records(self, path) -> list[dict]:
-        return read_jsonl(path)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -33,51 +17,33 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def mpirun_command(n: int, args, module: str = "mpicnn.train") -> list[str]:
-    launcher = shutil.which("mpirun") or shutil.which("mpiexec")
-    if launcher is None:
-        pytest.skip("no mpirun on PATH (pip install mpich)")
-    return [launcher, "-n", str(n), sys.executable, "-m", module, *map(str, args)]
+def mpirun_command(n: int, args, module: str = "mpicnn.train", script=None) -> list[str]:
+    """``python -m module args`` (or ``python script args``) on n ranks; skip without MPI."""
+    program = launch.python_command(*([script] if script else ["-m", module]), *args)
+    try:
+        return launch.mpirun_command(n, program)
+    except launch.LauncherMissing as exc:
+        pytest.skip(str(exc))
 
 
 def job_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
+    """The environment every job gets, with ``extra`` on top."""
+    return launch.job_environment(extra)
 
 
-def run_command(cmd: list[str], timeout: float, env: dict | None = None,
-                cwd=ROOT) -> Run:
-    """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=job_env(env), cwd=cwd, start_new_session=True)
+def run_command(cmd: list, timeout: float, env: dict | None = None, cwd=ROOT,
+                check: bool = False) -> launch.Finished:
+    """Run ``cmd`` in its own process group; fail the test on a hang or (check) an error."""
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} hung for {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
-    finally:
-        try:                      # no rank may outlive its launcher
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return Run(proc.returncode, out, err, time.monotonic() - start)
+        return launch.run(cmd, timeout, env, cwd, check)
+    except launch.JobFailed as exc:
+        pytest.fail(str(exc))
 
 
 def mpirun(n: int, args, timeout: float = 240, module: str = "mpicnn.train",
-           env: dict | None = None, check: bool = True) -> Run:
-    """Run ``mpirun -n n python -m module args``; fail the test on a hang or (check) an error."""
-    run = run_command(mpirun_command(n, args, module), timeout, env)
-    if check and run.returncode != 0:
-        pytest.fail(f"mpirun -n {n} {' '.join(map(str, args))} exited {run.returncode}:\n"
-                    f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
-    return run
+           env: dict | None = None, check: bool = True, script=None) -> launch.Finished:
+    """Run ``python -m module args`` on n ranks; fail the test on a hang or (check) an error."""
+    return run_command(mpirun_command(n, args, module, script), timeout, env, check=check)
 
 
 @pytest.fixture(scope="session")

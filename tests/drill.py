@@ -13,32 +13,55 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import DIGITS, job_env, mpirun_command
+from conftest import DIGITS, ROOT, mpirun_command
+
+from mpicnn.bench import launch
 
 TAG_ENV = "MPICNN_DRILL_TAG"      # marks every process of one drill, found through /proc
 RANK_ENVS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 ERROR = "mpicnn: error:"
 
 
-def tagged_processes(tag: str) -> dict[int, int | None]:
-    """{pid: MPI rank or None (launcher helpers)} of live processes carrying ``tag``."""
+@dataclass(frozen=True)
+class Process:
+    """One live process of a drill, as /proc shows it."""
+
+    parent: int
+    rank: int | None          # None: the launcher and its helpers
+    command: str              # the command line, arguments joined by spaces
+
+
+def tagged_processes(tag: str) -> dict[int, Process]:
+    """{pid: process} of the live processes carrying ``tag``."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             raw = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if state == "Z":
+        if stat[0] == "Z":
             continue
         env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0")
                    if "=" in item)
         if env.get(TAG_ENV) == tag:
-            rank = next((env[k] for k in RANK_ENVS if k in env), None)
-            found[int(entry.name)] = int(rank) if rank is not None else None
+            rank = next((int(env[k]) for k in RANK_ENVS if k in env), None)
+            found[int(entry.name)] = Process(int(stat[1]), rank, command.replace(
+                b"\0", b" ").decode(errors="replace").strip())
     return found
+
+
+def rank_pids(processes: dict[int, Process]) -> dict[int, int]:
+    """{MPI rank: pid} of the ranks themselves among ``processes``.
+
+    A rank's helpers (prefetch readers) inherit its rank variables: the rank is the one
+    process of that rank whose parent is not of it.
+    """
+    return {p.rank: pid for pid, p in processes.items() if p.rank is not None and
+            getattr(processes.get(p.parent), "rank", None) != p.rank}
 
 
 @dataclass
@@ -66,41 +89,52 @@ class Job:
         self.tag = uuid.uuid4().hex
         self.lines = {"stdout": [], "stderr": []}
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            mpirun_command(n, args, module), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=job_env({**(env or {}), TAG_ENV: self.tag}),
-            start_new_session=True, cwd=cwd or DIGITS.parent.parent)
+        self.proc = launch.start(mpirun_command(n, args, module),
+                                 {**(env or {}), TAG_ENV: self.tag}, cwd or ROOT)
         self.readers = [threading.Thread(target=self._read, args=(name,), daemon=True)
                         for name in self.lines]
         for reader in self.readers:
             reader.start()
 
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill_all()                   # a failed assertion must not leave ranks running
+
     def _read(self, name: str) -> None:
         for line in getattr(self.proc, name):
             self.lines[name].append(line)
 
-    def wait_for(self, text: str, timeout: float) -> None:
-        """Block until some output line contains ``text``; fail on exit or timeout."""
+    def _output_tail(self) -> str:
+        return f"{''.join(self.lines['stdout'])[-3000:]}\n{''.join(self.lines['stderr'])[-3000:]}"
+
+    def wait_until(self, ready, timeout: float, what: str) -> None:
+        """Block until ``ready()`` is true; fail on the job's exit or after ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(text in line for lines in self.lines.values() for line in lines):
+            if ready():
                 return
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
         self.kill_all()
-        pytest.fail(f"never saw {text!r}:\n{''.join(self.lines['stdout'])[-3000:]}\n"
-                    f"{''.join(self.lines['stderr'])[-3000:]}")
+        pytest.fail(f"never saw {what}:\n{self._output_tail()}")
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Block until some output line contains ``text``; fail on exit or timeout."""
+        self.wait_until(lambda: any(text in line for lines in self.lines.values()
+                                    for line in lines), timeout, repr(text))
+
+    def processes(self) -> dict[int, Process]:
+        """{pid: process} of this job's live processes."""
+        return tagged_processes(self.tag)
 
     def rank_pid(self, rank: int, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pids = [p for p, r in tagged_processes(self.tag).items() if r == rank]
-            if pids:
-                return pids[0]
-            time.sleep(0.1)
-        self.kill_all()
-        pytest.fail(f"no process of rank {rank} found")
+        """The pid of MPI rank ``rank`` (waiting for it to start)."""
+        self.wait_until(lambda: rank in rank_pids(self.processes()), timeout,
+                        f"a process of rank {rank}")
+        return rank_pids(self.processes())[rank]
 
     def finish(self, timeout: float, since: float | None = None) -> Outcome:
         """Wait for mpirun to exit; fail the test if it hangs past ``timeout`` seconds."""
@@ -108,9 +142,7 @@ class Job:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
-            pytest.fail(f"job still running after {timeout} s:\n"
-                        f"{''.join(self.lines['stdout'])[-3000:]}\n"
-                        f"{''.join(self.lines['stderr'])[-3000:]}")
+            pytest.fail(f"job still running after {timeout} s:\n{self._output_tail()}")
         ended = time.monotonic()
         for reader in self.readers:
             reader.join(timeout=10)
@@ -123,22 +155,24 @@ class Job:
     def _survivors(self, grace: float = 5.0) -> dict:
         """Processes of this job still alive shortly after mpirun exited (should be none)."""
         deadline = time.monotonic() + grace
-        while (left := tagged_processes(self.tag)) and time.monotonic() < deadline:
+        while (left := self.processes()) and time.monotonic() < deadline:
             time.sleep(0.1)
         return left
 
     def kill_all(self) -> None:
         """SIGKILL everything this drill started (launcher group and tagged ranks)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in tagged_processes(self.tag):
+        launch.kill_group(self.proc)
+        for pid in self.processes():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.proc.wait()
+
+
+def file_contains(path: Path, text: str) -> bool:
+    """Whether the file at ``path`` exists and contains ``text`` (e.g. a metrics record)."""
+    return path.exists() and text in path.read_text()
 
 
 def run_job(n: int, args, timeout: float = 240, env: dict | None = None, cwd=None) -> Outcome:

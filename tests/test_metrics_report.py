@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import mpirun, mpirun_command, read_jsonl, run_command
+from conftest import mpirun, read_jsonl, run_command
 
 from mpicnn.cluster.errors import MpicnnError
 from mpicnn.observe import records as metrics
@@ -221,8 +221,7 @@ print(json.dumps(summary) if summary else "")
 def test_clock_skew_between_ranks_is_removed(tmp_path):
     script, trace_path = tmp_path / "skew.py", tmp_path / "skew.json"
     script.write_text(SKEW_SCRIPT)
-    cmd = mpirun_command(3, [])[:3] + [sys.executable, str(script), str(trace_path)]
-    run = run_command(cmd, timeout=120)
+    run = mpirun(3, [trace_path], script=script, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     summary = json.loads(next(line for line in run.stdout.splitlines() if line.strip()))
     assert summary["clock_offsets_ms"] == pytest.approx([0, 1e6, 2e6], abs=500)

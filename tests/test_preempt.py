@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 import torch
-from conftest import ROOT, job_env, mpirun, mpirun_command, read_jsonl
+from conftest import mpirun, read_jsonl
+from drill import Job, file_contains, rank_pids
 
 from mpicnn.checkpoint.state import RunState
 from mpicnn.cluster.batchjob import BatchJob, batch_job, job_defaults
@@ -89,32 +89,6 @@ def test_preemption_asks_every_n_steps_and_stops_when_any_rank_wants_to():
 
 
 # --- the whole path under mpirun, no scheduler -------------------------------------
-def descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (MPICH's launcher puts ranks in sessions of their own)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent]
-        found += children
-        todo += children
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 @pytest.mark.mpi
 def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path):
     """SIGTERM to a single rank: every rank stops after the same step (or the run would
@@ -124,28 +98,19 @@ def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path):
     of a job step: they must leave the stopping to the trainer."""
     args = ["--epochs", "2", "--deterministic", "--device", "cpu", "--progress", "off"]
     run_dir, metrics = tmp_path / "stopped", tmp_path / "stopped" / "metrics.jsonl"
-    command = mpirun_command(2, [*args, "--checkpoint-dir", run_dir, "--metrics", metrics,
-                                 "--prefetch-mode", "process"])
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=job_env(), cwd=ROOT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not (metrics.exists() and '"epoch"' in metrics.read_text()):
-            assert launcher.poll() is None and time.monotonic() < deadline, \
-                launcher.stdout.read()
-            time.sleep(0.2)
-        below = descendants(launcher.pid)
-        ranks = [pid for pid in below if "-m mpicnn.train" in cmdline(pid)]
-        readers = [pid for pid in below if "-m mpicnn.data.prefetch" in cmdline(pid)]
-        assert len(ranks) == 2 and readers, (ranks, readers)
+    with Job(2, [*args, "--checkpoint-dir", run_dir, "--metrics", metrics,
+                 "--prefetch-mode", "process"]) as job:
+        job.wait_until(lambda: file_contains(metrics, '"epoch"'), 240, "an epoch record")
+        processes = job.processes()
+        ranks = rank_pids(processes)
+        readers = [pid for pid, p in processes.items() if "-m mpicnn.data.prefetch" in p.command]
+        assert len(ranks) == 2 and readers, processes
         for reader in readers:
             os.kill(reader, signal.SIGUSR1)
-        os.kill(max(ranks), signal.SIGTERM)              # one rank only, not the launcher
-        out, _ = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == PREEMPTED_EXIT, out
+        os.kill(ranks[1], signal.SIGTERM)                # one rank only, not the launcher
+        outcome = job.finish(timeout=120)
+    out = outcome.output
+    assert outcome.returncode == PREEMPTED_EXIT, out
     stopped = read_jsonl(metrics)[-1]
     assert stopped["event"] == "stopped" and stopped["exit_code"] == PREEMPTED_EXIT
     assert check_record(stopped) == []

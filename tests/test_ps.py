@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, job_env, mpirun, mpirun_command, read_jsonl, run_command
+from conftest import ROOT, mpirun, read_jsonl
+from drill import Job, file_contains
 
 from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config
@@ -265,54 +263,17 @@ def test_async_workers_finishing_at_different_times_never_hang_and_resume(tmp_pa
     assert end["ps_max_lead"] <= 1 and end["ps_unreceived"] == 0
 
 
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{MPI rank: pid} of the ranks this launcher started (its descendants only)."""
-    parents, env = {}, {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/environ", "rb") as fh, \
-                    open(f"/proc/{entry}/cmdline", "rb") as cmd:
-                if b"mpicnn.train" in cmd.read():
-                    env[int(entry)] = fh.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-    below, todo = set(), [launcher_pid]
-    while todo:
-        parent = todo.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        below.update(children)
-        todo += children
-    found = {}
-    for pid in below:
-        ranks = [item.split(b"=", 1)[1] for item in env.get(pid, []) if
-                 item.startswith(b"PMI_RANK=")]
-        if ranks:
-            found[int(ranks[0])] = pid
-    return found
-
-
 @pytest.mark.mpi
 def test_stop_signal_to_one_async_worker_stops_all_at_one_step_and_resumes(tmp_path):
     # batch 4 at 3 workers: 119 steps/epoch, so the signal lands inside an epoch
     args = ["--mode", "ps-async", "--epochs", "4", "--batch-size", "4", "--progress", "off",
             "--checkpoint-dir", tmp_path, "--metrics", tmp_path / "m.jsonl"]
-    launcher = subprocess.Popen(mpirun_command(4, args), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=job_env(), cwd=ROOT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while '"epoch"' not in ((tmp_path / "m.jsonl").exists() and
-                                (tmp_path / "m.jsonl").read_text() or ""):
-            assert launcher.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        os.kill(rank_pids(launcher.pid)[1], signal.SIGTERM)     # one worker, not rank 0
-        out, _ = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    assert launcher.returncode == 75, out                       # stopped, checkpoint written
+    with Job(4, args) as job:
+        job.wait_until(lambda: file_contains(tmp_path / "m.jsonl", '"epoch"'), 240,
+                       "an epoch record")
+        os.kill(job.rank_pid(1), signal.SIGTERM)                # one worker, not rank 0
+        outcome = job.finish(timeout=120)
+    assert outcome.returncode == 75, outcome.output             # stopped, checkpoint written
     stopped = read_jsonl(tmp_path / "m.jsonl")[-1]
     assert stopped["event"] == "stopped" and 119 < stopped["step"] < 4 * 119
     saved = torch.load(tmp_path / f"checkpoint-{stopped['step']:08d}.pt", weights_only=True)
@@ -340,8 +301,7 @@ def test_bad_parameter_server_options_fail_before_training(n, args, message):
 @pytest.mark.mpi
 def test_chunked_payloads_arrive_intact_over_mpi():
     script = ROOT / "tests" / "ps_transport_check.py"
-    cmd = mpirun_command(2, [])[:3] + [sys.executable, str(script)]
-    run = run_command(cmd, timeout=120)
+    run = mpirun(2, [], script=script, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
     # 1 + 1 + 1 + 3 + 200 messages for 0, 1, 5, 12 and 1000 float32 at 20 bytes each
     assert "intact=True messages=206 leftover=1 again=0" in run.stdout

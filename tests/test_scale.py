@@ -89,11 +89,23 @@ def test_short_scaling_report_fits_its_own_measurements(tmp_path, digits):
         assert text in run.stdout
     assert png_size(png) == (1300, 500)
 
-    # the same measurements, modelled on a slower interconnect: no new measurement
-    again = run_command([sys.executable, "-m", "mpicnn.bench", "scale", "--reuse", str(out),
-                         "--bandwidth", "1", "--plot", "", "--json", str(tmp_path / "slow.json")],
-                        timeout=120)
-    assert again.returncode == 0, again.stderr
-    slow = json.loads((tmp_path / "slow.json").read_text())
-    assert slow["probe"] == probe and slow["alpha"] == result["alpha"]
-    assert slow["predictions"][-1]["ring_efficiency"] < result["predictions"][-1]["ring_efficiency"]
+    # The same measurements on two interconnects that differ only in bandwidth: alpha and
+    # the intra-node link are given alike, so no measured value enters either side (the
+    # flat ring is paced by the slower of the two links once it spans nodes).
+    link = ["--alpha", "5e-6", "--intra-alpha", "1e-6", "--intra-beta", "1e-11"]
+    fast, slow = (reuse(out, tmp_path / f"{gbs}gbs.json", *link, "--bandwidth", gbs)
+                  for gbs in (25, 1))
+    assert fast["probe"] == slow["probe"] == probe and slow["alpha"] == result["alpha"]
+    assert fast["inter"] == pytest.approx([5e-6, 1 / 25e9])
+    assert slow["inter"] == pytest.approx([5e-6, 1 / 1e9])
+    for scheme in ("ring", "hierarchical", "ps"):
+        key = f"{scheme}_efficiency"
+        assert slow["predictions"][-1][key] < fast["predictions"][-1][key], scheme
+
+
+def reuse(measured, out, *flags) -> dict:
+    """Model the measurements in ``measured`` again (no new measurement); return the JSON."""
+    run = run_command([sys.executable, "-m", "mpicnn.bench", "scale", "--reuse", measured,
+                       "--plot", "", "--json", out, *flags], timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(out.read_text())

@@ -6,11 +6,14 @@ import pkgutil
 import sys
 
 import mpicnn.bench as package
+from mpicnn.cluster.errors import MpicnnError
+
+NOT_BENCHMARKS = {"launch"}      # the launcher every benchmark shares
 
 
 def available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
-                  if not m.name.startswith("_"))
+                  if not m.name.startswith("_") and m.name not in NOT_BENCHMARKS)
 
 
 def main(argv=None) -> int:
@@ -20,7 +23,11 @@ def main(argv=None) -> int:
         print(f"usage: python -m mpicnn.bench {{{','.join(names)}}} [options]\n"
               f"run one benchmark; each takes --help", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(f"mpicnn.bench.{argv[0]}").main(argv[1:]) or 0
+    try:
+        return importlib.import_module(f"mpicnn.bench.{argv[0]}").main(argv[1:]) or 0
+    except MpicnnError as exc:       # a bad option, a job that failed or hung: one line
+        print(f"mpicnn: error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

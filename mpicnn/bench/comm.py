@@ -18,11 +18,8 @@ included). Then the bus bandwidth of one 25 MB bucket through the engine against
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from . import launch
+
 VARIANTS = ("mpicnn engine", "DDP gloo", "flat Allreduce", "1 rank 1 thread", "no-comm ceiling")
 REFERENCES = ("1 rank 1 thread", "no-comm ceiling")
 
@@ -64,31 +62,13 @@ def write_data(path: Path, samples: int) -> None:
     }, attrs={"source": "synthetic (mpicnn.bench.comm)"})
 
 
-def launch(n: int, module: str, args: list, timeout: float) -> str:
-    """Run ``mpirun -n n python -m module args``; return stdout (raise on failure)."""
-    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
-    if mpirun is None:
-        raise SystemExit("mpicnn: error: no mpirun on PATH (pip install mpich)")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [mpirun, "-n", str(n), sys.executable, "-m", module, *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
-def last_json(text: str) -> dict:
-    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
-
-
 def run_variant(variant: str, batch: int, args, data: Path, work: Path) -> float:
     """Images/s of one run of ``variant`` at per-rank ``batch``."""
     train = ["--model", "seednet", "--data", data, "--batch-size", batch, "--epochs", 1,
              "--max-steps", args.steps, "--progress", "off"]
     if variant == "DDP gloo":
-        return last_json(launch(args.ranks, "mpicnn.bench._ddp_peer", train,
-                                args.timeout))["images_per_s"]
+        return launch.json_result(args.ranks, "mpicnn.bench._ddp_peer", train,
+                                  args.timeout)["images_per_s"]
     if variant == "no-comm ceiling":
         threads = max(1, (os.cpu_count() or 1) // args.ranks)
         solo = partial(run_train, train=train + ["--threads", threads], args=args, work=work)
@@ -106,10 +86,7 @@ def run_variant(variant: str, batch: int, args, data: Path, work: Path) -> float
 def run_train(index: int, train: list, args, work: Path, ranks: int = 1) -> float:
     """Images/s of one ``mpicnn.train`` job, from the end record of its metrics."""
     metrics = work / f"run{time.monotonic_ns()}-{index}.jsonl"
-    launch(ranks, "mpicnn.train", train + ["--metrics", metrics], args.timeout)
-    with open(metrics) as fh:
-        end = [json.loads(line) for line in fh][-1]
-    return end["images_per_s"]
+    return launch.train(ranks, train, metrics, args.timeout).end["images_per_s"]
 
 
 def table(results: dict, ranks: int) -> str:
@@ -152,9 +129,9 @@ def main(argv=None) -> int:
                     results[batch][variant].append(value)
                     print(f"  rep {rep + 1} batch {batch:>3} {variant:<16} {value:8.1f} images/s",
                           file=sys.stderr, flush=True)
-        bw = last_json(launch(args.ranks, "mpicnn.bench._bandwidth",
-                              ["--mb", 25, "--reps", args.bw_reps, *args.extra.split()],
-                              args.timeout))
+        bw = launch.json_result(args.ranks, "mpicnn.bench._bandwidth",
+                                ["--mb", 25, "--reps", args.bw_reps, *args.extra.split()],
+                                args.timeout)
     print(table(results, args.ranks))
     print(f"\n25 MB bucket at {bw['ranks']} ranks: engine {bw['engine_ms']:.2f} ms = "
           f"{bw['engine_busbw_gbs']:.2f} GB/s bus bandwidth; raw comm.Allreduce "

@@ -15,13 +15,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from . import launch
 
 SAMPLE_SHAPE = (3, 32, 32)
 SAMPLE_BYTES = int(np.prod(SAMPLE_SHAPE))
@@ -125,18 +126,9 @@ def memory_read(path, args, samples: int, normalise: bool) -> float:
 
 def train_run(path, args, folder: Path, name: str, extra: list) -> dict:
     """Train seednet from the file; mean per-step milliseconds of each phase."""
-    metrics = folder / f"{name}.jsonl"
-    launcher = shutil.which("mpirun") or shutil.which("mpiexec")
-    cmd = [launcher, "-n", str(args.ranks), sys.executable, "-m", "mpicnn.train",
-           "--data", str(path), "--model", "seednet", "--batch-size", str(args.batch_size),
-           "--max-steps", str(args.train_steps), "--epochs", "1", "--progress", "off",
-           "--metrics", str(metrics), *extra]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2]) + os.pathsep + \
-        env.get("PYTHONPATH", "")
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    with open(metrics) as fh:
-        epoch = [json.loads(line) for line in fh if '"epoch"' in line][-1]
+    train = ["--data", path, "--model", "seednet", "--batch-size", args.batch_size,
+             "--max-steps", args.train_steps, "--epochs", 1, "--progress", "off", *extra]
+    epoch = launch.train(args.ranks, train, folder / f"{name}.jsonl").epochs[-1]
     from mpicnn.observe.steps import PHASES
 
     phases = {name: epoch[f"{name}_ms"] for name in PHASES if f"{name}_ms" in epoch}

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import launch
 
 MODELS = {"digitnet": (1, 8, 8), "lenet": (1, 8, 8), "seednet": (3, 32, 32),
           "resnet18": (3, 32, 32)}
@@ -54,16 +53,10 @@ def time_check(name: str, shape, batch: int, repeats: int) -> dict:
 
 def run_training(ranks: int, steps: int, extra, workdir: Path) -> float:
     """images/s of one short real run (from its ``end`` metrics record)."""
+    train = ["--max-steps", steps, "--epochs", 100, "--progress", "off", "--log-every", 1000,
+             *extra]
     metrics = workdir / f"m{time.monotonic_ns()}.jsonl"
-    launcher = shutil.which("mpirun") or shutil.which("mpiexec")
-    cmd = [launcher, "-n", str(ranks), sys.executable, "-m", "mpicnn.train", "--max-steps",
-           str(steps), "--epochs", "100", "--progress", "off", "--metrics", str(metrics),
-           "--log-every", "1000", *extra]
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return next(r for r in records if r["event"] == "end")["images_per_s"]
+    return launch.train(ranks, train, metrics).end["images_per_s"]
 
 
 def main(argv=None) -> int:

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from . import launch
 
 
 def parse_args(argv):
@@ -45,19 +42,13 @@ def run_job(mode: str, args, slow: bool, workdir: Path, rep: int = 0) -> dict:
     """One training job; returns its figures from the metrics it wrote."""
     ranks = args.workers + (args.servers if mode.startswith("ps") else 0)
     metrics = workdir / f"{mode}-{'slow' if slow else 'even'}-{rep}.jsonl"
-    cmd = [shutil.which("mpirun") or "mpirun", "-n", str(ranks), sys.executable, "-m",
-           "mpicnn.train", "--mode", mode, "--epochs", str(args.epochs), "--metrics",
-           str(metrics), "--progress", "off", *args.train_args]
+    train = ["--mode", mode, "--epochs", args.epochs, "--progress", "off", *args.train_args]
     if mode.startswith("ps"):
-        cmd += ["--servers", str(args.servers)]
+        train += ["--servers", args.servers]
     if slow:
-        cmd += ["--slow-rank", str(args.workers - 1), "--slow-factor", str(args.slow_factor)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    config, end = records[0], records[-1]
+        train += ["--slow-rank", args.workers - 1, "--slow-factor", args.slow_factor]
+    run = launch.train(ranks, train, metrics)
+    config, end = run.config, run.end
     trained = end["steps"] * config["batch_size"] * args.workers
     return {"mode": mode, "straggler": args.slow_factor if slow else 1.0, "ranks": ranks,
             "images_per_s": end["images_per_s"],

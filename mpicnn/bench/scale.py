@@ -24,9 +24,6 @@ import argparse
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..cluster.errors import MpicnnError
+from . import launch
 
-ROOT = Path(__file__).resolve().parents[2]
 MIN_PROBE_BYTES = 64 * 1024     # below this, MPI's eager protocol follows another line
 SUFFIX = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
 
@@ -154,40 +151,22 @@ def probe(argv) -> int:
     return 0
 
 
-def _launch(n: int, args: list[str], timeout: float) -> str:
-    launcher = shutil.which("mpirun") or shutil.which("mpiexec")
-    if launcher is None:
-        raise MpicnnError("no mpirun on PATH: install MPI (pip install mpich) to measure")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [launcher, "-n", str(n), sys.executable, "-m", *args]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise MpicnnError(f"{' '.join(cmd)} did not finish in {timeout:.0f} s") from None
-    if done.returncode != 0:
-        raise MpicnnError(f"{' '.join(cmd)} failed ({done.returncode}): "
-                          f"{(done.stderr or done.stdout).strip()[-800:]}")
-    return done.stdout
-
-
 def measure_allreduce(sizes, seconds: float, min_rounds: int, timeout: float) -> dict:
-    out = _launch(2, ["mpicnn.bench", "scale", "--probe", ",".join(map(str, sizes)),
-                      str(seconds), str(min_rounds)], timeout)
-    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    """Allreduce times at ``sizes`` between 2 ranks (this module's ``--probe`` under mpirun)."""
+    return launch.json_result(2, "mpicnn.bench", ["scale", "--probe", ",".join(map(str, sizes)),
+                                                  seconds, min_rounds], timeout)
 
 
 def measure_training(n: int, opts, workdir: str, timeout: float) -> dict:
     """A real ``mpicnn.train`` run: its end record and median phase split per step."""
-    path = os.path.join(workdir, f"train-{n}.jsonl")
-    every = max(1, opts.steps // 6)
-    _launch(n, ["mpicnn.train", "--data", opts.data, "--model", opts.model,
-                "--batch-size", str(opts.batch_size), "--threads", str(opts.threads),
-                "--max-steps", str(opts.steps), "--epochs", "1000", "--log-every", str(every),
-                "--progress", "off", "--metrics", path], timeout)
-    from ..observe.report import load_run
     from ..observe.steps import PHASES
 
-    run = load_run(path)
+    every = max(1, opts.steps // 6)
+    run = launch.train(n, ["--data", opts.data, "--model", opts.model,
+                           "--batch-size", opts.batch_size, "--threads", opts.threads,
+                           "--max-steps", opts.steps, "--epochs", 1000, "--log-every", every,
+                           "--progress", "off"], os.path.join(workdir, f"train-{n}.jsonl"),
+                       timeout)
     intervals = run.intervals[1:] or run.intervals      # the first holds the warm-up
     step_ms = [sum(r[f"{p}_ms"] for p in PHASES if p != "comm") for r in intervals]
     return {"ranks": n, "images_per_s": run.end["images_per_s"],
@@ -308,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mpicnn.bench scale",
                                      description=__doc__.split("\n")[0].split(": ", 1)[1])
     parser.add_argument("--model", default="digitnet", help="zoo name (default: digitnet)")
-    parser.add_argument("--data", default=str(ROOT / "data" / "digits.h5"),
+    parser.add_argument("--data", default=str(launch.ROOT / "data" / "digits.h5"),
                         help="HDF5 dataset (default: the shipped digits)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per rank per step")
     parser.add_argument("--threads", type=int, default=1,
@@ -415,11 +394,7 @@ def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
     if opts.probe:
         return probe(opts.probe)
-    try:
-        result = run(opts)
-    except MpicnnError as exc:
-        print(f"mpicnn: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    result = run(opts)
     print(format_report(result))
     if opts.json:
         Path(opts.json).write_text(json.dumps(result, indent=1))

@@ -8,7 +8,6 @@ machine noise hits both alike. Extra arguments go to ``mpicnn.train``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,10 +27,11 @@ def agreement_latency_us(comm, calls: int) -> float:
 
 def step_rate(path: Path) -> tuple[float, float]:
     """(images per second, milliseconds per step) from a run's metrics file."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    config = next(r for r in records if r["event"] == "config")
-    rate = next(r for r in reversed(records) if r["event"] == "end")["images_per_s"]
-    return rate, 1000 * config["batch_size"] * config["world_size"] / rate
+    from ..observe.report import load_run
+
+    run = load_run(str(path))
+    rate = run.end["images_per_s"]
+    return rate, 1000 * run.config["batch_size"] * run.config["world_size"] / rate
 
 
 def main(argv=None) -> int:
