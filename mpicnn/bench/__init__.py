@@ -9,4 +9,5 @@
 - ``failure_overhead``: what the NaN check and the stall watchdog cost per step.
 - ``stopcheck``: what the per-step stop agreement costs (run under ``mpirun``).
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` starts on its ranks.
+- ``__main__``: ``python -m mpicnn.bench NAME`` runs one of them.
 """

@@ -6,7 +6,7 @@ import pkgutil
 import sys
 
 import mpicnn.bench as package
-from mpicnn.cluster.errors import MpicnnError
+from mpicnn.cluster.errors import run_tool
 
 NOT_BENCHMARKS = {"launch"}      # the launcher every benchmark shares
 
@@ -23,11 +23,8 @@ def main(argv=None) -> int:
         print(f"usage: python -m mpicnn.bench {{{','.join(names)}}} [options]\n"
               f"run one benchmark; each takes --help", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        return importlib.import_module(f"mpicnn.bench.{argv[0]}").main(argv[1:]) or 0
-    except MpicnnError as exc:       # a bad option, a job that failed or hung: one line
-        print(f"mpicnn: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    # a bad option, a job that failed or hung: one error line
+    return run_tool(importlib.import_module(f"mpicnn.bench.{argv[0]}").main, argv[1:])
 
 
 if __name__ == "__main__":

@@ -4,5 +4,6 @@
   with ``batchjob``, the only reader of launcher environment variables.
 - ``devices``: this rank's GPU or CPU threads; the startup line describing the world.
 - ``batchjob``: the SLURM/PBS job a run belongs to and the defaults that follow from it.
-- ``errors``: ``MpicnnError`` and the one printer of ``mpicnn: error:`` lines (``run_guarded``).
+- ``errors``: ``MpicnnError`` and the one printer of ``mpicnn: error:`` lines.
+- ``world`` also holds ``run_guarded``: report a failure once, end every rank.
 """
