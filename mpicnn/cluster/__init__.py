@@ -12,4 +12,4 @@ across two nodes and removes them afterwards.
 from .launch import NETMODS, Finished, mpiexec_command, run
 from .netns import Cluster, ClusterError, Node
 
-__all__ = ["Cluster", "ClusterError", "Finished", "NETMODS", "Node", "mpiexec_command", "run"]
+__all__ = ["NETMODS", "Cluster", "ClusterError", "Finished", "Node", "mpiexec_command", "run"]
