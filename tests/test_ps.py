@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, job_env, mpirun, mpirun_command, read_jsonl, run_command
+from conftest import (QUIET, ROOT, final, job_env, max_diff, mpirun, mpirun_command, read_jsonl,
+                      records, run_command, train)
 from mpicnn.config import parse_config, staleness_bound
 from mpicnn.errors import MpicnnError
 from mpicnn.metrics import check_record
@@ -21,7 +22,6 @@ from mpicnn.sync.ps.policy import Dispatcher, may_proceed, stop_step
 from mpicnn.sync.ps.protocol import NO_ITEM, chunk_bounds
 from mpicnn.sync.ps.role import decode_stats, encode_stats, summarize
 
-QUIET = ["--progress", "off"]
 SGD = ["--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--lr", "0.05"]
 
 
@@ -166,32 +166,6 @@ def test_optimizer_state_survives_flattening_and_sharding(optimizer):
 
 
 # --- real MPI runs -----------------------------------------------------------------------
-
-def final(directory) -> dict:
-    return torch.load(directory / "final.pt", weights_only=True)
-
-
-def max_diff(a: dict, b: dict) -> float:
-    """Largest difference between two checkpoints' parameters and optimizer states."""
-    diffs = [(a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]]
-    for i, state in a["optimizer"]["state"].items():
-        diffs += [(torch.as_tensor(v) - torch.as_tensor(b["optimizer"]["state"][i][k]))
-                  .abs().max().item() for k, v in state.items()]
-    return max(diffs)
-
-
-def train(tmp_path, name, n, *args) -> tuple:
-    """Launch one run writing into tmp_path/name; return (checkpoint dir, end record)."""
-    out = tmp_path / name
-    mpirun(n, [*args, "--checkpoint-dir", out, "--metrics", out / "m.jsonl", *QUIET])
-    records = read_jsonl(out / "m.jsonl")
-    assert not [p for r in records for p in check_record(r)]      # schema-valid metrics
-    return out, records[-1]
-
-
-def records(directory, event: str) -> list[dict]:
-    return [r for r in read_jsonl(directory / "m.jsonl") if r["event"] == event]
-
 
 @pytest.mark.mpi
 def test_ps_sync_equals_allreduce_for_any_server_count_and_resumes_exactly(tmp_path):
