@@ -1,6 +1,7 @@
 """MPI across emulated nodes: hydra's command line per netmod, and a runner that cleans up."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -79,8 +80,6 @@ def run(cluster: Cluster, command, ranks_per_node: int = 1, ranks: int | None = 
 
 def kill(proc: subprocess.Popen, cluster: Cluster) -> None:
     """SIGKILL mpiexec's group, then everything in the nodes (proxies lead their own sessions)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     cluster.kill_processes()

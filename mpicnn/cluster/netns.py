@@ -1,6 +1,7 @@
 """Emulated nodes: one network namespace per node on a bridge without uplink."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -151,10 +152,8 @@ class Cluster:
             if not pids:
                 return
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):     # it ended meanwhile
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             time.sleep(0.05)    # children forked meanwhile show up in the next round
         raise ClusterError(f"processes in cluster {self.name} survive SIGKILL")
 
