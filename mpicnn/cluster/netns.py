@@ -170,6 +170,8 @@ class Cluster:
         for ns in self.namespaces():
             ip("netns", "del", ns, check=False)
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):       # the shared root, once no cluster uses it
+            STATE_ROOT.rmdir()
 
 
 def wrapper_script(cluster: Cluster, ip_path: str | None = None,
