@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from mpicnn.bench import launch
+from mpicnn.cluster import jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "data" / "digits.h5"
+QUIET = ["--progress", "off"]
 
 
 def read_jsonl(path) -> list[dict]:
@@ -19,36 +20,97 @@ def read_jsonl(path) -> list[dict]:
 
 def mpirun_command(n: int, args, module: str = "mpicnn.train", script=None) -> list[str]:
     """``python -m module args`` (or ``python script args``) on n ranks; skip without MPI."""
-    program = launch.python_command(*([script] if script else ["-m", module]), *args)
+    program = jobs.python_command(*([script] if script else ["-m", module]), *args)
     try:
-        return launch.mpirun_command(n, program)
-    except launch.LauncherMissing as exc:
+        return jobs.mpirun_command(n, program)
+    except jobs.LauncherMissing as exc:
         pytest.skip(str(exc))
 
 
 def job_env(extra: dict | None = None) -> dict:
     """The environment every job gets, with ``extra`` on top."""
-    return launch.job_environment(extra)
+    return jobs.job_environment(extra)
 
 
 def run_command(cmd: list, timeout: float, env: dict | None = None, cwd=ROOT,
-                check: bool = False) -> launch.Finished:
+                check: bool = False) -> jobs.Finished:
     """Run ``cmd`` in its own process group; fail the test on a hang or (check) an error."""
     try:
-        return launch.run(cmd, timeout, env, cwd, check)
-    except launch.JobFailed as exc:
+        finished = jobs.run(cmd, timeout, env, cwd, check)
+    except jobs.JobFailed as exc:
         pytest.fail(str(exc))
+    if finished.hung:
+        pytest.fail(finished.describe(f"hung for {timeout:.0f} s"))
+    return finished
 
 
 def mpirun(n: int, args, timeout: float = 240, module: str = "mpicnn.train",
-           env: dict | None = None, check: bool = True, script=None) -> launch.Finished:
+           env: dict | None = None, check: bool = True, script=None) -> jobs.Finished:
     """Run ``python -m module args`` on n ranks; fail the test on a hang or (check) an error."""
     return run_command(mpirun_command(n, args, module, script), timeout, env, check=check)
+
+
+def fail_with_output(what: str, stdout: str, stderr: str):
+    """Fail the test, showing the tails of what the job printed."""
+    pytest.fail(f"{what}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+
+
+def train(tmp_path, name, n, *args, start=mpirun) -> tuple:
+    """Launch one run of n ranks writing into tmp_path/name; return (checkpoint dir, end record).
+
+    ``start(n, args)`` starts the ranks and fails the test unless they succeed.
+    """
+    from mpicnn.observe.records import check_record
+
+    out = tmp_path / name
+    start(n, [*args, "--checkpoint-dir", out, "--metrics", out / "m.jsonl", *QUIET])
+    records = read_jsonl(out / "m.jsonl")
+    assert not [p for r in records for p in check_record(r)]      # schema-valid metrics
+    return out, records[-1]
+
+
+def records(directory, event: str) -> list[dict]:
+    """The metrics records of one event type that a :func:`train` run wrote."""
+    return [r for r in read_jsonl(directory / "m.jsonl") if r["event"] == event]
+
+
+def final(directory) -> dict:
+    """The final checkpoint a :func:`train` run wrote."""
+    import torch
+
+    return torch.load(directory / "final.pt", weights_only=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest difference between two checkpoints' parameters and optimizer states."""
+    import torch
+
+    diffs = [(a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]]
+    for i, state in a["optimizer"]["state"].items():
+        diffs += [(torch.as_tensor(v) - torch.as_tensor(b["optimizer"]["state"][i][k]))
+                  .abs().max().item() for k, v in state.items()]
+    return max(diffs)
 
 
 @pytest.fixture(scope="session")
 def digits() -> Path:
     return DIGITS
+
+
+@pytest.fixture(scope="session")
+def emulated_cluster():
+    """Two emulated nodes for the session (own name and subnet); skip where they cannot be made."""
+    from mpicnn.cluster.netns import Cluster, ClusterError
+
+    cluster = Cluster(name="mpicnntest", nodes=2, subnet="10.77.250.0/24")
+    try:
+        cluster.up()
+    except ClusterError as exc:
+        pytest.skip(f"cannot emulate nodes here: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.down()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import DIGITS, ROOT, mpirun_command
 
-from mpicnn.bench import launch
+from mpicnn.cluster import jobs
 
 TAG_ENV = "MPICNN_DRILL_TAG"      # marks every process of one drill, found through /proc
 RANK_ENVS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
@@ -89,7 +89,7 @@ class Job:
         self.tag = uuid.uuid4().hex
         self.lines = {"stdout": [], "stderr": []}
         self.started = time.monotonic()
-        self.proc = launch.start(mpirun_command(n, args, module),
+        self.proc = jobs.start(mpirun_command(n, args, module),
                                  {**(env or {}), TAG_ENV: self.tag}, cwd or ROOT)
         self.readers = [threading.Thread(target=self._read, args=(name,), daemon=True)
                         for name in self.lines]
@@ -161,7 +161,7 @@ class Job:
 
     def kill_all(self) -> None:
         """SIGKILL everything this drill started (launcher group and tagged ranks)."""
-        launch.kill_group(self.proc)
+        jobs.kill_group(self.proc)
         for pid in self.processes():
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -7,20 +7,18 @@ import signal
 
 import pytest
 import torch
-from conftest import ROOT, mpirun, read_jsonl
+from conftest import QUIET, ROOT, final, max_diff, mpirun, read_jsonl, records, train
 from drill import Job, file_contains
 
 from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config
-from mpicnn.sync.ps.policy import staleness_bound
 from mpicnn.observe.records import check_record
 from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
 from mpicnn.sync.ps.layout import partition, roles
-from mpicnn.sync.ps.policy import Dispatcher, may_proceed, stop_step
+from mpicnn.sync.ps.policy import Dispatcher, may_proceed, staleness_bound, stop_step
 from mpicnn.sync.ps.protocol import NO_ITEM, chunk_bounds
 from mpicnn.sync.ps.role import decode_stats, encode_stats, summarize
 
-QUIET = ["--progress", "off"]
 SGD = ["--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--lr", "0.05"]
 
 
@@ -166,32 +164,6 @@ def test_optimizer_state_survives_flattening_and_sharding(optimizer):
 
 
 # --- real MPI runs -----------------------------------------------------------------------
-
-def final(directory) -> dict:
-    return torch.load(directory / "final.pt", weights_only=True)
-
-
-def max_diff(a: dict, b: dict) -> float:
-    """Largest difference between two checkpoints' parameters and optimizer states."""
-    diffs = [(a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]]
-    for i, state in a["optimizer"]["state"].items():
-        diffs += [(torch.as_tensor(v) - torch.as_tensor(b["optimizer"]["state"][i][k]))
-                  .abs().max().item() for k, v in state.items()]
-    return max(diffs)
-
-
-def train(tmp_path, name, n, *args) -> tuple:
-    """Launch one run writing into tmp_path/name; return (checkpoint dir, end record)."""
-    out = tmp_path / name
-    mpirun(n, [*args, "--checkpoint-dir", out, "--metrics", out / "m.jsonl", *QUIET])
-    records = read_jsonl(out / "m.jsonl")
-    assert not [p for r in records for p in check_record(r)]      # schema-valid metrics
-    return out, records[-1]
-
-
-def records(directory, event: str) -> list[dict]:
-    return [r for r in read_jsonl(directory / "m.jsonl") if r["event"] == event]
-
 
 @pytest.mark.mpi
 def test_ps_sync_equals_allreduce_for_any_server_count_and_resumes_exactly(tmp_path):

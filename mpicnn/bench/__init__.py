@@ -1,7 +1,7 @@
 """Benchmarks (``python -m mpicnn.bench <name>``): side by side with peers, as ratios.
 
-- ``launch``: the one launcher: ``mpirun`` command lines, job environments, timeouts that
-  kill the whole job, and a run's records read back (shared with the tests).
+- ``launch``: a benchmark run's records or JSON result, read back (jobs start through
+  ``mpicnn.cluster.jobs``).
 - ``comm``: the allreduce engine against DDP-gloo and a flat Allreduce.
 - ``ps``: allreduce against ps-sync and ps-async, with and without a straggler.
 - ``scale``: alpha/beta measured here, throughput predicted for 1..1024 ranks.

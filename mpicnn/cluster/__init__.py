@@ -1,9 +1,21 @@
-"""Where ranks run: the MPI world, nodes, devices, the batch job, and how failures end it.
+"""Where ranks run: the MPI world, nodes, devices, the batch job, and an emulated cluster.
 
-- ``world``: ranks, nodes (``COMM_TYPE_SHARED``), the rank-aware logger, abort, ``reduce_sums``;
-  with ``batchjob``, the only reader of launcher environment variables.
+- ``world``: ranks, nodes (``COMM_TYPE_SHARED``), the rank-aware logger, abort,
+  ``reduce_sums``, and ``run_guarded`` (report a failure once, end every rank); with
+  ``batchjob``, the only reader of launcher environment variables.
 - ``devices``: this rank's GPU or CPU threads; the startup line describing the world.
-- ``batchjob``: the SLURM/PBS job a run belongs to and the defaults that follow from it.
+- ``batchjob``: the SLURM/PBS job a run belongs to, its stop signals and defaults.
 - ``errors``: ``MpicnnError`` and the one printer of ``mpicnn: error:`` lines.
-- ``world`` also holds ``run_guarded``: report a failure once, end every rank.
+- ``jobs``: the one builder of ``mpirun`` command lines and runner of jobs as processes
+  (benchmarks, tests and the emulated cluster): a timeout kills the whole job.
+
+Emulated nodes on one machine (root and iproute2; ``python -m mpicnn.cluster run --
+python -m mpicnn.train`` trains across two nodes and removes them afterwards):
+
+- ``netns``: the nodes: network namespaces, veth links on a bridge without uplink,
+  optional ``tc`` rate limits, idempotent ``up``/``down``, the wrapper hydra runs to
+  enter a node.
+- ``hydra``: the ``mpiexec`` command line across the nodes per netmod (ucx, ofi), run so
+  that a timeout kills every process of the job.
+- ``__main__``: ``python -m mpicnn.cluster up|run|down``.
 """
