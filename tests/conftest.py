@@ -113,6 +113,13 @@ def emulated_cluster():
         cluster.down()
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Tests run on CPU unless marked ``gpu``: the jobs they start see no GPU."""
+    if "gpu" not in request.keywords:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip GPU-marked tests cleanly on machines without CUDA (CI has none)."""
     import torch

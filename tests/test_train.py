@@ -1,4 +1,6 @@
 """End-to-end training over real MPI ranks on real HDF5 files."""
+import os
+
 import pytest
 import torch
 from conftest import DIGITS, mpirun, read_jsonl
@@ -121,3 +123,24 @@ def test_help_groups_the_flags():
                  "--metrics", "--config", "--images-key", "--labels-key", "--layout",
                  "--val-fraction", "--shuffle", "--deterministic", "--debug"):
         assert flag in out
+
+
+def test_deterministic_on_cuda_fixes_the_cublas_workspace_and_only_warns(monkeypatch):
+    import logging
+
+    from mpicnn.training.trainer import make_deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        make_deterministic(torch.device("cuda"), logging.getLogger("test"))
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        make_deterministic(torch.device("cpu"), logging.getLogger("test"))
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_jobs_of_cpu_tests_see_no_gpu():
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""

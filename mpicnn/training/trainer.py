@@ -7,6 +7,7 @@ epoch, timeline, stop and end records. Parameter servers never build one.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ class Parts:
 def build_parts(cfg, world, data, work) -> Parts:
     """Model, optimizer and schedule of the run, at the position ``--resume`` names."""
     if cfg.training.deterministic:
-        torch.use_deterministic_algorithms(True)
+        make_deterministic(world.device, world.log)
     steps_per_epoch = world.agree(lambda: shard.check_fits(
         len(data.train), cfg.training.batch_size, work.workers, cfg.data.shuffle))
     global_batch = cfg.training.batch_size * work.workers
@@ -53,6 +54,22 @@ def build_parts(cfg, world, data, work) -> Parts:
     state = restore(world, cfg, model, optimizer, scheduler)
     drills.straggle(model, cfg.sync.slow_rank, cfg.sync.slow_factor, world.rank)
     return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, global_batch)
+
+
+def make_deterministic(device, log) -> None:
+    """Bit-reproducible kernels (``--deterministic``), explicit about what CUDA cannot give.
+
+    cuBLAS needs its workspace fixed before its first call; some CUDA kernels (e.g.
+    AdaptiveAvgPool2d backward) have no deterministic version, so on a GPU such a kernel
+    warns instead of stopping the run.
+    """
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        log.info("deterministic: CUDA kernels without a deterministic version warn and run "
+                 "nondeterministically")
+    else:
+        torch.use_deterministic_algorithms(True)
 
 
 @dataclass
