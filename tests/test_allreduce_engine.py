@@ -30,6 +30,7 @@ from mpicnn.sync.allreduce.transport import (
     probe_cuda_support,
 )
 from mpicnn.sync.contract import Strategy
+from mpicnn.sync.flat import flatten, unflatten_into, views
 from mpicnn.training.loop import Throughput, train_epoch
 from mpicnn.training.models import build_model
 
@@ -95,6 +96,24 @@ def test_bucket_memory_comes_from_the_allocator_and_grads_survive_it():
     assert bucket.pending == 1 and bucket.nbytes == 12
     bucket.detach()                                          # before that memory is released
     assert p.grad.data_ptr() != given[0].data_ptr() and (p.grad == 5.0).all()
+
+
+def test_flat_views_flatten_and_unflatten_share_one_layout():
+    tensors = [torch.randn(2, 3), torch.randn(0), torch.randn(4), torch.randn(2, 1, 2, 2)]
+    flat = flatten(tensors)
+    assert torch.equal(flat, torch.cat([t.reshape(-1) for t in tensors]))
+    pieces = views(flat, tensors)
+    assert [piece.shape for piece in pieces] == [t.shape for t in tensors]
+    assert [piece.storage_offset() for piece in pieces] == [0, 6, 6, 10]     # views, no copies
+    assert all(piece.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+               for piece in pieces)
+    doubles = flatten(tensors, dtype=torch.float64, device="cpu")
+    assert doubles.dtype == torch.float64 and torch.equal(doubles, flat.double())
+    assert flatten(tensors, out=doubles) is doubles
+    restored = [torch.zeros_like(t) for t in tensors]
+    unflatten_into(2 * flat, restored)
+    assert all(torch.equal(r, 2 * t) for r, t in zip(restored, tensors))
+    assert not flatten([nn.Parameter(torch.ones(3))]).requires_grad      # it goes to numpy
 
 
 # --- where reductions run ------------------------------------------------------------------
