@@ -20,7 +20,6 @@ from mpicnn.sync.allreduce.buckets import (
     same_plan,
 )
 from mpicnn.sync.allreduce.codec import Codec, sum_into
-from mpicnn.sync.allreduce.collectives import chunks
 from mpicnn.sync.allreduce.comm_thread import CommThread, InlineRunner, make_runner
 from mpicnn.sync.allreduce.transport import (
     DirectBuffers,
@@ -31,6 +30,7 @@ from mpicnn.sync.allreduce.transport import (
 )
 from mpicnn.sync.contract import Strategy
 from mpicnn.sync.flat import flatten, unflatten_into, views
+from mpicnn.sync.messages import chunk_bounds, chunks
 from mpicnn.training.loop import Throughput, train_epoch
 from mpicnn.training.models import build_model
 
@@ -290,8 +290,12 @@ def test_reducer_stages_encodes_sums_and_decodes(compression):
 
 
 def test_chunks_split_counts_that_do_not_fit_an_int():
-    assert chunks(10, limit=4) == [(0, 4), (4, 8), (8, 10)]
-    assert chunks(0) == [(0, 0)] and chunks(5) == [(0, 5)]
+    assert chunk_bounds(10, 1, max_bytes=4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(0, 4) == [(0, 0)] and chunk_bounds(5, 4) == [(0, 5)]
+    buf = torch.arange(10.0)                                  # as the collectives split it
+    parts = chunks(buf, max_bytes=16)
+    assert [len(part) for part in parts] == [4, 4, 2]
+    assert [part.data_ptr() for part in parts] == [buf[lo:].data_ptr() for lo in (0, 4, 8)]
 
 
 # --- configuration and the loop ------------------------------------------------------------
