@@ -1,4 +1,11 @@
-"""Gradient synchronisation strategies, chosen once from ``--mode``."""
+"""Gradient synchronisation strategies, chosen once from ``--mode``.
+
+- ``contract``: ``Strategy``, the small interface the training loop calls.
+- ``replicas``: equal replicas: rank 0's weights broadcast, buffers averaged.
+- ``flat``: many tensors as one flat buffer (views, flatten, unflatten_into).
+- ``messages``: the one splitter of buffers into messages that fit MPI's counts.
+- ``allreduce/``: the bucketed allreduce engine; ``ps/``: parameter servers.
+"""
 from __future__ import annotations
 
 from ..cluster.errors import MpicnnError

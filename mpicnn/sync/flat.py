@@ -13,7 +13,7 @@ import torch
 
 
 def views(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of consecutive pieces of the 1-D ``flat``, each shaped like its tensor."""
+    """Cut the 1-D ``flat`` into consecutive views, each shaped like its tensor."""
     # One split rather than a slice per tensor: hot paths build these views every step.
     # Views that carry each tensor's strides (channels_last) would be made here, and only here.
     pieces = flat.split([t.numel() for t in tensors])
@@ -22,12 +22,8 @@ def views(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Ten
 
 def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None, *,
             dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
-    """Copy ``tensors`` into consecutive pieces of ``out``, or of a new flat vector.
-
-    A new vector has ``dtype`` (default: the tensors' common dtype, as ``torch.cat``
-    would give) and lies on ``device`` (default: the first tensor's).
-    """
-    if out is None:
+    """Copy ``tensors`` into consecutive pieces of ``out``, or of a new flat vector."""
+    if out is None:        # by default the dtype torch.cat would give, on the first's device
         if dtype is None:
             dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
         if device is None:

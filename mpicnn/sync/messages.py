@@ -6,11 +6,12 @@ MAX_MESSAGE_BYTES = 1 << 30      # far below 2**31-1, counted in elements or in 
 
 def chunk_bounds(count: int, itemsize: int,
                  max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[int, int]]:
-    """[lo, hi) element ranges of at most ``max_bytes`` each; one (empty) range when count is 0."""
+    """Split ``count`` items into [lo, hi) ranges of at most ``max_bytes``; (0, 0) if none."""
     per = max(1, max_bytes // itemsize)
+    # An empty buffer is still one (empty) message, so that sends and receives pair up.
     return [(lo, min(count, lo + per)) for lo in range(0, count, per)] or [(0, 0)]
 
 
 def chunks(buffer, max_bytes: int = MAX_MESSAGE_BYTES) -> list:
-    """Views of the 1-D ``buffer`` (a tensor or an array), one per message."""
+    """Cut the 1-D ``buffer`` (a tensor or an array) into views, one per message."""
     return [buffer[lo:hi] for lo, hi in chunk_bounds(len(buffer), buffer.itemsize, max_bytes)]
