@@ -6,26 +6,17 @@ import torch
 from .flat import flatten, unflatten_into
 
 
-def host_view(tensor: torch.Tensor):
-    """A contiguous CPU buffer for ``tensor`` (CUDA tensors are copied to the host)."""
-    if tensor.device.type == "cpu" and tensor.is_contiguous():
-        return tensor, False
-    return tensor.detach().to("cpu", copy=True).contiguous(), True
-
-
-def flat_state(module: torch.nn.Module, floating_only: bool = False):
-    """Parameters and buffers of ``module`` grouped by dtype (for one collective per dtype)."""
+def by_dtype(module: torch.nn.Module) -> dict:
+    """Group the parameters and buffers of ``module`` by dtype (one collective per dtype)."""
     groups = {}
     for tensor in list(module.parameters()) + list(module.buffers()):
-        if floating_only and not tensor.is_floating_point():
-            continue
         groups.setdefault(tensor.dtype, []).append(tensor)
     return groups
 
 
 def broadcast_module(comm, module: torch.nn.Module, root: int = 0) -> None:
     """Copy ``root``'s parameters and buffers to every rank."""
-    for tensors in flat_state(module).values():
+    for tensors in by_dtype(module).values():
         flat = flatten(tensors, device="cpu")
         comm.Bcast(flat, root=root)
         unflatten_into(flat, tensors)
