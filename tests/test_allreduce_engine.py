@@ -21,7 +21,6 @@ from mpicnn.sync.allreduce.buckets import (
     same_plan,
 )
 from mpicnn.sync.allreduce.codec import Codec, sum_into
-from mpicnn.sync.allreduce.collectives import chunks
 from mpicnn.sync.allreduce.comm_thread import CommThread, InlineRunner, make_runner
 from mpicnn.sync.allreduce.transport import (
     DirectBuffers,
@@ -31,6 +30,8 @@ from mpicnn.sync.allreduce.transport import (
     probe_cuda_support,
 )
 from mpicnn.sync.contract import Strategy
+from mpicnn.sync.flat import flatten, unflatten_into, views
+from mpicnn.sync.messages import chunk_bounds, chunks
 from mpicnn.training.loop import train_epoch
 from mpicnn.training.models import build_model
 
@@ -96,6 +97,24 @@ def test_bucket_memory_comes_from_the_allocator_and_grads_survive_it():
     assert bucket.pending == 1 and bucket.nbytes == 12
     bucket.detach()                                          # before that memory is released
     assert p.grad.data_ptr() != given[0].data_ptr() and (p.grad == 5.0).all()
+
+
+def test_flat_views_flatten_and_unflatten_share_one_layout():
+    tensors = [torch.randn(2, 3), torch.randn(0), torch.randn(4), torch.randn(2, 1, 2, 2)]
+    flat = flatten(tensors)
+    assert torch.equal(flat, torch.cat([t.reshape(-1) for t in tensors]))
+    pieces = views(flat, tensors)
+    assert [piece.shape for piece in pieces] == [t.shape for t in tensors]
+    assert [piece.storage_offset() for piece in pieces] == [0, 6, 6, 10]     # views, no copies
+    assert all(piece.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+               for piece in pieces)
+    doubles = flatten(tensors, dtype=torch.float64, device="cpu")
+    assert doubles.dtype == torch.float64 and torch.equal(doubles, flat.double())
+    assert flatten(tensors, out=doubles) is doubles
+    restored = [torch.zeros_like(t) for t in tensors]
+    unflatten_into(2 * flat, restored)
+    assert all(torch.equal(r, 2 * t) for r, t in zip(restored, tensors))
+    assert not flatten([nn.Parameter(torch.ones(3))]).requires_grad      # it goes to numpy
 
 
 # --- where reductions run ------------------------------------------------------------------
@@ -272,8 +291,12 @@ def test_reducer_stages_encodes_sums_and_decodes(compression):
 
 
 def test_chunks_split_counts_that_do_not_fit_an_int():
-    assert chunks(10, limit=4) == [(0, 4), (4, 8), (8, 10)]
-    assert chunks(0) == [(0, 0)] and chunks(5) == [(0, 5)]
+    assert chunk_bounds(10, 1, max_bytes=4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_bounds(0, 4) == [(0, 0)] and chunk_bounds(5, 4) == [(0, 5)]
+    buf = torch.arange(10.0)                                  # as the collectives split it
+    parts = chunks(buf, max_bytes=16)
+    assert [len(part) for part in parts] == [4, 4, 2]
+    assert [part.data_ptr() for part in parts] == [buf[lo:].data_ptr() for lo in (0, 4, 8)]
 
 
 # --- configuration and the loop ------------------------------------------------------------

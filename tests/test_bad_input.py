@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import DIGITS
-from drill import (assert_one_clean_error, digits_arrays, flip_tensor_byte, record,
-                   run_job, small_digits, write_h5)
+from drill import (
+    assert_one_clean_error,
+    digits_arrays,
+    flip_tensor_byte,
+    record,
+    run_job,
+    small_digits,
+    write_h5,
+)
 
 from mpicnn.checkpoint import files as checkpoint
 from mpicnn.config import FIELDS

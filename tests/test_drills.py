@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_jsonl
-from drill import (Job, assert_one_clean_error, digits_arrays, flip_tensor_byte, record,
-                   run_job, small_digits, write_h5)
+from drill import (
+    Job,
+    assert_one_clean_error,
+    digits_arrays,
+    flip_tensor_byte,
+    record,
+    run_job,
+    small_digits,
+    write_h5,
+)
 
 from mpicnn.checkpoint import files as checkpoint
 from mpicnn.config import FIELDS

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from conftest import QUIET, ROOT, final, max_diff, mpirun, read_jsonl, records, train
@@ -13,10 +14,11 @@ from drill import Job, file_contains
 from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config
 from mpicnn.observe.records import check_record
+from mpicnn.sync.messages import chunk_bounds, chunks
 from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
 from mpicnn.sync.ps.layout import partition, roles
 from mpicnn.sync.ps.policy import Dispatcher, may_proceed, staleness_bound, stop_step
-from mpicnn.sync.ps.protocol import NO_ITEM, chunk_bounds
+from mpicnn.sync.ps.protocol import NO_ITEM
 from mpicnn.sync.ps.role import decode_stats, encode_stats, summarize
 
 SGD = ["--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--lr", "0.05"]
@@ -56,6 +58,10 @@ def test_chunk_bounds_split_large_payloads():
     bounds = chunk_bounds(3 * gib // 4 + 1, 4)          # 3 GiB + 4 bytes of float32
     assert len(bounds) == 4 and all((hi - lo) * 4 <= gib for lo, hi in bounds)
     assert bounds[-1][1] == 3 * gib // 4 + 1
+    payload = np.arange(12, dtype=np.float32)                # as the protocol sends it
+    parts = chunks(payload, 20)
+    assert [len(part) for part in parts] == [5, 5, 2]
+    assert all(np.shares_memory(part, payload) for part in parts)
 
 
 def test_ssp_rule():

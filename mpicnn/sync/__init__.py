@@ -1,8 +1,10 @@
 """Gradient synchronisation strategies, chosen once from ``--mode``.
 
 - ``contract``: what the training loop calls: ``GradientSync`` and ``WorkPlan``.
-- ``replicas``: keeping model replicas equal (broadcast from rank 0, average buffers).
-- ``allreduce``: the allreduce engine (``--mode allreduce``).
+- ``replicas``: equal replicas: rank 0's weights broadcast, buffers averaged.
+- ``flat``: many tensors as one flat buffer (views, flatten, unflatten_into).
+- ``messages``: the one splitter of buffers into messages that fit MPI's counts.
+- ``allreduce``: the bucketed allreduce engine (``--mode allreduce``).
 - ``ps``: the parameter server (``--mode ps-sync``, ``ps-async``).
 """
 from __future__ import annotations

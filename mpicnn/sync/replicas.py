@@ -3,34 +3,23 @@ from __future__ import annotations
 
 import torch
 
-
-def host_view(tensor: torch.Tensor):
-    """A contiguous CPU buffer for ``tensor`` (CUDA tensors are copied to the host)."""
-    if tensor.device.type == "cpu" and tensor.is_contiguous():
-        return tensor, False
-    return tensor.detach().to("cpu", copy=True).contiguous(), True
+from .flat import flatten, unflatten_into
 
 
-def flat_state(module: torch.nn.Module, floating_only: bool = False):
-    """Parameters and buffers of ``module`` grouped by dtype (for one collective per dtype)."""
+def by_dtype(module: torch.nn.Module) -> dict:
+    """Group the parameters and buffers of ``module`` by dtype (one collective per dtype)."""
     groups = {}
     for tensor in list(module.parameters()) + list(module.buffers()):
-        if floating_only and not tensor.is_floating_point():
-            continue
         groups.setdefault(tensor.dtype, []).append(tensor)
     return groups
 
 
 def broadcast_module(comm, module: torch.nn.Module, root: int = 0) -> None:
     """Copy ``root``'s parameters and buffers to every rank."""
-    with torch.no_grad():
-        for tensors in flat_state(module).values():
-            flat = torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
-            comm.Bcast(flat, root=root)
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset: offset + t.numel()].view_as(t))
-                offset += t.numel()
+    for tensors in by_dtype(module).values():
+        flat = flatten(tensors, device="cpu")
+        comm.Bcast(flat, root=root)
+        unflatten_into(flat, tensors)
 
 
 def average_buffers(comm, module: torch.nn.Module) -> None:
@@ -40,11 +29,7 @@ def average_buffers(comm, module: torch.nn.Module) -> None:
     buffers = [b for b in module.buffers() if b.is_floating_point()]
     if not buffers or comm.Get_size() == 1:
         return
-    with torch.no_grad():
-        flat = torch.cat([b.reshape(-1).double().cpu() for b in buffers])
-        comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
-        flat /= comm.Get_size()
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset: offset + b.numel()].view_as(b))
-            offset += b.numel()
+    flat = flatten(buffers, dtype=torch.float64, device="cpu")
+    comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+    flat /= comm.Get_size()
+    unflatten_into(flat, buffers)

@@ -6,5 +6,6 @@
 - ``comm_thread``: the thread that runs reductions beside backward.
 - ``codec``: fp16/bf16 compression on the wire.
 - ``transport``: device buffers to MPI, directly (CUDA-aware) or staged through pinned memory.
+- ``scratch``: per-bucket buffers (wire casts, host staging) made once and reused.
 - ``collectives``: the ``Collective`` family: flat, hierarchical, shared-memory windows.
 """

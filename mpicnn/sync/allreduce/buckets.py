@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..flat import views
+
 MB = 1 << 20
 FIRST_BUCKET_BYTES = 1 * MB      # small, so that the first reduction starts early in backward
 
@@ -43,11 +45,7 @@ class Bucket:
         allocate = allocate or (lambda numel, dtype, device: torch.zeros(numel, dtype=dtype,
                                                                          device=device))
         self.flat = allocate(self.numel, first.dtype, first.device)
-        self.views = []
-        offset = 0
-        for p in self.params:
-            self.views.append(self.flat[offset: offset + p.numel()].view_as(p))
-            offset += p.numel()
+        self.views = views(self.flat, self.params)
         self.pending = len(self.params)
         self.bind(keep_values=True)
 

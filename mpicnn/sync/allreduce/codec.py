@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .scratch import reusable
+
 WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -38,10 +40,7 @@ class Codec:
         """The buffer to reduce for bucket ``key`` (``flat`` itself when not compressing)."""
         if self.wire_dtype is None or flat.dtype == self.wire_dtype:
             return flat
-        wire = self._wires.get(key)
-        if wire is None or wire.numel() != flat.numel() or wire.device != flat.device:
-            wire = self._wires[key] = torch.empty(flat.numel(), dtype=self.wire_dtype,
-                                                  device=flat.device)
+        wire = reusable(self._wires, key, flat.numel(), self.wire_dtype, flat.device)
         torch.div(flat, self.ranks, out=wire)
         return wire
 

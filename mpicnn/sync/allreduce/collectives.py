@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import torch
 
-MAX_COUNT = 1 << 30              # MPI counts are C ints: split larger buffers
-
-
-def chunks(numel: int, limit: int = MAX_COUNT):
-    """(start, stop) element ranges of at most ``limit`` covering ``numel``."""
-    return [(start, min(numel, start + limit)) for start in range(0, numel, limit)] or [(0, 0)]
+from ..messages import chunks
 
 
 class Collective:
@@ -43,8 +38,8 @@ class FlatAllreduce(Collective):
     def __call__(self, buf, datatype, op, spec) -> None:
         from mpi4py import MPI
 
-        for start, stop in chunks(buf.numel()):
-            self.comm.Allreduce(MPI.IN_PLACE, spec(buf[start:stop], datatype), op=op)
+        for part in chunks(buf):
+            self.comm.Allreduce(MPI.IN_PLACE, spec(part, datatype), op=op)
 
     def free(self) -> None:
         self.comm.Free()
@@ -67,8 +62,8 @@ class HierarchicalAllreduce(Collective):
     def __call__(self, buf, datatype, op, spec) -> None:
         from mpi4py import MPI
 
-        for start, stop in chunks(buf.numel()):
-            part = spec(buf[start:stop], datatype)
+        for chunk in chunks(buf):
+            part = spec(chunk, datatype)
             if self.local.Get_size() > 1:
                 if self.leader:
                     self.local.Reduce(MPI.IN_PLACE, part, op=op, root=0)

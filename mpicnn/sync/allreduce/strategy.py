@@ -26,6 +26,7 @@ import torch
 
 from ...cluster.world import cuda_aware_override
 from ..contract import Strategy
+from ..flat import flatten, unflatten_into
 from ..replicas import average_buffers, broadcast_module
 from .buckets import FIRST_BUCKET_BYTES, MB, bucket_plan, build_buckets, same_plan
 from .codec import HALF_DTYPES, Codec
@@ -213,12 +214,10 @@ class AllreduceStrategy(Strategy):
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        grads = [p.grad for p in self.params]
+        flat = flatten(grads)
         Reducer.consume(self.reducer(PLAIN_KEY, flat))
-        offset = 0
-        for p in self.params:
-            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        unflatten_into(flat, grads)
 
     def sync_buffers(self) -> None:
         average_buffers(self.world.comm, self.model)

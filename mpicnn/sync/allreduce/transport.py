@@ -9,7 +9,10 @@ import ctypes
 
 import torch
 
+from .scratch import reusable
+
 MPIX_GPU_SUPPORT_CUDA = 0        # MPICH's mpi.h
+HOST = torch.device("cpu")
 
 
 def _loaded_libmpi():
@@ -104,11 +107,7 @@ class StagedBuffers:
 
     def host_buffer(self, key, tensor: torch.Tensor) -> torch.Tensor:
         """The host buffer of bucket ``key``, allocated once and reused every step."""
-        host = self._host.get(key)
-        if host is None or host.numel() != tensor.numel() or host.dtype != tensor.dtype:
-            host = self._host[key] = torch.empty(tensor.numel(), dtype=tensor.dtype,
-                                                 pin_memory=self.pin)
-        return host
+        return reusable(self._host, key, tensor.numel(), tensor.dtype, HOST, self.pin)
 
     def to_mpi(self, key, tensor: torch.Tensor) -> torch.Tensor:
         host = self.host_buffer(key, tensor)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..flat import flatten, views
+
 
 def state_keys(training) -> tuple[str, ...]:
     """The per-element state tensors of ``--optimizer`` (each as long as the parameters)."""
@@ -21,42 +23,20 @@ def has_step(training) -> bool:
     return training.optimizer == "adamw"
 
 
-def flatten_params(params, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The parameters (or any same-shaped tensors) as one flat CPU vector."""
-    numel = sum(p.numel() for p in params)
-    out = torch.empty(numel, dtype=params[0].dtype) if out is None else out
-    offset = 0
-    for p in params:
-        out[offset: offset + p.numel()].copy_(p.detach().reshape(-1))
-        offset += p.numel()
-    return out
-
-
-def unflatten_into(flat: torch.Tensor, tensors) -> None:
-    """Copy consecutive pieces of ``flat`` into ``tensors`` (on their devices)."""
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
 def flat_state(optimizer, params, training):
     """(step, {key: flat vector}) of a per-parameter optimizer, or None before its first step."""
     states = [optimizer.state.get(p) for p in params]
     if not all(states):
         return None
     step = int(states[0]["step"]) if has_step(training) else 0
-    return step, {k: flatten_params([s[k] for s in states]) for k in state_keys(training)}
+    return step, {k: flatten([s[k] for s in states], device="cpu") for k in state_keys(training)}
 
 
 def set_flat_state(optimizer, params, training, step: int, vectors: dict) -> None:
     """Fill a per-parameter optimizer's state from flat vectors (inverse of flat_state)."""
-    offset = 0
-    for p in params:
-        state = {k: v[offset: offset + p.numel()].view_as(p).clone().to(p.device)
-                 for k, v in vectors.items()}
+    by_key = {k: views(v, params) for k, v in vectors.items()}
+    for i, p in enumerate(params):
+        state = {k: pieces[i].clone().to(p.device) for k, pieces in by_key.items()}
         if has_step(training):
             state["step"] = torch.tensor(float(step))
         optimizer.state[p] = state
-        offset += p.numel()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..messages import MAX_MESSAGE_BYTES, chunks
+
 # request kinds (worker -> server), in header[KIND]
 PUSH = 1     # a gradient slice follows; reply: parameters (+ next batch when dispatching)
 PULL = 2     # reply: parameters; EPOCH >= 0 also asks the dispatcher for a batch
@@ -25,32 +27,21 @@ VERSION, ITEM, STEP, COUNT, STOP_AT = range(5)    # reply fields (COUNT: arrays 
 NO_ITEM = -1         # no batch for you: this epoch's batches are all handed out
 NONFINITE, STOP = 1, 2    # request flags: the gradient holds NaN/Inf; a stop signal arrived
 
-MAX_MESSAGE_BYTES = 1 << 30  # split payloads well below MPI's 2**31-1 count limit
-
 
 def header() -> np.ndarray:
     return np.zeros(HEADER_LEN, dtype=np.int64)
 
 
-def chunk_bounds(count: int, itemsize: int,
-                 max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[int, int]]:
-    """[lo, hi) element ranges of at most ``max_bytes`` each; one (empty) range when count is 0."""
-    per = max(1, max_bytes // itemsize)
-    return [(lo, min(count, lo + per)) for lo in range(0, count, per)] or [(0, 0)]
-
-
 def isend_array(comm, array: np.ndarray, dest: int,
                 max_bytes: int = MAX_MESSAGE_BYTES) -> list:
     """Start sending a contiguous 1-D array as one or more payload messages."""
-    return [comm.Isend(array[lo:hi], dest=dest, tag=TAG_PAYLOAD)
-            for lo, hi in chunk_bounds(array.size, array.itemsize, max_bytes)]
+    return [comm.Isend(part, dest=dest, tag=TAG_PAYLOAD) for part in chunks(array, max_bytes)]
 
 
 def irecv_array(comm, array: np.ndarray, source: int,
                 max_bytes: int = MAX_MESSAGE_BYTES) -> list:
     """Start receiving into a contiguous 1-D array, chunked exactly as the sender chunks it."""
-    return [comm.Irecv(array[lo:hi], source=source, tag=TAG_PAYLOAD)
-            for lo, hi in chunk_bounds(array.size, array.itemsize, max_bytes)]
+    return [comm.Irecv(part, source=source, tag=TAG_PAYLOAD) for part in chunks(array, max_bytes)]
 
 
 def drain(comm) -> int:

@@ -7,8 +7,9 @@ import torch
 from ...cluster.errors import MpicnnError
 from ...observe import timeline
 from ...training.optim import build_optimizer
+from ..flat import flatten
 from . import protocol as P
-from .flatstate import flat_state, flatten_params, set_flat_state, state_keys
+from .flatstate import flat_state, set_flat_state, state_keys
 from .policy import Dispatcher, may_proceed, stop_step
 from .role import PSRole, encode_stats
 
@@ -34,7 +35,8 @@ class PSServer(PSRole):
         super().attach(model, optimizer, scheduler)
         index = self.world.rank - self.roles.workers
         self.lo, self.hi = self.ranges[index]
-        self.param = torch.nn.Parameter(flatten_params(self.params)[self.lo: self.hi].clone())
+        flat = flatten(self.params, device="cpu")
+        self.param = torch.nn.Parameter(flat[self.lo: self.hi].clone())
         self.server_opt = build_optimizer(self.cfg.training, [self.param],
                                           self.cfg.training.batch_size * self.workers)
         restored = flat_state(optimizer, self.params, self.cfg.training)

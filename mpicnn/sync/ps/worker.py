@@ -7,9 +7,10 @@ import torch
 from ...cluster.world import reduce_sums
 from ...observe import timeline
 from ...resilience.nan_policy import grads_finite
+from ..flat import flatten, unflatten_into, views
 from ..replicas import average_buffers
 from . import protocol as P
-from .flatstate import flatten_params, set_flat_state, state_keys, unflatten_into
+from .flatstate import set_flat_state, state_keys
 from .role import PSRole, decode_stats, summarize
 
 
@@ -22,7 +23,7 @@ class PSWorker(PSRole):
 
     def attach(self, model, optimizer, scheduler) -> None:
         super().attach(model, optimizer, scheduler)
-        self.flat_params = flatten_params(self.params)
+        self.flat_params = flatten(self.params, device="cpu")
         self.flat_grads = torch.zeros_like(self.flat_params)
         self.params_np, self.grads_np = self.flat_params.numpy(), self.flat_grads.numpy()
         self.requests = [P.header() for _ in self.ranges]
@@ -40,14 +41,11 @@ class PSWorker(PSRole):
     def after_backward(self) -> None:
         # Checked before pushing so that a non-finite gradient never reaches a server.
         self.flags = self.flags & P.STOP | (0 if grads_finite(self.params) else P.NONFINITE)
-        offset = 0
-        for p in self.params:      # host copy; unused parameters push zeros
-            piece = self.flat_grads[offset: offset + p.numel()]
-            if p.grad is None:
+        for p, piece in zip(self.params, views(self.flat_grads, self.params)):
+            if p.grad is None:     # an unused parameter pushes zeros
                 piece.zero_()
             else:
-                piece.copy_(p.grad.reshape(-1))
-            offset += p.numel()
+                piece.copy_(p.grad)
         self.clock += 1
         self._exchange(P.PUSH)
 
