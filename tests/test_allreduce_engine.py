@@ -22,6 +22,7 @@ from mpicnn.sync.allreduce.buckets import (
 )
 from mpicnn.sync.allreduce.codec import Codec, sum_into
 from mpicnn.sync.allreduce.comm_thread import CommThread, InlineRunner, make_runner
+from mpicnn.sync.allreduce.strategy import AllreduceStrategy
 from mpicnn.sync.allreduce.transport import (
     DirectBuffers,
     StagedBuffers,
@@ -456,3 +457,25 @@ def test_hierarchical_engine_on_two_fake_nodes_matches_flat(tmp_path):
                                   ["--bucket-mb", 0.05, "--hierarchical"], env=env)
     assert "hierarchical (2 node(s)" in run.stdout
     assert _difference(hierarchical, flat) <= 1e-6
+
+
+def test_plain_path_hands_the_reducer_the_event_that_its_gradients_are_written():
+    """On CUDA the reducer's side stream must wait for the concatenation (no stale reads)."""
+    class Recording:
+        ready = object()
+
+        def ready_event(self):
+            return self.ready
+
+        def __call__(self, key, flat, ready=None):
+            self.got = (key, ready)
+            flat.mul_(0.5)           # stands in for the average over two ranks
+
+    strategy = object.__new__(AllreduceStrategy)
+    strategy.params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    for p in strategy.params:
+        p.grad = torch.full_like(p, 4.0)
+    strategy.reducer = Recording()
+    strategy._plain_allreduce()
+    assert strategy.reducer.got[1] is Recording.ready
+    assert all(torch.equal(p.grad, torch.full_like(p, 2.0)) for p in strategy.params)

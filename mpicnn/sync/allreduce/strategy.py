@@ -216,7 +216,8 @@ class AllreduceStrategy(Strategy):
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params]
         flat = flatten(grads)
-        Reducer.consume(self.reducer(PLAIN_KEY, flat))
+        # written on the current stream: the reducer's stream must wait before reading it
+        Reducer.consume(self.reducer(PLAIN_KEY, flat, self.reducer.ready_event()))
         unflatten_into(flat, grads)
 
     def sync_buffers(self) -> None:
