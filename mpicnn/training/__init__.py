@@ -1,6 +1,7 @@
 """What one rank computes: the model zoo, optimizer and schedule, the epoch loop, the Trainer.
 
-- ``models``: the zoo and ``build_model`` (zoo names or ``package.module:Class``).
+- ``models``: the zoo and ``build_model`` (zoo names or ``package.module:Class`` in the
+  constructor shapes users bring), the check of a model's output shape.
 - ``optim``: optimizers (fused where the device has them) and lr schedules.
 - ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.
 - ``trainer``: what a run builds on every rank (``build_parts``) and the ``Trainer`` that

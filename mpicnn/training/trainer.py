@@ -47,7 +47,7 @@ def build_parts(cfg, world, data, work) -> Parts:
     run_steps = total_steps(cfg.training, steps_per_epoch)
     torch.manual_seed(cfg.training.seed)
     model = world.agree(lambda: build_model(cfg.training.model, data.input_shape,
-                                            data.num_classes)).to(world.device)
+                                            data.num_classes, world.log.info)).to(world.device)
     optimizer = build_optimizer(cfg.training, model.parameters(), global_batch)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
     state = restore(world, cfg, model, optimizer, scheduler)
