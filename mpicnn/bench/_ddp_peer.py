@@ -62,7 +62,8 @@ def run(world, argv) -> int:
                         cfg.training.seed, cfg.data.shuffle)
         stats = StepStats()
         train_epoch(ddp, loader, strategy, strategy, RunState(), run_steps, stats,
-                    scheduler=scheduler, global_batch=global_batch)
+                    scheduler=scheduler, global_batch=global_batch,
+                    label_smoothing=cfg.training.label_smoothing)
         if world.is_root:
             print(json.dumps({"images_per_s": stats.images_per_s, "steps": stats.timer.steps,
                               **stats.timer.snapshot_ms()}), flush=True)

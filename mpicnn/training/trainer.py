@@ -124,7 +124,8 @@ class Trainer:
         train_epoch(parts.model, self.train_loader, strategy, strategy, state, parts.run_steps,
                     self.stats, scheduler=parts.scheduler, global_batch=parts.global_batch,
                     guard=self.guard, accum_steps=self.cfg.training.accum_steps,
-                    should_stop=self.preempt.should_stop)
+                    should_stop=self.preempt.should_stop,
+                    label_smoothing=self.cfg.training.label_smoothing)
         summary = self.stats.end_epoch(state)
         strategy.sync_buffers()
         outcome.stopped = self.preempt.stopped

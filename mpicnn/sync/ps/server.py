@@ -6,7 +6,7 @@ import torch
 
 from ...cluster.errors import MpicnnError
 from ...observe import timeline
-from ...training.optim import build_optimizer
+from ...training.optim import LAYERWISE, build_optimizer
 from . import protocol as P
 from .flatstate import flat_state, flatten_params, set_flat_state, state_keys
 from .policy import Dispatcher, may_proceed, stop_step
@@ -35,12 +35,13 @@ class PSServer(PSRole):
         index = self.world.rank - self.roles.workers
         self.lo, self.hi = self.ranges[index]
         self.param = torch.nn.Parameter(flatten_params(self.params)[self.lo: self.hi].clone())
-        self.server_opt = build_optimizer(self.cfg.training, [self.param],
+        self.pieces = self._pieces()
+        self.server_opt = build_optimizer(self.cfg.training, self.pieces,
                                           self.cfg.training.batch_size * self.workers)
         restored = flat_state(optimizer, self.params, self.cfg.training)
         if restored is not None:
             step, vectors = restored
-            set_flat_state(self.server_opt, [self.param], self.cfg.training, step,
+            set_flat_state(self.server_opt, self.pieces, self.cfg.training, step,
                            {k: v[self.lo: self.hi] for k, v in vectors.items()})
         # The workers' schedule, at the restored position, drives this range's lr.
         self.server_sched = torch.optim.lr_scheduler.LambdaLR(self.server_opt,
@@ -65,6 +66,28 @@ class PSServer(PSRole):
         self.decides = index == 0
         self.dispatcher = Dispatcher(workers) if self.dispatched and self.decides else None
         self.stop_at = -1
+
+    def _pieces(self) -> list:
+        """What the optimizer steps: the flat range, or for layer-wise optimizers its whole
+        tensors, each a view of the range in the tensor's shape (they share its memory)."""
+        if self.cfg.training.optimizer not in LAYERWISE:
+            return [self.param]
+        pieces, offset = [], 0
+        for p in self.params:
+            lo, hi = offset, offset + p.numel()
+            offset = hi
+            if self.lo <= lo and hi <= self.hi:
+                view = self.param.data[lo - self.lo: hi - self.lo].view(p.shape)
+                pieces.append(torch.nn.Parameter(view))
+        return pieces
+
+    def _set_grad(self, grad: torch.Tensor | None) -> None:
+        """Hand the flat gradient of the range to what the optimizer steps (views, no copy)."""
+        offset = 0
+        for piece in self.pieces:
+            piece.grad = None if grad is None else \
+                grad[offset: offset + piece.numel()].view(piece.shape)
+            offset += piece.numel()
 
     def serve(self) -> None:
         from mpi4py import MPI
@@ -154,13 +177,13 @@ class PSServer(PSRole):
         """
         if finite:
             grad_sum /= self.workers     # async: one worker's share of a global batch
-            self.param.grad = torch.from_numpy(grad_sum)
+            self._set_grad(torch.from_numpy(grad_sum))
             group = self.server_opt.param_groups[0]
             lr = group["lr"]
             group["lr"] = lr / lr_divisor
             self.server_opt.step()
             group["lr"] = lr
-            self.param.grad = None
+            self._set_grad(None)
         else:
             self.stats["skipped"] += 1
         self.version += 1
@@ -204,7 +227,7 @@ class PSServer(PSRole):
 
     def _send_state(self, worker: int) -> None:
         """Start sending this range's optimizer state (for a checkpoint on ``worker``)."""
-        state = flat_state(self.server_opt, [self.param], self.cfg.training)
+        state = flat_state(self.server_opt, self.pieces, self.cfg.training)
         head = P.header()
         if state is None:
             self._send_extra(worker, head, [], 0)
