@@ -18,6 +18,7 @@ from ..observe import timeline
 from ..observe.progress import Progress
 from ..observe.records import MetricsWriter
 from ..observe.steps import StepStats
+from ..observe.tensorboard import TensorBoardSink
 from ..resilience import drills
 from .loop import evaluate, train_epoch
 from .models import build_model
@@ -76,7 +77,9 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(
             cfg.data, data, world, cfg.training.batch_size, cfg.training.seed,
             strategy.workers, strategy.worker_index, comm=strategy.comm)
-        self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "")
+        sinks = [TensorBoardSink(cfg.output.tensorboard)] \
+            if world.is_root and cfg.output.tensorboard else []
+        self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "", sinks=sinks)
         self.bar = Progress(world.is_root, cfg.output.progress, world.log)
         self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.output.log_every,
                                parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep)
