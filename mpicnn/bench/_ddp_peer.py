@@ -7,7 +7,6 @@ MPI serves only to number the ranks and share the rendezvous port.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import torch
@@ -25,6 +24,7 @@ from ..sync.contract import Strategy
 from ..training.loop import train_epoch
 from ..training.models import build_model
 from ..training.optim import build_optimizer, build_scheduler, total_steps
+from ._gloo import init_gloo
 
 
 class DDPStrategy(Strategy):
@@ -33,18 +33,11 @@ class DDPStrategy(Strategy):
     name = "ddp-gloo"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(world, argv) -> int:
     cfg = parse_config(argv)
     device = bind_device(world, cfg.sync.device, cfg.sync.threads)
-    port = world.comm.bcast(free_port() if world.is_root else None, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=world.rank, world_size=world.size)
+    init_gloo(world)
     try:
         data = open_dataset(cfg.data.data)
         steps_per_epoch = shard.check_fits(len(data.train), cfg.training.batch_size, world.size,
