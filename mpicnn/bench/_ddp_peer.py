@@ -10,7 +10,6 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint.state import RunState
 from ..cluster.devices import bind_device
@@ -24,7 +23,7 @@ from ..sync.contract import Strategy
 from ..training.loop import train_epoch
 from ..training.models import build_model
 from ..training.optim import build_optimizer, build_scheduler, total_steps
-from ._gloo import init_gloo
+from ._gloo import gloo_group
 
 
 class DDPStrategy(Strategy):
@@ -37,8 +36,7 @@ class DDPStrategy(Strategy):
 def run(world, argv) -> int:
     cfg = parse_config(argv)
     device = bind_device(world, cfg.sync.device, cfg.sync.threads)
-    init_gloo(world)
-    try:
+    with gloo_group(world):
         data = open_dataset(cfg.data.data)
         steps_per_epoch = shard.check_fits(len(data.train), cfg.training.batch_size, world.size,
                                            cfg.data.shuffle)
@@ -61,8 +59,6 @@ def run(world, argv) -> int:
             print(json.dumps({"images_per_s": stats.images_per_s, "steps": stats.timer.steps,
                               **stats.timer.snapshot_ms()}), flush=True)
         data.close()
-    finally:
-        dist.destroy_process_group()
     return 0
 
 

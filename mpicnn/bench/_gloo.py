@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -10,10 +11,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_gloo(world) -> None:
-    """``torch.distributed`` over gloo on this node; MPI only numbers ranks and shares the port."""
+@contextmanager
+def gloo_group(world):
+    """Run the block in a gloo process group on this node (MPI numbers ranks, shares the port)."""
     import torch.distributed as dist
 
     port = world.comm.bcast(free_port() if world.is_root else None, root=0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=world.rank, world_size=world.size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

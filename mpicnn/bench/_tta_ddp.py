@@ -25,7 +25,7 @@ from ..observe.records import MetricsWriter
 from ..observe.steps import PhaseTimer
 from ..training.models import build_model
 from ..training.optim import build_optimizer, build_scheduler, total_steps
-from ._gloo import init_gloo
+from ._gloo import gloo_group
 
 
 class H5Images(torch.utils.data.Dataset):
@@ -92,8 +92,7 @@ def run(world, argv) -> int:
     cfg = parse_config(argv)
     training = cfg.training
     bind_device(world, "cpu", cfg.sync.threads)       # the same threads per rank as mpicnn
-    init_gloo(world)
-    try:
+    with gloo_group(world):
         augment = bool(cfg.data.augment)
         train_set = H5Images(cfg.data.data, "train", augment)
         val_set = H5Images(cfg.data.data, "val", False)
@@ -153,8 +152,6 @@ def run(world, argv) -> int:
                       images_per_s=0.0, steps=step, epochs=epoch + 1, world_size=world.size,
                       mode="ddp-gloo", wall_s=time.perf_counter() - started)
         metrics.close()
-    finally:
-        dist.destroy_process_group()
     return 0
 
 

@@ -48,11 +48,8 @@ def parse_args(argv):
                    help="largest slice a rank computes at once (default 512)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds per job (7200)")
     p.add_argument("--out", default="", help="also write the results as JSON here")
-    p.add_argument("train_args", nargs=argparse.REMAINDER,
-                   help="after --: flags for every job (e.g. --model lenet)")
-    args = p.parse_args(argv)
-    args.train_args = [a for a in args.train_args if a != "--"]
-    return args
+    return launch.parse_with_train_args(p, argv, "after --: flags for every job (e.g. "
+                                                 "--model lenet)")
 
 
 def accum_steps(rank_batch: int, micro_batch: int) -> int:

@@ -7,6 +7,7 @@ run's metrics read back through ``observe.report.load_run``.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -165,3 +166,11 @@ def json_result(n: int, module: str, args=(), timeout: float | None = None) -> d
     if not lines:
         raise MpicnnError(f"python -m {module} printed no JSON result:\n{stdout[-TAIL_CHARS:]}")
     return json.loads(lines[-1])
+
+
+def parse_with_train_args(parser: argparse.ArgumentParser, argv, help: str):
+    """Parse ``argv``; what follows ``--`` lands in ``args.train_args``, flags for the jobs."""
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help=help)
+    args = parser.parse_args(argv)
+    args.train_args = [a for a in args.train_args if a != "--"]
+    return args

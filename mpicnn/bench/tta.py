@@ -51,12 +51,8 @@ def parse_args(argv):
                    help="DataLoader worker processes per DDP rank (default 0)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per job (3600)")
     p.add_argument("--out", default="", help="also write the results as JSON here")
-    p.add_argument("train_args", nargs=argparse.REMAINDER,
-                   help="after --: flags for both programs, over the recipe's "
-                        f"({' '.join(RECIPE)})")
-    args = p.parse_args(argv)
-    args.train_args = [a for a in args.train_args if a != "--"]
-    return args
+    return launch.parse_with_train_args(p, argv, f"after --: flags for both programs, over "
+                                                 f"the recipe's ({' '.join(RECIPE)})")
 
 
 def fashion_data(path: str, package_dir: str = FASHION_DIR) -> str:
