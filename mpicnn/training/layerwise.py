@@ -81,7 +81,7 @@ class LAMB(torch.optim.Optimizer):
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                  exp_avg_sq=torch.zeros_like(p))
                 state["step"] += 1
-                t = float(state["step"])
+                t = state["step"]         # a tensor: the bias corrections need no host sync
                 m = state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 v = state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 r = (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + group["eps"])
