@@ -152,8 +152,13 @@ def _role(prefix: str) -> str | None:
 
 
 def known_classes(path: str, parts: dict) -> list:
-    """Published class names of the dataset ``path`` names, if they cover the labels; else []."""
-    lowered = os.path.abspath(path).lower()
+    """Published class names of the dataset ``path`` names, if they cover the labels; else [].
+
+    Only the folder holding the files counts, and a file's own name: the dataset's name,
+    not some directory above it.
+    """
+    steps = os.path.abspath(path).lower().split(os.sep)
+    lowered = "/".join(steps[-1:] if os.path.isdir(path) else steps[-2:])
     names = next((names for key, names in KNOWN_CLASSES.items() if key in lowered), [])
     top = max(int(p.labels.max()) for p in parts.values()) + 1
     return names if len(names) >= top else []
