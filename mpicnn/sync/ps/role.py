@@ -6,9 +6,9 @@ from collections import Counter
 import numpy as np
 
 from ...cluster.errors import MpicnnError
+from ...training.optim import LAYERWISE
 from ..contract import Strategy
 from ..replicas import broadcast_module
-from ...training.optim import LAYERWISE
 from .layout import Roles, partition, partition_tensors
 from .policy import staleness_bound
 
