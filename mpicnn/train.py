@@ -10,7 +10,7 @@ from .cluster.batchjob import job_defaults
 from .cluster.devices import bind_device, describe
 from .cluster.world import run_guarded
 from .config import parse_config
-from .data.schema import open_dataset
+from .data.schema import label_warning, open_dataset
 from .observe import timeline
 from .resilience.preemption import Preemption
 from .resilience.step_guard import StepGuard
@@ -42,6 +42,8 @@ def train(world, argv) -> int:
                                                 source.labels_key, source.layout,
                                                 source.val_fraction))
         teardown.callback(data.close)
+        if label_warning(data):
+            world.log.warning(f"warning: {label_warning(data)}")
         parts = build_parts(cfg, world, data, strategy)
         checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler)
         checkpointer.prepare()

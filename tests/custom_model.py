@@ -35,3 +35,33 @@ class FailOnRankOne(TinyNet):
                         fh.write(repr(time.time()))
                 raise ValueError("injected failure on one rank")
         return super().forward(x)
+
+
+class DataParallelNet(nn.Module):
+    """The DataParallel example of the design notes, as written there: no arguments, and a
+    flatten sized for 8x8 feature maps that 32x32 inputs without pooling do not have."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 8 * 8, 512)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        x = self.conv2(self.conv1(x).relu()).relu()
+        x = x.view(-1, 64 * 8 * 8)
+        return self.fc2(self.fc1(x).relu())
+
+
+class KeywordNet(nn.Sequential):
+    """Takes the class count by keyword only, with defaults that a positional call would
+    misplace."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__(nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+class NeedsDepth(nn.Module):
+    def __init__(self, depth, width, activation):
+        super().__init__()

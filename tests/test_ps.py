@@ -16,7 +16,7 @@ from mpicnn.config import parse_config
 from mpicnn.observe.records import check_record
 from mpicnn.sync.messages import chunk_bounds, chunks
 from mpicnn.sync.ps.flatstate import flat_state, set_flat_state
-from mpicnn.sync.ps.layout import partition, roles
+from mpicnn.sync.ps.layout import partition, partition_tensors, roles
 from mpicnn.sync.ps.policy import Dispatcher, may_proceed, staleness_bound, stop_step
 from mpicnn.sync.ps.protocol import NO_ITEM
 from mpicnn.sync.ps.role import decode_stats, encode_stats, summarize
@@ -48,6 +48,16 @@ def test_partition_lets_one_big_tensor_span_servers():
         starts.append(starts[-1] + n)
     big_lo, big_hi = starts[4], starts[5]
     assert sum(1 for lo, hi in bounds if lo < big_hi and hi > big_lo) >= 2
+
+
+def test_layerwise_partition_keeps_whole_tensors_near_equal_shares():
+    sizes = [288, 32, 18432, 64, 131072, 128, 1280, 10]          # digitnet
+    assert partition_tensors(sizes, 1) == [(0, 151306)]
+    assert partition_tensors(sizes, 2) == [(0, 18816), (18816, 151306)]
+    three = partition_tensors([10] * 9, 3)
+    assert three == [(0, 30), (30, 60), (60, 90)]
+    with pytest.raises(MpicnnError, match="leave a server without one; use fewer servers"):
+        partition_tensors([1000], 2)
 
 
 def test_chunk_bounds_split_large_payloads():
@@ -139,7 +149,7 @@ def test_server_counters_travel_as_int64_and_summarize():
                              "wall_s": 1.0, **fields})
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lars", "lamb"])
 def test_optimizer_state_survives_flattening_and_sharding(optimizer):
     cfg = parse_config(["--optimizer", optimizer])
     torch.manual_seed(0)
@@ -194,6 +204,24 @@ def test_ps_sync_equals_allreduce_for_any_server_count_and_resumes_exactly(tmp_p
     trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     names = {(e["pid"], e["name"]) for e in trace if e.get("ph") == "X"}
     assert {(0, "ps_push"), (1, "ps_pull"), (2, "ps_apply")} <= names
+
+
+@pytest.mark.mpi
+def test_ps_sync_with_lars_equals_allreduce_with_lars(tmp_path):
+    # Two servers hold whole tensors (conv layers, fc layers) and apply the layer-wise
+    # trust ratio to them; a large lr makes any difference in the ratios visible.
+    common = ["--optimizer", "lars", "--lr", "2", "--trust-coefficient", "0.02",
+              "--weight-decay", "1e-4", "--label-smoothing", "0.1", "--batch-size", "32",
+              "--max-steps", "24"]
+    ref, ref_end = train(tmp_path, "allreduce", 2, *common)
+    ps, ps_end = train(tmp_path, "ps", 4, "--mode", "ps-sync", "--servers", "2", *common)
+    start = torch.load(ref / "checkpoint-00000022.pt", weights_only=True)
+    moved = max((final(ref)["model"][k] - v).abs().max().item()
+                for k, v in start["model"].items())
+    assert moved > 1e-3                                   # the last steps changed weights
+    assert max_diff(final(ref), final(ps)) <= 1e-5
+    assert ps_end["updates_per_server"] == [24, 24]
+    assert abs(ps_end["val_acc"] - ref_end["val_acc"]) < 1e-9
 
 
 @pytest.mark.mpi

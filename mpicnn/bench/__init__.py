@@ -8,6 +8,10 @@
 - ``data``: loader throughput and data wait on a large HDF5 file.
 - ``failure_overhead``: what the NaN check and the stall watchdog cost per step.
 - ``stopcheck``: what the per-step stop agreement costs (run under ``mpirun``).
+- ``tta``: wall time to a validation accuracy on Fashion-MNIST, mpicnn against DDP.
+- ``largebatch``: final accuracy at global batches 256 to 8,192 for SGD, LARS, AdamW, LAMB.
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` starts on its ranks.
+- ``_tta_ddp``: the DDP + DataLoader script ``tta`` races; ``_gloo``: the DDP peers'
+  process group.
 - ``__main__``: ``python -m mpicnn.bench NAME`` runs one of them.
 """

@@ -7,11 +7,9 @@ MPI serves only to number the ranks and share the rendezvous port.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint.state import RunState
 from ..cluster.devices import bind_device
@@ -25,6 +23,7 @@ from ..sync.contract import Strategy
 from ..training.loop import train_epoch
 from ..training.models import build_model
 from ..training.optim import build_optimizer, build_scheduler, total_steps
+from ._gloo import gloo_group
 
 
 class DDPStrategy(Strategy):
@@ -33,19 +32,11 @@ class DDPStrategy(Strategy):
     name = "ddp-gloo"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(world, argv) -> int:
     cfg = parse_config(argv)
     device = bind_device(world, cfg.sync.device, cfg.sync.threads)
-    port = world.comm.bcast(free_port() if world.is_root else None, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=world.rank, world_size=world.size)
-    try:
+    with gloo_group(world):
         data = open_dataset(cfg.data.data)
         steps_per_epoch = shard.check_fits(len(data.train), cfg.training.batch_size, world.size,
                                            cfg.data.shuffle)
@@ -62,13 +53,12 @@ def run(world, argv) -> int:
                         cfg.training.seed, cfg.data.shuffle)
         stats = StepStats()
         train_epoch(ddp, loader, strategy, strategy, RunState(), run_steps, stats,
-                    scheduler=scheduler, global_batch=global_batch)
+                    scheduler=scheduler, global_batch=global_batch,
+                    label_smoothing=cfg.training.label_smoothing)
         if world.is_root:
             print(json.dumps({"images_per_s": stats.images_per_s, "steps": stats.timer.steps,
                               **stats.timer.snapshot_ms()}), flush=True)
         data.close()
-    finally:
-        dist.destroy_process_group()
     return 0
 
 

@@ -1,6 +1,7 @@
 """Benchmark runs and what they wrote: ``mpicnn.train`` records, a program's JSON line."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from ..cluster.errors import MpicnnError
@@ -23,3 +24,11 @@ def json_result(n: int, module: str, args=(), timeout: float | None = None) -> d
     if not lines:
         raise MpicnnError(f"python -m {module} printed no JSON result:\n{stdout[-TAIL_CHARS:]}")
     return json.loads(lines[-1])
+
+
+def parse_with_train_args(parser: argparse.ArgumentParser, argv, help: str):
+    """Parse ``argv``; what follows ``--`` lands in ``args.train_args``, flags for the jobs."""
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help=help)
+    args = parser.parse_args(argv)
+    args.train_args = [a for a in args.train_args if a != "--"]
+    return args

@@ -31,11 +31,8 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=3,
                    help="repetitions of every job, in rotating order; medians reported")
     p.add_argument("--out", default="", help="also write the results as JSON here")
-    p.add_argument("train_args", nargs=argparse.REMAINDER,
-                   help="after --: more mpicnn.train flags for every job (e.g. --model lenet)")
-    args = p.parse_args(argv)
-    args.train_args = [a for a in args.train_args if a != "--"]
-    return args
+    return launch.parse_with_train_args(p, argv, "after --: more mpicnn.train flags for every "
+                                                 "job (e.g. --model lenet)")
 
 
 def run_job(mode: str, args, slow: bool, workdir: Path, rep: int = 0) -> dict:

@@ -1,6 +1,7 @@
 """The output section: checkpoints and resume, metrics, logs, progress, timeline."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from .fields import at_least, must, non_negative, opt
@@ -17,6 +18,8 @@ class OutputConfig:
     resume: str = opt("", "resume: 'auto' (latest in --checkpoint-dir) or a checkpoint path",
                       "output")
     metrics: str = opt("", "write JSON-lines metrics to this file", "output")
+    tensorboard: str = opt("", "rank 0 writes the metrics as TensorBoard scalars into this "
+                           "directory (needs tensorboard)", "output", metavar="DIR")
     log_every: int = opt(50, "steps between metric records / status lines", "output")
     progress: str = opt("auto", "progress bar on rank 0", "output", ["auto", "on", "off"])
     debug: bool = opt(False, "show tracebacks on errors", "output")
@@ -34,3 +37,7 @@ class OutputConfig:
         non_negative(self, "keep_checkpoints", hint="0 turns it off")
         must(not (self.resume == "auto" and not self.checkpoint_dir),
              "--resume auto needs --checkpoint-dir")
+        # checked on every rank alike, so the error is collective rather than rank 0's alone
+        must(not self.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+             "--tensorboard needs the tensorboard package: pip install tensorboard (or the "
+             "'tensorboard' extra)")

@@ -21,14 +21,20 @@ class TrainingConfig:
     stop_epoch: int = opt(0, "end this invocation after this epoch with a checkpoint, keeping "
                           "the schedule of --epochs (split a long run over several jobs; "
                           "continue with --resume auto)", "training")
-    optimizer: str = opt("adamw", "optimizer", "training", ["sgd", "adamw"])
+    optimizer: str = opt("adamw", "optimizer; lars and lamb scale each layer's step by a "
+                         "trust ratio, for large global batches", "training",
+                         ["sgd", "adamw", "lars", "lamb"])
     lr: float = opt(0.002, "peak learning rate (after warmup, before scaling); for SGD try "
                     "0.05", "training")
-    momentum: float = opt(0.9, "SGD momentum", "training")
+    momentum: float = opt(0.9, "SGD and LARS momentum", "training")
     nesterov: bool = opt(True, "Nesterov momentum for SGD", "training")
     weight_decay: float = opt(0.01, "weight decay (decoupled for AdamW; for SGD try 5e-4)",
                               "training")
-    betas: tuple = opt((0.9, 0.999), "AdamW betas", "training", metavar="B1,B2")
+    betas: tuple = opt((0.9, 0.999), "AdamW and LAMB betas", "training", metavar="B1,B2")
+    trust_coefficient: float = opt(0.001, "LARS trust coefficient eta: a layer's step is "
+                                   "lr x eta x |w| / (|g| + weight decay x |w|)", "training")
+    label_smoothing: float = opt(0.0, "share of the target spread evenly over all classes "
+                                 "(training loss only)", "training")
     schedule: str = opt("cosine", "learning-rate schedule after warmup", "training",
                         ["cosine", "step", "constant"])
     warmup_epochs: float = opt(1.0, "linear warmup length in epochs", "training")
@@ -52,6 +58,10 @@ class TrainingConfig:
                      "momentum", "min_lr_ratio")
         must(self.lr > 0, f"--lr must be positive, got {self.lr}")
         must(len(self.betas) == 2, "--betas takes two numbers, e.g. 0.9,0.999")
+        must(self.trust_coefficient > 0,
+             f"--trust-coefficient must be positive, got {self.trust_coefficient}")
+        must(0 <= self.label_smoothing < 1,
+             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         must(self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
              f"--accum-steps {self.accum_steps} must be at least 1 and divide --batch-size "
              f"{self.batch_size} (each micro-batch is batch-size / accum-steps samples)")

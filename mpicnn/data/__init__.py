@@ -23,6 +23,9 @@ Writing and the tools (``__main__``: ``digits``, ``synth``, ``convert``, ``inspe
 - ``writer``: mpicnn HDF5 written block by block, atomically, in whole-sample chunks.
 - ``stats``: per-channel mean and std, accumulated block by block.
 - ``sources``: what ``convert`` reads: .npz/.npy/.h5 arrays and folders of class folders.
+- ``idx``: IDX files of the MNIST family (plain or .gz), pairs found in a folder.
+- ``cifar``: CIFAR-10/100 python batches from their folder or ``.tar.gz``.
+- ``formats``: which of these readers a ``convert`` SOURCE needs.
 - ``convert``: a source written as mpicnn HDF5, rows shuffled, val split stratified.
 - ``synth``: a learnable synthetic dataset of any size.
 - ``digits``: the UCI handwritten digits from scikit-learn.

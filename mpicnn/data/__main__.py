@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from ..cluster.errors import MpicnnError, run_tool
+from ..cluster.errors import run_tool
 from .layout import CHOICES as LAYOUT_CHOICES
 from .writer import COMPRESSIONS
 
@@ -42,25 +42,23 @@ def cmd_synth(args) -> int:
 
 def cmd_convert(args) -> int:
     from .convert import write_source
-    from .sources import array_source, folder_source
+    from .formats import open_source
 
-    if os.path.isdir(args.source):
-        size = None
-        if args.size:
-            from .synth import parse_shape
+    size = None
+    if args.size:
+        from .synth import parse_shape
 
-            size = parse_shape("1x" + args.size)[1:]
-        source = folder_source(args.source, size, args.channels or None)
-    elif os.path.exists(args.source):
-        source = array_source(args.source, args.labels, args.images_key, args.labels_key,
-                              args.val_images_key, args.val_labels_key, args.layout)
-    else:
-        raise MpicnnError(f"{args.source!r} does not exist")
+        size = parse_shape("1x" + args.size)[1:]
+    source = open_source(args.source, args.labels, (args.images_key, args.labels_key,
+                                                    args.val_images_key, args.val_labels_key),
+                         args.layout, size, args.channels or None, args.coarse_labels)
     classes = [c for c in args.classes.split(",") if c] if args.classes else None
     total = sum(len(p.labels) for p in source.parts.values())
     counts = write_source(source, args.out, args.val_fraction, args.seed, not args.keep_order,
                           args.compression, classes, progress_bar(total, "convert"))
-    print(f"wrote {args.out}: {counts['train']} train, {counts['val']} val samples")
+    names = classes or source.classes
+    print(f"wrote {args.out}: {counts['train']} train, {counts['val']} val samples"
+          + (f"; classes {', '.join(names)}" if names else ""))
     return 0
 
 
@@ -94,15 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=COMPRESSIONS, default="none")
     p.set_defaults(run=cmd_synth)
 
-    p = sub.add_parser("convert", help="convert .npz/.npy/.h5 arrays or an image folder",
-                       description="SOURCE: a .npz (any key names), a .npy of images with "
-                                   "--labels, an .h5 file, or a folder with one subfolder per "
-                                   "class (optionally inside train/ and val/; needs Pillow). "
-                                   "NCHW, NHWC and NHW images are accepted. Rows are written "
-                                   "in a seeded random order.")
+    p = sub.add_parser("convert", help="convert IDX, CIFAR, .npz/.npy/.h5 arrays or an "
+                                       "image folder",
+                       description="SOURCE: a folder of IDX files (MNIST, Fashion-MNIST, "
+                                   "KMNIST, EMNIST; plain or .gz; train-* and t10k-* pairs "
+                                   "become /train and /val), one IDX images file (labels found "
+                                   "beside it or given with --labels), CIFAR-10/100 python "
+                                   "batches (their folder or the .tar.gz), a .npz (any key "
+                                   "names), a .npy of images with --labels, an .h5 file, or a "
+                                   "folder with one subfolder per class (optionally inside "
+                                   "train/ and val/; needs Pillow). NCHW, NHWC and NHW images "
+                                   "are accepted. Rows are written in a seeded random order.")
     p.add_argument("source")
     p.add_argument("out", help="output .h5 path")
-    p.add_argument("--labels", default="", help="labels .npy for a .npy images source")
+    p.add_argument("--labels", default="", help="labels .npy for a .npy images source, or "
+                                                "the labels IDX file of an IDX images file")
     p.add_argument("--images-key", default="", help="images array name (default: guessed)")
     p.add_argument("--labels-key", default="", help="labels array name (default: guessed)")
     p.add_argument("--val-images-key", default="", help="validation images array, if any")
@@ -114,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="", help="image folders: resize every image to HxW")
     p.add_argument("--channels", type=int, choices=[1, 3], default=0,
                    help="image folders: 1 (grey) or 3 (RGB); default from the first image")
+    p.add_argument("--coarse-labels", action="store_true",
+                   help="CIFAR-100: the 20 coarse superclasses instead of the 100 fine classes")
     p.add_argument("--keep-order", action="store_true", help="keep the source row order")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and row order")
     p.add_argument("--compression", choices=COMPRESSIONS, default="none")

@@ -7,7 +7,7 @@ import numpy as np
 
 from .chunks import block_rows, chunk_rows, row_bytes, unit_rows
 from .layout import to_nchw
-from .schema import Dataset, Split, open_dataset
+from .schema import Dataset, Split, label_warning, open_dataset
 from .stats import ChannelStats
 
 SMALL_CHUNK = 64 << 10          # below this, per-read overhead dominates
@@ -29,6 +29,8 @@ def describe(data: Dataset) -> tuple[list[str], list[str]]:
                      f"std {data.std.tolist()}")
         warnings.append(f"no per-channel mean/std in the file; compute them with "
                         f"`python -m mpicnn.data inspect {data.path} --write-stats`")
+    if label_warning(data):
+        warnings.append(label_warning(data))
     for split in (data.train, data.val):
         split_lines, split_warnings = describe_split(data, split)
         lines += split_lines

@@ -199,3 +199,18 @@ def _describe(f, path, images_key, labels_key, layout, val_fraction) -> Dataset:
                    num_classes=num_classes, mean=mean.copy(), std=std.copy(),
                    train=splits["train"], val=splits["val"], classes=classes, file=f,
                    stats_in_file="mean" in f.attrs and "std" in f.attrs)
+
+
+def label_warning(data: Dataset) -> str:
+    """A warning when undeclared classes leave label indices unused, else ""."""
+    if data.classes:
+        return ""
+    distinct = len(np.union1d(np.unique(data.train.labels), np.unique(data.val.labels)))
+    if distinct == data.num_classes:
+        return ""
+    return (f"labels of {data.path} reach {data.num_classes - 1} but only {distinct} distinct "
+            f"values occur, and the file declares no classes: the model gets "
+            f"{data.num_classes} outputs. If the labels are codes, remap them to "
+            f"0..{distinct - 1} (convert does this for string labels); to keep "
+            f"{data.num_classes} classes, declare their names (convert --classes A,B,... or "
+            f"the file's 'classes' attribute)")

@@ -55,7 +55,8 @@ def _labels(values, where: str):
     raise MpicnnError(f"{where}: labels must be integers or class names, got {values.dtype}")
 
 
-def _part(images, labels, layout: str, where: str) -> tuple[Part, list]:
+def make_part(images, labels, layout: str, where: str) -> tuple[Part, list]:
+    """A checked Part of ``images`` and ``labels``, and the class names string labels give."""
     if images.ndim not in (3, 4):
         raise MpicnnError(f"{where}: images must be (N,C,H,W), (N,H,W,C) or (N,H,W), "
                           f"got shape {images.shape}")
@@ -135,7 +136,7 @@ def array_source(path: str, labels_path: str = "", images_key: str = "",
             raise MpicnnError(f"{path} holds only images: give the labels with --labels "
                               f"LABELS.npy")
         images = np.load(path, mmap_mode="r")
-        part, names = _part(images, np.load(labels_path), layout, path)
+        part, names = make_part(images, np.load(labels_path), layout, path)
         return Source({"all": part}, names, f"converted from {os.path.basename(path)}")
     if suffix == ".npz":
         archive = np.load(path)
@@ -157,7 +158,7 @@ def array_source(path: str, labels_path: str = "", images_key: str = "",
     keys = _pick_keys(arrays, images_key, labels_key, val_images_key, val_labels_key, path)
     parts, classes = {}, []
     for name, (ik, lk) in keys.items():
-        parts[name], names = _part(loader(ik), loader(lk)[()] if suffix != ".npz"
+        parts[name], names = make_part(loader(ik), loader(lk)[()] if suffix != ".npz"
                                    else loader(lk), layout, f"{path}:{ik}")
         classes = classes or names
     return Source(parts, classes, f"converted from {os.path.basename(path)} "

@@ -61,26 +61,37 @@ def check_record(record: dict) -> list[str]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; ``path`` empty gives a writer that does nothing."""
+    """Appends one JSON object per line and hands each record to ``sinks`` (TensorBoard).
 
-    def __init__(self, path: str = "", run_start: float | None = None):
-        self.fh = None
+    With no ``path`` and no sinks it does nothing.
+    """
+
+    def __init__(self, path: str = "", run_start: float | None = None, sinks=()):
+        self.fh, self.sinks = None, list(sinks)
         self.start = run_start or time.time()
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.fh = open(path, "a", buffering=1)
 
     def write(self, event: str, **fields) -> None:
-        if self.fh is None:
+        if self.fh is None and not self.sinks:
             return
-        record = {"event": event, "schema": SCHEMA_VERSION,
-                  "time": round(time.time() - self.start, 3), **fields}
-        self.fh.write(json.dumps(record, default=_plain) + "\n")
+        # sinks see the record as the file holds it (numpy values made plain)
+        record = json.loads(json.dumps(
+            {"event": event, "schema": SCHEMA_VERSION,
+             "time": round(time.time() - self.start, 3), **fields}, default=_plain))
+        if self.fh is not None:
+            self.fh.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
 
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
             self.fh = None
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def _plain(value):

@@ -19,7 +19,8 @@ def follow_schedule(scheduler, global_step: int) -> None:
             scheduler.step()
 
 
-def forward_backward(model, sync, stats, images, labels, accum_steps: int) -> float:
+def forward_backward(model, sync, stats, images, labels, accum_steps: int,
+                     label_smoothing: float = 0.0) -> float:
     """Forward and backward of one rank's batch; returns the summed loss of its samples.
 
     With ``accum_steps`` k the batch runs as k consecutive slices (micro-batches): the
@@ -29,7 +30,7 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int) -> fl
     loss_sum = 0.0
     for i, (x, y) in enumerate(zip(images.chunk(accum_steps), labels.chunk(accum_steps))):
         with stats.phase("forward"):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         with stats.phase("backward"):
             if i == 0:
                 sync.zero_grad()
@@ -40,13 +41,15 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int) -> fl
 
 
 def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, scheduler,
-                global_batch: int, guard=None, accum_steps: int = 1, should_stop=None) -> None:
+                global_batch: int, guard=None, accum_steps: int = 1, should_stop=None,
+                label_smoothing: float = 0.0) -> None:
     """Run the remaining steps of ``state.epoch``, counting them in ``state`` and ``stats``.
 
     ``sync`` is the gradient side of the strategy and ``work`` its work plan (one
     object for mpicnn's modes); ``guard`` the stall heartbeats and NaN policy (None:
     neither). ``should_stop(state)``, called after every step but the run's last on
     every rank, ends the epoch early when it returns True (the same on all ranks).
+    ``label_smoothing`` applies to the training loss; evaluation reports plain cross-entropy.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -59,7 +62,8 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
         if batch is None:
             break
         images, labels = batch
-        loss_sum = forward_backward(model, sync, stats, images, labels, accum_steps)
+        loss_sum = forward_backward(model, sync, stats, images, labels, accum_steps,
+                                    label_smoothing)
         step = state.global_step + 1
         with stats.phase("comm"):
             if guard is not None:

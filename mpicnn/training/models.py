@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import nn
@@ -17,14 +18,16 @@ def _flat_features(body: nn.Module, input_shape) -> int:
 class ConvClassifier(nn.Module):
     """A convolutional body followed by a fully connected head."""
 
-    def __init__(self, body: nn.Module, head_sizes, input_shape, num_classes: int):
+    def __init__(self, body: nn.Module, head_sizes, input_shape, num_classes: int,
+                 dropout: float = 0.0):
         super().__init__()
         self.body = body
         sizes = [_flat_features(body, input_shape), *head_sizes]
+        drop = [nn.Dropout(dropout)] if dropout else []
         layers = []
         for a, b in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
-        layers.append(nn.Linear(sizes[-1], num_classes))
+            layers += [*drop, nn.Linear(a, b), nn.ReLU(inplace=True)]
+        layers += [*drop, nn.Linear(sizes[-1], num_classes)]
         self.head = nn.Sequential(nn.Flatten(), *layers)
 
     def forward(self, x):
@@ -65,6 +68,21 @@ def lenet(input_shape, num_classes):
     return ConvClassifier(body, [120, 84], input_shape, num_classes)
 
 
+def conv_bn(cin: int, cout: int) -> list:
+    """3x3 convolution, BatchNorm, ReLU (no conv bias: BatchNorm's shift replaces it)."""
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+def fashionnet(input_shape, num_classes):
+    """The Fashion-MNIST recipe's net: conv32-pool-conv64-conv64-pool-conv128-pool, BatchNorm,
+    dropout, one linear layer; sized for two CPU cores (about 15 M multiply-adds a sample)."""
+    body = nn.Sequential(*conv_bn(input_shape[0], 32), nn.MaxPool2d(2),
+                         *conv_bn(32, 64), *conv_bn(64, 64), nn.MaxPool2d(2),
+                         *conv_bn(64, 128), nn.MaxPool2d(2))
+    return ConvClassifier(body, [], input_shape, num_classes, dropout=0.3)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -102,7 +120,7 @@ class ResNet18(nn.Module):
 
 
 MODELS = {"digitnet": digitnet, "seednet": seednet, "kerasnet": kerasnet, "lenet": lenet,
-          "resnet18": ResNet18}
+          "fashionnet": fashionnet, "resnet18": ResNet18}
 
 
 def _import_model(spec: str):
@@ -113,8 +131,48 @@ def _import_model(spec: str):
         raise MpicnnError(f"cannot import model {spec!r}: {exc}", collective=True) from None
 
 
-def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
-    """Build a zoo model, or ``package.module:Class`` called with (input_shape, num_classes)."""
+def _fits(signature, args: tuple, kwargs: dict) -> bool:
+    """Whether a constructor of ``signature`` takes ``args`` and ``kwargs``.
+
+    Positional arguments go only to parameters without defaults: in ``Net(in_channels=3,
+    num_classes=10)`` a positional input shape would land in the wrong place.
+    """
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    params = list(signature.parameters.values())[:len(args)]
+    return all(p.default is p.empty and p.kind != p.VAR_POSITIONAL for p in params)
+
+
+def construct(factory, name: str, input_shape, num_classes: int, log=None) -> nn.Module:
+    """Call ``factory`` as ``(input_shape, num_classes)``, ``(num_classes=N)`` or ``()``.
+
+    The signature decides, not a ``TypeError`` from a trial call: an error raised inside
+    a constructor that does accept the arguments must surface as what it is.
+    """
+    calls = {"positional": ((tuple(input_shape), num_classes), {}),
+             "num_classes": ((), {"num_classes": num_classes}), "none": ((), {})}
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):          # no signature to read: the documented shape
+        signature = None
+    for shape, (args, kwargs) in calls.items():
+        if signature is None or _fits(signature, args, kwargs):
+            if log is not None and ":" in name:
+                shown = ", ".join([*map(repr, args), *(f"{k}={v}" for k, v in kwargs.items())])
+                log(f"model {name}: built as {getattr(factory, '__name__', name)}({shown})")
+            return factory(*args, **kwargs)
+    raise MpicnnError(f"model {name!r} cannot be constructed: its signature is {signature}; "
+                      f"mpicnn calls Class(input_shape, num_classes), Class(num_classes=N) or "
+                      f"Class(): give its constructor one of these shapes", collective=True)
+
+
+def build_model(name: str, input_shape, num_classes: int, log=None) -> nn.Module:
+    """Build a zoo model, or ``package.module:Class`` in a constructor shape it accepts.
+
+    ``log`` (a callable taking a line) hears which constructor shape was used.
+    """
     if ":" in name:
         factory = _import_model(name)
     elif name in MODELS:
@@ -123,7 +181,7 @@ def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
         raise MpicnnError(f"unknown model {name!r}; choose from {', '.join(MODELS)} or give "
                           f"package.module:Class", collective=True)
     try:
-        model = factory(tuple(input_shape), num_classes)
+        model = construct(factory, name, input_shape, num_classes, log)
     except (RuntimeError, ValueError) as exc:
         raise MpicnnError(f"model {name!r} cannot be built for inputs {tuple(input_shape)}: "
                           f"{exc}; choose a model that fits this input size",
@@ -136,19 +194,33 @@ def build_model(name: str, input_shape, num_classes: int) -> nn.Module:
     return model
 
 
+PROBE_BATCH = 2          # samples run through a new model to check its output shape
+
+
 def check_model_accepts(model: nn.Module, name: str, input_shape, num_classes: int) -> None:
     """Run two dummy samples through the model; fail clearly when shapes do not fit."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
+            out = model(torch.zeros(PROBE_BATCH, *input_shape))
     except RuntimeError as exc:
         raise MpicnnError(f"model {name!r} does not accept inputs of shape "
                           f"{tuple(input_shape)}: {str(exc).splitlines()[0]}; choose a model "
                           f"that fits this input size", collective=True) from None
     finally:
         model.train(was_training)
-    if tuple(out.shape) != (2, num_classes):
+    if out.ndim == 0 or out.shape[0] != PROBE_BATCH:
+        rows = out.shape[0] if out.ndim else 0
+        per = f" ({rows / PROBE_BATCH:g} per sample)" if rows else ""
+        raise MpicnnError(
+            f"model {name!r} changed the batch dimension: {PROBE_BATCH} samples in, {rows} "
+            f"rows out{per}, output shape {tuple(out.shape)}; this usually comes from a "
+            f"flatten like x.view(-1, K) where K is not the features per sample at inputs "
+            f"{tuple(input_shape)} (a missing pooling layer, or a net written for another "
+            f"image size): flatten with x.flatten(1) and size the next layer to match",
+            collective=True)
+    if tuple(out.shape) != (PROBE_BATCH, num_classes):
         raise MpicnnError(f"model {name!r} outputs shape {tuple(out.shape[1:])} per sample; "
-                          f"the data has {num_classes} classes", collective=True)
+                          f"the data has {num_classes} classes, so it should output "
+                          f"({num_classes},)", collective=True)

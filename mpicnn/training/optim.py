@@ -5,6 +5,8 @@ import math
 
 import torch
 
+LAYERWISE = ("lars", "lamb")      # optimizers that scale each tensor's step by its own norms
+
 
 def peak_lr(training, global_batch: int) -> float:
     """``--lr``, scaled linearly with the global batch when ``--scale-lr`` is on."""
@@ -20,6 +22,13 @@ def build_optimizer(training, params, global_batch: int) -> torch.optim.Optimize
     """
     params = list(params)
     lr = peak_lr(training, global_batch)
+    if training.optimizer in LAYERWISE:       # no fused kernels: a trust ratio per tensor
+        from .layerwise import LAMB, LARS
+
+        if training.optimizer == "lars":
+            return LARS(params, lr, training.momentum, training.weight_decay,
+                        training.trust_coefficient)
+        return LAMB(params, lr, tuple(training.betas), weight_decay=training.weight_decay)
     if training.optimizer == "adamw":
         cls, options = torch.optim.AdamW, dict(lr=lr, betas=tuple(training.betas),
                                                weight_decay=training.weight_decay)

@@ -19,6 +19,7 @@ from ..observe import timeline
 from ..observe.progress import Progress
 from ..observe.records import MetricsWriter
 from ..observe.steps import StepStats
+from ..observe.tensorboard import TensorBoardSink
 from ..resilience import drills
 from .loop import evaluate, train_epoch
 from .models import build_model
@@ -48,7 +49,7 @@ def build_parts(cfg, world, data, work) -> Parts:
     run_steps = total_steps(cfg.training, steps_per_epoch)
     torch.manual_seed(cfg.training.seed)
     model = world.agree(lambda: build_model(cfg.training.model, data.input_shape,
-                                            data.num_classes)).to(world.device)
+                                            data.num_classes, world.log.info)).to(world.device)
     optimizer = build_optimizer(cfg.training, model.parameters(), global_batch)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
     state = restore(world, cfg, model, optimizer, scheduler)
@@ -93,7 +94,9 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(
             cfg.data, data, world, cfg.training.batch_size, cfg.training.seed,
             strategy.workers, strategy.worker_index, comm=strategy.comm)
-        self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "")
+        sinks = [TensorBoardSink(cfg.output.tensorboard)] \
+            if world.is_root and cfg.output.tensorboard else []
+        self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "", sinks=sinks)
         self.bar = Progress(world.is_root, cfg.output.progress, world.log)
         self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.output.log_every,
                                parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep)
@@ -141,7 +144,8 @@ class Trainer:
         train_epoch(parts.model, self.train_loader, strategy, strategy, state, parts.run_steps,
                     self.stats, scheduler=parts.scheduler, global_batch=parts.global_batch,
                     guard=self.guard, accum_steps=self.cfg.training.accum_steps,
-                    should_stop=self.preempt.should_stop)
+                    should_stop=self.preempt.should_stop,
+                    label_smoothing=self.cfg.training.label_smoothing)
         summary = self.stats.end_epoch(state)
         strategy.sync_buffers()
         outcome.stopped = self.preempt.stopped

@@ -1,6 +1,6 @@
 """Parameter-server modes: ps-sync, ps-async (Downpour) and SSP, parameters sharded over servers.
 
-- ``layout``: roles and parameter ranges (pure).
+- ``layout``: roles and parameter ranges (pure); whole tensors for layer-wise optimizers.
 - ``protocol``: the wire format: message kinds, tags, headers, chunked payloads.
 - ``policy``: SSP, batch dispatch, the stop step and ``--staleness`` (pure).
 - ``flatstate``: optimizer state as flat vectors (sharded over servers, checkpointed).

@@ -13,14 +13,14 @@ from ..flat import flatten, views
 
 def state_keys(training) -> tuple[str, ...]:
     """The per-element state tensors of ``--optimizer`` (each as long as the parameters)."""
-    if training.optimizer == "adamw":
+    if training.optimizer in ("adamw", "lamb"):
         return ("exp_avg", "exp_avg_sq")
-    return ("momentum_buffer",) if training.momentum > 0 else ()
+    return ("momentum_buffer",) if training.momentum > 0 else ()     # sgd, lars
 
 
 def has_step(training) -> bool:
-    """Whether the optimizer keeps a step counter in its state (AdamW's bias correction)."""
-    return training.optimizer == "adamw"
+    """Whether the optimizer keeps a step counter in its state (Adam's bias correction)."""
+    return training.optimizer in ("adamw", "lamb")
 
 
 def flat_state(optimizer, params, training):

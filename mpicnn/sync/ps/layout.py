@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ...cluster.errors import MpicnnError
 
 ALIGN_BYTES = 64     # range boundaries on cache-line multiples
@@ -23,6 +25,28 @@ def partition(numel: int, servers: int, itemsize: int = 4,
     unit = max(1, align_bytes // itemsize)
     units = -(-numel // unit)
     bounds = [min(numel, units * s // servers * unit) for s in range(servers + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def partition_tensors(sizes: list[int], servers: int) -> list[tuple[int, int]]:
+    """Split tensors of ``sizes`` elements, in order, into ``servers`` contiguous [lo, hi)
+    ranges of whole tensors, each bound at the tensor end nearest an equal share.
+
+    For optimizers that need a whole tensor's norms (LARS, LAMB). Raises MpicnnError when
+    some server would get no tensor.
+    """
+    ends = np.cumsum([0, *sizes])
+    numel = int(ends[-1])
+    bounds = [0]
+    for s in range(1, servers):
+        target = numel * s / servers
+        bounds.append(int(ends[np.argmin(np.abs(ends - target))]))
+    bounds.append(numel)
+    if any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise MpicnnError(f"--servers {servers}: layer-wise optimizers keep whole tensors on "
+                          f"a server, and these {len(sizes)} tensors ({numel} elements, the "
+                          f"largest {max(sizes)}) leave a server without one; use fewer "
+                          f"servers", collective=True)
     return list(zip(bounds[:-1], bounds[1:]))
 
 

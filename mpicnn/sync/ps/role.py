@@ -6,9 +6,10 @@ from collections import Counter
 import numpy as np
 
 from ...cluster.errors import MpicnnError
+from ...training.optim import LAYERWISE
 from ..contract import Strategy
 from ..replicas import broadcast_module
-from .layout import Roles, partition
+from .layout import Roles, partition, partition_tensors
 from .policy import staleness_bound
 
 
@@ -52,8 +53,12 @@ class PSRole(Strategy):
             raise MpicnnError(f"--mode {self.cfg.sync.mode} needs all trainable parameters in one "
                               f"dtype, the model has {sorted(map(str, dtypes))}",
                               collective=True)
-        numel = sum(p.numel() for p in self.params)
-        self.ranges = partition(numel, self.roles.servers, self.params[0].element_size())
+        sizes = [p.numel() for p in self.params]
+        if self.cfg.training.optimizer in LAYERWISE:     # norms of whole tensors
+            self.ranges = partition_tensors(sizes, self.roles.servers)
+        else:
+            self.ranges = partition(sum(sizes), self.roles.servers,
+                                    self.params[0].element_size())
         self.attached = True
 
     def finish(self) -> None:

@@ -6,8 +6,8 @@ import torch
 
 from ...cluster.errors import MpicnnError
 from ...observe import timeline
-from ...training.optim import build_optimizer
-from ..flat import flatten
+from ...training.optim import LAYERWISE, build_optimizer
+from ..flat import flatten, views
 from . import protocol as P
 from .flatstate import flat_state, set_flat_state, state_keys
 from .policy import Dispatcher, may_proceed, stop_step
@@ -37,12 +37,13 @@ class PSServer(PSRole):
         self.lo, self.hi = self.ranges[index]
         flat = flatten(self.params, device="cpu")
         self.param = torch.nn.Parameter(flat[self.lo: self.hi].clone())
-        self.server_opt = build_optimizer(self.cfg.training, [self.param],
+        self.pieces = self._pieces()
+        self.server_opt = build_optimizer(self.cfg.training, self.pieces,
                                           self.cfg.training.batch_size * self.workers)
         restored = flat_state(optimizer, self.params, self.cfg.training)
         if restored is not None:
             step, vectors = restored
-            set_flat_state(self.server_opt, [self.param], self.cfg.training, step,
+            set_flat_state(self.server_opt, self.pieces, self.cfg.training, step,
                            {k: v[self.lo: self.hi] for k, v in vectors.items()})
         # The workers' schedule, at the restored position, drives this range's lr.
         self.server_sched = torch.optim.lr_scheduler.LambdaLR(self.server_opt,
@@ -67,6 +68,26 @@ class PSServer(PSRole):
         self.decides = index == 0
         self.dispatcher = Dispatcher(workers) if self.dispatched and self.decides else None
         self.stop_at = -1
+
+    def _pieces(self) -> list:
+        """What the optimizer steps: the flat range, or for layer-wise optimizers its whole
+        tensors, each a view of the range in the tensor's shape (they share its memory)."""
+        if self.cfg.training.optimizer not in LAYERWISE:
+            return [self.param]
+        pieces, offset = [], 0
+        for p in self.params:
+            lo, hi = offset, offset + p.numel()
+            offset = hi
+            if self.lo <= lo and hi <= self.hi:
+                view = self.param.data[lo - self.lo: hi - self.lo].view(p.shape)
+                pieces.append(torch.nn.Parameter(view))
+        return pieces
+
+    def _set_grad(self, grad: torch.Tensor | None) -> None:
+        """Hand the flat gradient of the range to what the optimizer steps (views, no copy)."""
+        pieces = views(grad, self.pieces) if grad is not None else [None] * len(self.pieces)
+        for piece, piece_grad in zip(self.pieces, pieces):
+            piece.grad = piece_grad
 
     def serve(self) -> None:
         from mpi4py import MPI
@@ -156,13 +177,13 @@ class PSServer(PSRole):
         """
         if finite:
             grad_sum /= self.workers     # async: one worker's share of a global batch
-            self.param.grad = torch.from_numpy(grad_sum)
+            self._set_grad(torch.from_numpy(grad_sum))
             group = self.server_opt.param_groups[0]
             lr = group["lr"]
             group["lr"] = lr / lr_divisor
             self.server_opt.step()
             group["lr"] = lr
-            self.param.grad = None
+            self._set_grad(None)
         else:
             self.stats["skipped"] += 1
         self.version += 1
@@ -206,7 +227,7 @@ class PSServer(PSRole):
 
     def _send_state(self, worker: int) -> None:
         """Start sending this range's optimizer state (for a checkpoint on ``worker``)."""
-        state = flat_state(self.server_opt, [self.param], self.cfg.training)
+        state = flat_state(self.server_opt, self.pieces, self.cfg.training)
         head = P.header()
         if state is None:
             self._send_extra(worker, head, [], 0)
