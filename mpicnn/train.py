@@ -43,7 +43,8 @@ def train(world, argv) -> int:
                                                 source.val_fraction))
         teardown.callback(data.close)
         parts = build_parts(cfg, world, data, strategy)
-        checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler)
+        checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler,
+                                    parts.layout)
         checkpointer.prepare()
         guard = StepGuard(cfg.failure, world)
         preempt.agree = strategy.agree_stop

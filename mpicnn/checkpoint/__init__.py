@@ -3,5 +3,7 @@
 - ``files``: atomic writes, safe loads, finding the newest, pruning.
 - ``checksum``: the SHA-256 of a checkpoint's content, stored inside it.
 - ``state``: ``RunState`` (where the run is), the saved training state, ``restore``.
+- ``position``: where a run stands in samples; where a run of another world size or
+  global batch continues from there.
 - ``checkpointer``: rank 0's writer (cadence, stop saves, ``config.toml``, pruning).
 """

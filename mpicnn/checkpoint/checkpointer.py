@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import files
+from . import files, position
 from .state import RunState, training_state
 
 
 class Checkpointer:
     """Writes the training state of ``model``/``optimizer``/``scheduler`` when it is due."""
 
-    def __init__(self, cfg, world, model, optimizer, scheduler):
-        self.cfg, self.world = cfg, world
+    def __init__(self, cfg, world, model, optimizer, scheduler, layout=None):
+        self.cfg, self.world, self.layout = cfg, world, layout
         self.parts = (model, optimizer, scheduler)
         self.writes = bool(cfg.output.checkpoint_dir) and world.is_root
         self.saved: Path | None = None          # the newest checkpoint this run wrote
@@ -44,6 +44,9 @@ class Checkpointer:
         if not self.writes:
             return
         path = Path(self.cfg.output.checkpoint_dir) / name
-        files.atomic_save(training_state(self.cfg, *self.parts, state), path)
+        saved = training_state(self.cfg, *self.parts, state)
+        if self.layout is not None:        # where the run stands in samples (resume anywhere)
+            saved.update(position.record(state, self.layout))
+        files.atomic_save(saved, path)
         files.prune(self.cfg.output.checkpoint_dir, self.cfg.output.keep_checkpoints)
         self.saved = path

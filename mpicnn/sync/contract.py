@@ -97,6 +97,10 @@ class WorkPlan:
         """This rank's batches for the rest of ``state.epoch``: its fixed shard plan."""
         return loader.epoch(state.epoch, start_step=state.step_in_epoch)
 
+    def weight(self, loader, state) -> float:
+        """The weight of this rank's mean loss in the step being taken (``Loader.weight``)."""
+        return loader.weight(state.epoch, state.step_in_epoch)
+
     def position(self) -> int | None:
         """The global step the run stands at by this plan; None: the loop's own count."""
         return None
