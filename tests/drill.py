@@ -247,3 +247,21 @@ def flip_tensor_byte(source: Path, target: Path) -> Path:
     raw[start + info.file_size // 2] ^= 0x01
     Path(target).write_bytes(raw)
     return Path(target)
+
+
+def kill_mid_write(job: Job, ckpt: Path, timeout: float) -> Path:
+    """Wait for a complete checkpoint, then SIGKILL rank 0 while it writes the next one;
+    returns the temporary file the write left."""
+    from mpicnn.checkpoint import files as checkpoint
+
+    deadline = time.monotonic() + timeout
+    rank0 = job.rank_pid(0)
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        if checkpoint.candidates(ckpt):
+            for tmp in ckpt.glob(".checkpoint-*.pt.tmp*"):
+                if tmp.stat().st_size > 0:
+                    os.kill(rank0, signal.SIGKILL)
+                    return tmp
+        time.sleep(0.002)
+    job.kill_all()
+    pytest.fail("never caught rank 0 writing a second checkpoint")

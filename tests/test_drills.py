@@ -16,6 +16,7 @@ from drill import (
     assert_one_clean_error,
     digits_arrays,
     flip_tensor_byte,
+    kill_mid_write,
     record,
     run_job,
     small_digits,
@@ -163,7 +164,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     args = ["--data", data, "--model", "resnet18", "--checkpoint-dir", ckpt,
             "--keep-checkpoints", "2", "--progress", "off"]
     job = Job(2, args + ["--epochs", "1000"])
-    leftover = _kill_mid_write(job, ckpt)
+    leftover = kill_mid_write(job, ckpt, HANG)
     outcome = job.finish(timeout=HANG, since=time.monotonic())
     record("checkpoint/kill rank 0 during a write", outcome)
     assert outcome.returncode != 0 and not outcome.survivors
@@ -188,18 +189,3 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
                      fallback.stdout), fallback.stdout
     assert f"resumed from {ckpt / checkpoint.checkpoint_name(2 * (done + 2))}" in fallback.stdout
     checkpoint.load(ckpt / checkpoint.FINAL)          # rewritten whole
-
-
-def _kill_mid_write(job: Job, ckpt: Path) -> Path:
-    """Wait for a complete checkpoint, then SIGKILL rank 0 while it writes the next one."""
-    deadline = time.monotonic() + HANG
-    rank0 = job.rank_pid(0)
-    while time.monotonic() < deadline and job.proc.poll() is None:
-        if checkpoint.candidates(ckpt):
-            for tmp in ckpt.glob(".checkpoint-*.pt.tmp*"):
-                if tmp.stat().st_size > 0:
-                    os.kill(rank0, signal.SIGKILL)
-                    return tmp
-        time.sleep(0.002)
-    job.kill_all()
-    pytest.fail("never caught rank 0 writing a second checkpoint")

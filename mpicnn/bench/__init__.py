@@ -8,6 +8,7 @@
 - ``data``: loader throughput and data wait on a large HDF5 file.
 - ``failure_overhead``: what the NaN check and the stall watchdog cost per step.
 - ``stopcheck``: what the per-step stop agreement costs (run under ``mpirun``).
+- ``checkpoint``: the step-time stall of a checkpoint, synchronous against asynchronous.
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` starts on its ranks.
 - ``__main__``: ``python -m mpicnn.bench NAME`` runs one of them.
 """

@@ -5,5 +5,6 @@
 - ``state``: ``RunState`` (where the run is), the saved training state, ``restore``.
 - ``position``: where a run stands in samples; where a run of another world size or
   global batch continues from there.
-- ``checkpointer``: rank 0's writer (cadence, stop saves, ``config.toml``, pruning).
+- ``writer``: writing now or in the background (host copy, one write in flight).
+- ``checkpointer``: rank 0's checkpoints (cadence, stop saves, ``config.toml``, pruning).
 """

@@ -157,6 +157,7 @@ class Trainer:
                 return outcome
             finished = state.epoch >= cfg.training.epochs or state.global_step >= parts.run_steps
             self.checkpointer.epoch_done(state, finished, last_epoch)
+        self.checkpointer.finish()            # the last write is complete before the end
         if not outcome.evaluated:             # no epoch ran here (resumed at the end)
             self.strategy.sync_buffers()
             outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,
