@@ -1,6 +1,7 @@
 """--checkpoint-async: a host copy at the step boundary, one background write at a time."""
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -47,7 +48,7 @@ def test_background_writes_keep_the_state_of_the_step_and_run_one_at_a_time(tmp_
         weights.fill_(-1)                         # training changes the live state
     writer.wait()
     assert not writer.busy and pruned == [0, 1, 2]
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
     for step in range(3):
         saved = checkpoint.load(tmp_path / checkpoint.checkpoint_name(step))
         assert saved["w"].tolist() == [step] * 4

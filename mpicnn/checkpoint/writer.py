@@ -62,7 +62,7 @@ class Writer:
     def _guarded(self, state: dict, path: Path, after) -> None:
         try:
             self._write(state, path, after)
-        except BaseException as exc:          # noqa: B902 - raised again by wait()
+        except Exception as exc:          # noqa: BLE001 - raised again by wait()
             self.error = exc
 
     @property
