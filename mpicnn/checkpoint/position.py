@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..data.shard import Layout, step_sizes
 from .state import Continued, RunState
 
+
 def record(state: RunState, layout: Layout) -> dict:
     """The checkpoint fields saying where ``state`` stands, for a run cut by ``layout``."""
     order = state.continued.order if state.continued else layout
