@@ -45,8 +45,8 @@ class Drill(nn.Module):
     of the test sets to the row number and which is zeroed before the model sees it.
     ``STOP_AFTER=k``: rank 0 sends itself SIGUSR1 in its k-th training forward, so the run
     stops (checkpoint, exit 75) after step k. ``CRASH_AFTER=k``: rank 1 (the last rank on
-    one rank) kills itself with SIGKILL in its k-th training forward, once per
-    ``CRASH_STAMP`` file (created then), so a restarted run goes on.
+    one rank) kills itself with SIGKILL in its k-th training forward, every run, or only
+    once with ``CRASH_STAMP=file`` (created then), so a restarted run goes on.
     """
 
     calls = 0
@@ -83,7 +83,8 @@ class Drill(nn.Module):
             os.kill(os.getpid(), signal.SIGUSR1)
         stamp = os.environ.get("CRASH_STAMP", "")
         victim = min(1, comm.Get_size() - 1)
-        if rank == victim and Drill.calls == int(os.environ.get("CRASH_AFTER", "0")) and stamp \
-                and not os.path.exists(stamp):
-            open(stamp, "w").close()
+        if rank == victim and Drill.calls == int(os.environ.get("CRASH_AFTER", "0")) and \
+                not (stamp and os.path.exists(stamp)):
+            if stamp:
+                open(stamp, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
