@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from conftest import mpirun
-from drill import Job, kill_mid_write, run_job, small_digits
+from drill import kill_during_a_write, run_job, small_digits
 
 from mpicnn.checkpoint import files as checkpoint
 from mpicnn.checkpoint import writer as writer_module
@@ -90,18 +90,8 @@ def test_async_checkpoints_resume_to_the_parameters_of_sync_ones(tmp_path):
 def test_kill_during_a_background_write_leaves_complete_checkpoints(tmp_path):
     """SIGKILL rank 0 while its writer thread writes: every checkpoint left is whole, and
     --resume auto continues from the newest of them."""
-    data = small_digits(tmp_path / "d.h5", train=64, val=32)
-    ckpt = tmp_path / "ckpt"
-    args = ["--data", data, "--model", "resnet18", "--checkpoint-dir", ckpt,
-            "--checkpoint-async", "--keep-checkpoints", "2", "--progress", "off"]
-    with Job(2, args + ["--epochs", "1000"]) as job:
-        leftover = kill_mid_write(job, ckpt, HANG)
-        outcome = job.finish(timeout=HANG, since=time.monotonic())
-    assert outcome.returncode != 0 and not outcome.survivors
-    assert leftover.exists(), "the kill did not interrupt the write"
-    complete = checkpoint.candidates(ckpt)
-    assert complete and all(checkpoint.load(p)["model_name"] == "resnet18" for p in complete)
-    done = int(checkpoint.PATTERN.match(complete[0].name).group(1)) // 2   # 2 steps/epoch
+    killed = kill_during_a_write(tmp_path, ["--checkpoint-async"], HANG)
+    args, ckpt, complete, done = killed.args, killed.ckpt, killed.complete, killed.done
     resumed = run_job(2, args + ["--epochs", done + 1, "--resume", "auto"], timeout=HANG)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"resumed from {complete[0]}" in resumed.stdout

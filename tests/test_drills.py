@@ -16,7 +16,7 @@ from drill import (
     assert_one_clean_error,
     digits_arrays,
     flip_tensor_byte,
-    kill_mid_write,
+    kill_during_a_write,
     record,
     run_job,
     small_digits,
@@ -159,20 +159,11 @@ def _records(path):
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     """SIGKILL rank 0 while it writes a checkpoint; the older ones stay whole and resumable."""
-    data = small_digits(tmp_path / "d.h5", train=64, val=32)
-    ckpt = tmp_path / "ckpt"
-    args = ["--data", data, "--model", "resnet18", "--checkpoint-dir", ckpt,
-            "--keep-checkpoints", "2", "--progress", "off"]
-    job = Job(2, args + ["--epochs", "1000"])
-    leftover = kill_mid_write(job, ckpt, HANG)
-    outcome = job.finish(timeout=HANG, since=time.monotonic())
-    record("checkpoint/kill rank 0 during a write", outcome)
-    assert outcome.returncode != 0 and not outcome.survivors
-    assert leftover.exists(), "the kill did not interrupt the write"
-    complete = checkpoint.candidates(ckpt)
-    assert complete and all(checkpoint.load(p)["model_name"] == "resnet18" for p in complete)
+    killed = kill_during_a_write(tmp_path, timeout=HANG)
+    args, ckpt, leftover, complete, done = (killed.args, killed.ckpt, killed.leftover,
+                                            killed.complete, killed.done)
+    record("checkpoint/kill rank 0 during a write", killed.outcome)
 
-    done = int(checkpoint.PATTERN.match(complete[0].name).group(1)) // 2   # 2 steps/epoch
     resumed = run_job(2, args + ["--epochs", done + 3, "--resume", "auto"], timeout=HANG)
     record("checkpoint/resume after the kill", resumed)
     assert resumed.returncode == 0, resumed.output[-3000:]
