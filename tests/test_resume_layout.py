@@ -246,3 +246,16 @@ def test_constant_global_batch_on_other_ranks_ends_with_the_same_parameters(tmp_
     assert max((whole[k] - split[k]).abs().max().item() for k in whole) <= 1e-4
     first = torch.load(checkpoint.candidates(ckpt)[-1], weights_only=True)["model"]
     assert max((whole[k] - first[k]).abs().max().item() for k in whole) > 1e-3   # it trained
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_scale_lr_rescales_the_peak_to_the_new_global_batch():
+    cfg = parse_config(["--epochs", "2", "--scale-lr", "--base-batch", "32", "--lr", "0.1",
+                        "--schedule", "constant", "--warmup-epochs", "0"])
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)   # peak at 32
+    resumed = build_scheduler(cfg.training, opt, 62, 124)
+    resumed.last_epoch = 10
+    follow_progress(resumed, TrainingProgress(10, 0, 320, 992, 16, 62), cfg.training, 0.05)
+    assert resumed.get_last_lr() == [0.05] and opt.param_groups[0]["initial_lr"] == 0.05
+    resumed.step()
+    assert opt.param_groups[0]["lr"] == 0.05
