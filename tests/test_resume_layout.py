@@ -259,3 +259,18 @@ def test_scale_lr_rescales_the_peak_to_the_new_global_batch():
     assert resumed.get_last_lr() == [0.05] and opt.param_groups[0]["initial_lr"] == 0.05
     resumed.step()
     assert opt.param_groups[0]["lr"] == 0.05
+
+
+def test_local_shuffle_continues_the_old_shards_order():
+    data = open_dataset(str(DIGITS))
+    try:
+        four = [Loader(data, data.train, CPU, 8, 4, r, seed=1, shuffle="local") for r in range(4)]
+        two = [Loader(data, data.train, CPU, 8, 2, r, seed=1, shuffle="local") for r in range(2)]
+        for loader in two:
+            loader.continue_epoch(0, shard.Layout(8, 4, "local"), 5 * 32)
+        trained = np.concatenate([p.plan(0)[:5].reshape(-1) for p in four] +
+                                 [np.concatenate(p.plan(0)) for p in two])
+        assert sorted(trained) == sorted(np.concatenate([p.plan(0).reshape(-1) for p in four]))
+        assert not shard.Layout(8, 4, "local").same_order(shard.Layout(16, 2, "local"))
+    finally:
+        data.close()

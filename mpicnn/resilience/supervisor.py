@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,7 @@ class Supervisor:
         self.child: subprocess.Popen | None = None
         self.stop_signal: int | None = None
         self.woken = threading.Event()
+        self.started = time.time()              # "time" of restart records counts from here
         defaults = job_defaults(batch_job(self.env))
         self.metrics = option_value(command, "--metrics") or defaults.get("metrics", "")
         self.can_resume = bool(option_value(command, "--checkpoint-dir") or
@@ -223,7 +225,7 @@ class Supervisor:
     def _record(self, restart: int, cause: Cause, wait: float) -> None:
         if not self.metrics:
             return
-        writer = MetricsWriter(self.metrics)
+        writer = MetricsWriter(self.metrics, run_start=self.started)
         try:
             writer.write("restart", restart=restart, backoff_s=wait, **cause.fields())
         finally:
