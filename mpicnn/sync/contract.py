@@ -2,8 +2,8 @@
 
 The loop never branches on the mode. It calls a ``GradientSync`` around each step
 (attach, zero_grad, no_sync, after_backward, step or skip_step, sync_buffers, finish,
-timings) and asks a ``WorkPlan`` who trains, which batches this worker gets, where
-the run stands, whether to stop, and what to report. A strategy implements both
+timings) and asks a ``WorkPlan`` who trains, which batches this worker gets (and the
+weight of each in its step), where the run stands, whether to stop, and what to report. A strategy implements both
 (``Strategy``); the loop owns the run's counters and the learning-rate schedule.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What one rank computes: the model zoo, optimizer and schedule, the epoch loop, the Trainer.
 
 - ``models``: the zoo and ``build_model`` (zoo names or ``package.module:Class``).
-- ``optim``: optimizers (fused where the device has them) and lr schedules.
+- ``optim``: optimizers (fused where the device has them) and lr schedules, which follow
+  training progress after a resume at another global batch.
 - ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.
 - ``trainer``: what a run builds on every rank (``build_parts``) and the ``Trainer`` that
   runs the epochs, evaluates, checkpoints and writes the records on training ranks.
