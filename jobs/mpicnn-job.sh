@@ -2,18 +2,23 @@
 #
 # mpicnn_env            the environment cluster runs need (file locking off, thread counts)
 # mpicnn_slurm_launcher  set MPICNN_LAUNCH to srun or mpirun for this allocation ($LAUNCHER)
-# mpicnn_run CMD...     run the MPI launcher in the background, forward stop signals to it,
-#                       wait, and leave its exit status in $MPICNN_RC
+# mpicnn_run CMD...     run the MPI launcher in the background under the restart supervisor
+#                       (python -m mpicnn.run: after a crash, relaunch with --resume auto up
+#                       to $MAX_RESTARTS times; under srun leave out a node that failed
+#                       twice), forward stop signals to it, wait, and leave the exit status
+#                       in $MPICNN_RC
 # mpicnn_requeue        SLURM: after a stop on the warning signal (exit 75, checkpoint
 #                       written), requeue this job (arrays as JOBID_TASKID), at most
 #                       $MAX_REQUEUES times; then exit with the run's status
 #
-# Knobs (environment): PYTHON, LAUNCHER, SRUN_MPI, MPIRUN, LAUNCH_FLAGS, MAX_REQUEUES
-# (described at the top of jobs/slurm/train.sbatch).
+# Knobs (environment): PYTHON, LAUNCHER, SRUN_MPI, MPIRUN, LAUNCH_FLAGS, MAX_REQUEUES,
+# MAX_RESTARTS, RESTART_BACKOFF (described at the top of jobs/slurm/train.sbatch).
 
 MPICNN_PREEMPTED=75          # mpicnn.resilience.preemption.PREEMPTED_EXIT
 : "${PYTHON:=python3}"
 : "${MAX_REQUEUES:=3}"
+: "${MAX_RESTARTS:=3}"
+: "${RESTART_BACKOFF:=10}"
 
 mpicnn_log() { echo "mpicnn-job: $(date '+%F %T') $*"; }
 
@@ -61,7 +66,16 @@ mpicnn_run() {
     trap '_mpicnn_forward TERM' TERM
     trap '_mpicnn_forward INT' INT
     mpicnn_log "running: $*"
-    "$@" &
+    local command=("$@")
+    if [ "$MAX_RESTARTS" -gt 0 ]; then
+        # The supervisor relaunches after a crash (not after bad input, exit 2, or a clean
+        # stop, exit 75) and passes stop signals on to the launcher.
+        mpicnn_log "after a crash: up to $MAX_RESTARTS restart(s) from the newest checkpoint" \
+                   "(python -m mpicnn.run, first after ${RESTART_BACKOFF} s)"
+        command=("$PYTHON" -m mpicnn.run --max-restarts "$MAX_RESTARTS"
+                 --backoff "$RESTART_BACKOFF" -- "$@")
+    fi
+    "${command[@]}" &
     MPICNN_LAUNCHER_PID=$!
     while :; do
         wait "$MPICNN_LAUNCHER_PID"

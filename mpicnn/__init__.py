@@ -3,14 +3,16 @@
 One training step runs down this line, and the packages follow it:
 
 - ``train``: the entry (``mpirun -n N python -m mpicnn.train``): build, train or serve, close;
-  ``__main__`` lists the commands, ``report`` is the entry of ``python -m mpicnn.report``.
+  ``__main__`` lists the commands, ``report`` is the entry of ``python -m mpicnn.report``,
+  ``run`` of ``python -m mpicnn.run`` (restart a launch after a crash).
 - ``config``: settings in sections (data, training, sync, output, failure), flags and TOML.
 - ``cluster``: where ranks run: the MPI world, nodes, devices, the batch job, errors.
 - ``data``: HDF5 schema, the pure shard plan, readers, prefetch, augmentation, data tools.
 - ``training``: the model zoo, optimizers and schedules, the epoch loop, the ``Trainer``.
 - ``sync``: what the loop calls to combine gradients: the allreduce engine, the parameter server.
 - ``checkpoint``: checkpoint files, their checksum, the training state, rank 0's writer.
-- ``resilience``: stop signals, the stall watchdog, the NaN policy; test-only drills.
+- ``resilience``: stop signals, the stall watchdog, the NaN policy, restart supervision;
+  test-only drills.
 - ``observe``: step statistics, metrics records, progress, timeline; ``report`` plots them.
 - ``bench``: benchmarks against the peers (DDP), side by side, as ratios.
 """

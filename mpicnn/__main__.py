@@ -6,6 +6,7 @@ import sys
 # module -> (how it is started, what it does)
 COMMANDS = {
     "mpicnn.train": ("mpirun -n N python -m", "train a CNN data-parallel over MPI"),
+    "mpicnn.run": ("python -m", "restart a training launch after a crash (-- mpirun ...)"),
     "mpicnn.data": ("python -m", "make, convert and inspect HDF5 datasets"),
     "mpicnn.report": ("python -m", "plots and tables from metrics files"),
     "mpicnn.bench": ("python -m", "benchmarks side by side with the peers, as ratios"),

@@ -45,7 +45,8 @@ def train(world, argv) -> int:
         if label_warning(data):
             world.log.warning(f"warning: {label_warning(data)}")
         parts = build_parts(cfg, world, data, strategy)
-        checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler)
+        checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler,
+                                    parts.layout)
         checkpointer.prepare()
         guard = StepGuard(cfg.failure, world)
         preempt.agree = strategy.agree_stop

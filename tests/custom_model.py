@@ -65,3 +65,56 @@ class KeywordNet(nn.Sequential):
 class NeedsDepth(nn.Module):
     def __init__(self, depth, width, activation):
         super().__init__()
+
+
+class Drill(nn.Module):
+    """A zoo model (``DRILL_MODEL``, default kerasnet) with test hooks in training forwards.
+
+    ``SAMPLE_LOG=prefix``: each training forward appends the ids of its samples, one line
+    per step, to ``prefix.<rank>``; an id is the value of pixel (0, 0, 0), which the data
+    of the test sets to the row number and which is zeroed before the model sees it.
+    ``STOP_AFTER=k``: rank 0 sends itself SIGUSR1 in its k-th training forward, so the run
+    stops (checkpoint, exit 75) after step k. ``CRASH_AFTER=k``: rank 1 (the last rank on
+    one rank) kills itself with SIGKILL in its k-th training forward, every run, or only
+    once with ``CRASH_STAMP=file`` (created then), so a restarted run goes on.
+    """
+
+    calls = 0
+
+    def __init__(self, input_shape, num_classes):
+        from mpicnn.training.models import build_model
+
+        super().__init__()
+        self.inner = build_model(os.environ.get("DRILL_MODEL", "kerasnet"), input_shape,
+                                 num_classes)
+        self.ids = bool(os.environ.get("SAMPLE_LOG"))
+
+    def forward(self, x):
+        if self.training:
+            self._hooks(x)
+        if self.ids:
+            x = x.clone()
+            x[:, 0, 0, 0] = 0
+        return self.inner(x)
+
+    def _hooks(self, x):
+        import signal
+
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        rank = comm.Get_rank()
+        Drill.calls += 1
+        log = os.environ.get("SAMPLE_LOG")
+        if log:
+            with open(f"{log}.{rank}", "a") as fh:
+                fh.write(" ".join(str(int(v)) for v in x[:, 0, 0, 0].tolist()) + "\n")
+        if rank == 0 and Drill.calls == int(os.environ.get("STOP_AFTER", "0")):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        stamp = os.environ.get("CRASH_STAMP", "")
+        victim = min(1, comm.Get_size() - 1)
+        if rank == victim and Drill.calls == int(os.environ.get("CRASH_AFTER", "0")) and \
+                not (stamp and os.path.exists(stamp)):
+            if stamp:
+                open(stamp, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -247,3 +247,53 @@ def flip_tensor_byte(source: Path, target: Path) -> Path:
     raw[start + info.file_size // 2] ^= 0x01
     Path(target).write_bytes(raw)
     return Path(target)
+
+
+@dataclass
+class KilledWrite:
+    """What a kill during a checkpoint write left."""
+
+    args: list                # the run's arguments (resume with them)
+    ckpt: Path
+    leftover: Path            # the temporary file of the cut write
+    complete: list            # the checkpoints left, newest first
+    done: int                 # epochs the newest of them holds
+    outcome: Outcome
+
+
+def kill_during_a_write(tmp_path: Path, extra=(), timeout: float = 180) -> KilledWrite:
+    """2 ranks of resnet18 on 64 samples (2 steps an epoch, a checkpoint each): SIGKILL rank
+    0 while it writes a checkpoint; checks every rank ended and every checkpoint left loads."""
+    from mpicnn.checkpoint import files as checkpoint
+
+    data = small_digits(tmp_path / "d.h5", train=64, val=32)
+    ckpt = tmp_path / "ckpt"
+    args = ["--data", data, "--model", "resnet18", "--checkpoint-dir", ckpt,
+            "--keep-checkpoints", "2", "--progress", "off", *extra]
+    with Job(2, args + ["--epochs", "1000"]) as job:
+        leftover = kill_mid_write(job, ckpt, timeout)
+        outcome = job.finish(timeout=timeout, since=time.monotonic())
+    assert outcome.returncode != 0 and not outcome.survivors
+    assert leftover.exists(), "the kill did not interrupt the write"
+    complete = checkpoint.candidates(ckpt)
+    assert complete and all(checkpoint.load(p)["model_name"] == "resnet18" for p in complete)
+    done = int(checkpoint.PATTERN.match(complete[0].name).group(1)) // 2
+    return KilledWrite(args, ckpt, leftover, complete, done, outcome)
+
+
+def kill_mid_write(job: Job, ckpt: Path, timeout: float) -> Path:
+    """Wait for a complete checkpoint, then SIGKILL rank 0 while it writes the next one;
+    returns the temporary file the write left."""
+    from mpicnn.checkpoint import files as checkpoint
+
+    deadline = time.monotonic() + timeout
+    rank0 = job.rank_pid(0)
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        if checkpoint.candidates(ckpt):
+            for tmp in ckpt.glob(".checkpoint-*.pt.tmp*"):
+                if tmp.stat().st_size > 0:
+                    os.kill(rank0, signal.SIGKILL)
+                    return tmp
+        time.sleep(0.002)
+    job.kill_all()
+    pytest.fail("never caught rank 0 writing a second checkpoint")

@@ -37,3 +37,14 @@ def test_ps_benchmark_reports_medians_and_the_straggler_ratio(tmp_path):
     assert [(r["mode"], r["straggler"]) for r in rows] == [
         ("ps-sync", 1.0), ("ps-async", 1.0), ("ps-sync", 2.0), ("ps-async", 2.0)]
     assert all(len(r["runs"]) == 2 and r["val_acc"] > 0 for r in rows)
+
+
+def test_checkpoint_benchmark_compares_sync_and_async_stalls(tmp_path):
+    out = tmp_path / "ckpt.json"
+    run = bench("checkpoint", "--model", "digitnet", "--batch", 8, "--steps", 8, "--every", 3,
+                "--rounds", 1, "--json", out, timeout=200)
+    assert "stall async / sync" in run.stdout
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {"sync", "async"}
+    for row in figures.values():
+        assert row["checkpoints"] == 2 and row["mb"] > 0 and row["write_ms"] > 0

@@ -16,6 +16,7 @@ from drill import (
     assert_one_clean_error,
     digits_arrays,
     flip_tensor_byte,
+    kill_during_a_write,
     record,
     run_job,
     small_digits,
@@ -158,20 +159,11 @@ def _records(path):
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     """SIGKILL rank 0 while it writes a checkpoint; the older ones stay whole and resumable."""
-    data = small_digits(tmp_path / "d.h5", train=64, val=32)
-    ckpt = tmp_path / "ckpt"
-    args = ["--data", data, "--model", "resnet18", "--checkpoint-dir", ckpt,
-            "--keep-checkpoints", "2", "--progress", "off"]
-    job = Job(2, args + ["--epochs", "1000"])
-    leftover = _kill_mid_write(job, ckpt)
-    outcome = job.finish(timeout=HANG, since=time.monotonic())
-    record("checkpoint/kill rank 0 during a write", outcome)
-    assert outcome.returncode != 0 and not outcome.survivors
-    assert leftover.exists(), "the kill did not interrupt the write"
-    complete = checkpoint.candidates(ckpt)
-    assert complete and all(checkpoint.load(p)["model_name"] == "resnet18" for p in complete)
+    killed = kill_during_a_write(tmp_path, timeout=HANG)
+    args, ckpt, leftover, complete, done = (killed.args, killed.ckpt, killed.leftover,
+                                            killed.complete, killed.done)
+    record("checkpoint/kill rank 0 during a write", killed.outcome)
 
-    done = int(checkpoint.PATTERN.match(complete[0].name).group(1)) // 2   # 2 steps/epoch
     resumed = run_job(2, args + ["--epochs", done + 3, "--resume", "auto"], timeout=HANG)
     record("checkpoint/resume after the kill", resumed)
     assert resumed.returncode == 0, resumed.output[-3000:]
@@ -188,18 +180,3 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
                      fallback.stdout), fallback.stdout
     assert f"resumed from {ckpt / checkpoint.checkpoint_name(2 * (done + 2))}" in fallback.stdout
     checkpoint.load(ckpt / checkpoint.FINAL)          # rewritten whole
-
-
-def _kill_mid_write(job: Job, ckpt: Path) -> Path:
-    """Wait for a complete checkpoint, then SIGKILL rank 0 while it writes the next one."""
-    deadline = time.monotonic() + HANG
-    rank0 = job.rank_pid(0)
-    while time.monotonic() < deadline and job.proc.poll() is None:
-        if checkpoint.candidates(ckpt):
-            for tmp in ckpt.glob(".checkpoint-*.pt.tmp*"):
-                if tmp.stat().st_size > 0:
-                    os.kill(rank0, signal.SIGKILL)
-                    return tmp
-        time.sleep(0.002)
-    job.kill_all()
-    pytest.fail("never caught rank 0 writing a second checkpoint")

@@ -132,7 +132,13 @@ def test_load_newest_falls_back_past_damaged_files(tmp_path):
     warnings = []
     path, state = checkpoint.load_newest(tmp_path, warnings.append)
     assert path.name == checkpoint.checkpoint_name(2) and state["step"] == 2
-    assert len(warnings) == 1 and checkpoint.checkpoint_name(3) in warnings[0]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"warning: resume: skipping "
+                                  f"{tmp_path / checkpoint.checkpoint_name(3)}: damaged or not "
+                                  f"a checkpoint (")
+    assert warnings[0].endswith("; trying the next older one")
+    with pytest.raises(MpicnnError, match="cannot load checkpoint"):    # named: refused
+        checkpoint.load(tmp_path / checkpoint.checkpoint_name(3))
     for step in (1, 2):
         (tmp_path / checkpoint.checkpoint_name(step)).write_bytes(b"")
     with pytest.raises(MpicnnError, match="none of the 3 checkpoint"):
@@ -245,8 +251,8 @@ FORBIDDEN_CALLS = {"eval", "exec", "os.system", "os.popen", "pickle.load", "pick
                    "yaml.load", "marshal.loads", "shelve.open"}
 SOCKET_OPENERS = {"socket.socket", "socket.create_server", "socket.create_connection"}
 FORBIDDEN_IMPORTS = {"socketserver", "http.server", "xmlrpc.server", "asyncio"}
-# The DDP peer of the communication benchmark needs gloo's loopback rendezvous.
-MAY_OPEN_SOCKETS = {"bench/_ddp_peer.py"}
+# The DDP peers of the benchmarks need gloo's loopback rendezvous.
+MAY_OPEN_SOCKETS = {"bench/_gloo.py"}
 
 
 def _name(node) -> str:

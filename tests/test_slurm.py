@@ -147,6 +147,27 @@ def test_requeue_limit_ends_the_job_with_status_75(slurm, tmp_path):
     assert (metrics.parent / f"checkpoint-{step:08d}.pt").exists()
 
 
+def test_a_rank_killed_under_srun_is_relaunched_in_the_allocation(slurm, tmp_path):
+    """kill -9 of one rank under srun: the job script's supervisor relaunches the step with
+    --resume auto, the job completes, and the restart is in the metrics and the log."""
+    job_id = submit(slurm, tmp_path, "train.sbatch", LAUNCHER="srun", RESTART_BACKOFF="0",
+                    CRASH_AFTER="60", CRASH_STAMP=str(tmp_path / "crashed"),
+                    DRILL_MODEL="digitnet",
+                    train_args=["--epochs", "3", "--model", "tests.custom_model:Drill",
+                                "--device", "cpu", "--progress", "off"])
+    record = finished(slurm, job_id)
+    log = job_log(tmp_path, f"mpicnn-{job_id}.out")
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "0", (record, log)
+    assert (tmp_path / "crashed").exists(), log
+    assert "after a crash: up to 3 restart(s)" in log
+    assert "mpicnn: run: launch 1 ended with" in log and "restart 1 of at most 3" in log, log
+    events = read_jsonl(tmp_path / "runs" / f"mpicnn-{job_id}" / "metrics.jsonl")
+    restarts = [r for r in events if r["event"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["rank"] == 1, restarts
+    assert events[-1]["event"] == "end" and events[-1]["epochs"] == 3
+    assert "resumed from runs/" in log
+
+
 def test_sweep_array_runs_every_task_in_its_own_directory(slurm, tmp_path):
     lrs = ["0.001", "0.004"]
     # One rank per task: the array mechanics are what this checks.

@@ -10,6 +10,7 @@
 - ``stopcheck``: what the per-step stop agreement costs (run under ``mpirun``).
 - ``tta``: wall time to a validation accuracy on Fashion-MNIST, mpicnn against DDP.
 - ``largebatch``: final accuracy at global batches 256 to 8,192 for SGD, LARS, AdamW, LAMB.
+- ``checkpoint``: the step-time stall of a checkpoint, synchronous against asynchronous.
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` starts on its ranks.
 - ``_tta_ddp``: the DDP + DataLoader script ``tta`` races; ``_gloo``: the DDP peers'
   process group.

@@ -3,5 +3,8 @@
 - ``files``: atomic writes, safe loads, finding the newest, pruning.
 - ``checksum``: the SHA-256 of a checkpoint's content, stored inside it.
 - ``state``: ``RunState`` (where the run is), the saved training state, ``restore``.
-- ``checkpointer``: rank 0's writer (cadence, stop saves, ``config.toml``, pruning).
+- ``position``: where a run stands in samples; where a run of another world size or
+  global batch continues from there.
+- ``writer``: writing now or in the background (host copy, one write in flight).
+- ``checkpointer``: rank 0's checkpoints (cadence, stop saves, ``config.toml``, pruning).
 """

@@ -1,24 +1,28 @@
 """Rank 0's checkpoints: ``config.toml`` at start, the epoch cadence, the stop save, pruning.
 
 Every rank holds a ``Checkpointer``; only rank 0 of a run with ``--checkpoint-dir``
-writes, so callers need no rank checks.
+writes, so callers need no rank checks. With ``--checkpoint-async`` the writes run in
+the background (``writer``); a stop and the end of the run wait for them.
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
-from . import files
+from . import files, position
 from .state import RunState, training_state
+from .writer import Writer
 
 
 class Checkpointer:
     """Writes the training state of ``model``/``optimizer``/``scheduler`` when it is due."""
 
-    def __init__(self, cfg, world, model, optimizer, scheduler):
-        self.cfg, self.world = cfg, world
+    def __init__(self, cfg, world, model, optimizer, scheduler, layout=None):
+        self.cfg, self.world, self.layout = cfg, world, layout
         self.parts = (model, optimizer, scheduler)
         self.writes = bool(cfg.output.checkpoint_dir) and world.is_root
         self.saved: Path | None = None          # the newest checkpoint this run wrote
+        self.writer = Writer(background=cfg.output.checkpoint_async)
 
     def prepare(self) -> None:
         """Check the directory is writable and keep the effective config there (collective)."""
@@ -38,12 +42,28 @@ class Checkpointer:
     def stopped(self, state: RunState) -> None:
         """Save where a stop signal ended the run (mid-epoch is fine: resume skips done steps)."""
         self.save(state, files.checkpoint_name(state.global_step))
+        self.finish()
 
     def save(self, state: RunState, name: str) -> None:
         """Write the training state atomically as ``name``, then prune old ones (rank 0)."""
         if not self.writes:
             return
         path = Path(self.cfg.output.checkpoint_dir) / name
-        files.atomic_save(training_state(self.cfg, *self.parts, state), path)
-        files.prune(self.cfg.output.checkpoint_dir, self.cfg.output.keep_checkpoints)
+        saved = training_state(self.cfg, *self.parts, state)
+        if self.layout is not None:        # where the run stands in samples (resume anywhere)
+            saved.update(position.record(state, self.layout))
+        directory, keep = self.cfg.output.checkpoint_dir, self.cfg.output.keep_checkpoints
+        self.writer.save(saved, path, after=lambda: files.prune(directory, keep))
         self.saved = path
+
+    def finish(self) -> None:
+        """Wait for a checkpoint still being written; say what background writes cost."""
+        if not self.writes:
+            return
+        self.writer.wait()
+        writer = self.writer
+        if writer.background and writer.stall_s:
+            self.world.log.info(
+                f"checkpoints: {len(writer.stall_s)} written in the background; training "
+                f"waited {1000 * statistics.median(writer.stall_s):.1f} ms (median) for the "
+                f"host copy, the writes took {1000 * statistics.median(writer.write_s):.1f} ms")

@@ -39,6 +39,14 @@ def atomic_save(state: dict, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
+class Unloadable(MpicnnError):
+    """A checkpoint that cannot be resumed from: ``problem`` says why."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = problem
+
+
 def load(path: str | os.PathLike) -> dict:
     """Load a checkpoint onto the CPU, refusing anything but tensors and plain data.
 
@@ -52,18 +60,19 @@ def load(path: str | os.PathLike) -> dict:
         text = str(exc).strip()
         refused = re.search(r"GLOBAL ([\w.]+)", text)   # weights_only stopped an object
         if refused:
-            raise MpicnnError(f"refusing checkpoint {str(path)!r}: it holds objects other than "
-                              f"tensors and plain data ({refused.group(1)}), and loading them "
-                              f"could run code; resume from a checkpoint written by "
-                              f"mpicnn") from None
+            problem = (f"it holds objects other than tensors and plain data "
+                       f"({refused.group(1)}), and loading them could run code")
+            raise Unloadable(f"refusing checkpoint {str(path)!r}: {problem}; resume from a "
+                             f"checkpoint written by mpicnn", problem) from None
         why = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        raise MpicnnError(f"cannot load checkpoint {str(path)!r} (damaged or not a "
-                          f"checkpoint): {_first_sentence(why.group(1) if why else text)}; "
-                          f"resume from another checkpoint or start without --resume") from None
+        reason = _first_sentence(why.group(1) if why else text)
+        raise Unloadable(f"cannot load checkpoint {str(path)!r} (damaged or not a checkpoint): "
+                         f"{reason}; resume from another checkpoint or start without --resume",
+                         f"damaged or not a checkpoint ({reason})") from None
     problem = digest.verify(state)
     if problem:
-        raise MpicnnError(f"refusing checkpoint {str(path)!r}: {problem}; resume from "
-                          f"another checkpoint or start without --resume")
+        raise Unloadable(f"refusing checkpoint {str(path)!r}: {problem}; resume from "
+                         f"another checkpoint or start without --resume", problem)
     del state[digest.KEY]
     return state
 
@@ -90,13 +99,14 @@ def latest(directory: str | os.PathLike) -> Path | None:
 
 
 def load_newest(directory: str | os.PathLike, warn) -> tuple[Path | None, dict | None]:
-    """Load the newest checkpoint that passes its checks, warning about each one skipped."""
+    """Load the newest checkpoint that passes its checks, warning once about each one skipped
+    (``--resume auto``; a checkpoint named by ``--resume PATH`` is refused instead)."""
     found = candidates(directory)
     for path in found:
         try:
             return path, load(path)
-        except MpicnnError as exc:
-            warn(f"resume: {exc}; trying the next older one")
+        except Unloadable as exc:
+            warn(f"warning: resume: skipping {path}: {exc.problem}; trying the next older one")
     if found:
         raise MpicnnError(f"none of the {len(found)} checkpoint(s) in {str(directory)!r} can "
                           f"be loaded; move them away to start fresh")

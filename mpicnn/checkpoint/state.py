@@ -6,7 +6,22 @@ from dataclasses import dataclass
 import torch
 
 from ..cluster.errors import MpicnnError
+from ..data.shard import Layout
 from . import files as checkpoint
+
+# where a checkpoint stands (read by ``position.resume_point``)
+POSITION = ("epoch", "step_in_epoch", "global_step", "layout", "samples_in_epoch",
+            "epoch_order")
+
+
+@dataclass
+class Continued:
+    """An epoch resumed at another layout: the rest of the order another layout gave it."""
+
+    order: Layout                # the layout whose order the epoch follows
+    first: int                   # samples of it trained before this run's first step in it
+    samples: int                 # samples it trains in all
+    steps: int                   # steps this run takes in it
 
 
 @dataclass
@@ -16,6 +31,7 @@ class RunState:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
+    continued: Continued | None = None      # this epoch continues another layout's order
 
     def move_to(self, global_step: int | None) -> None:
         """Stand at ``global_step`` of the same epoch (None: stay)."""
@@ -31,8 +47,16 @@ class RunState:
 
     def next_epoch(self, steps_per_epoch: int) -> None:
         """Begin the next epoch once this one's steps are all done."""
-        if self.step_in_epoch >= steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        steps = self.continued.steps if self.continued else steps_per_epoch
+        if self.step_in_epoch >= steps:
+            self.epoch, self.step_in_epoch, self.continued = self.epoch + 1, 0, None
+
+    def samples_in_epoch(self, global_batch: int) -> int:
+        """Samples of this epoch's order trained so far (steps of ``global_batch``)."""
+        if self.continued is None:
+            return self.step_in_epoch * global_batch
+        first, total = self.continued.first, self.continued.samples
+        return first + min(self.step_in_epoch * global_batch, total - first)
 
 
 def plain_scheduler_state(scheduler) -> dict:
@@ -64,8 +88,9 @@ def check_compatible(saved: dict, cfg, path) -> None:
                               f"--{what} {saved.get(key)}, or start without --resume")
 
 
-def restore(world, cfg, model, optimizer, scheduler) -> RunState:
-    """Load ``--resume`` on rank 0, check it, and broadcast it to every rank."""
+def restore(world, cfg, model, optimizer, scheduler) -> dict | None:
+    """Load ``--resume`` on rank 0, check it, broadcast it to every rank; returns where it
+    stands (``position.KEYS``), or None when the run starts fresh."""
     def load_on_root():
         if not world.is_root:
             return None
@@ -83,7 +108,7 @@ def restore(world, cfg, model, optimizer, scheduler) -> RunState:
     if found is None:
         if cfg.output.resume:
             world.log.info("resume: no checkpoint found, starting fresh")
-        return RunState()
+        return None
     path, saved = found
     try:
         model.load_state_dict(saved["model"])
@@ -95,4 +120,4 @@ def restore(world, cfg, model, optimizer, scheduler) -> RunState:
     torch.set_rng_state(saved["rng"])
     world.log.info(f"resumed from {path} at epoch {saved['epoch']}, "
                    f"step {saved['global_step']}")
-    return RunState(saved["epoch"], saved["step_in_epoch"], saved["global_step"])
+    return {key: saved[key] for key in POSITION if key in saved}

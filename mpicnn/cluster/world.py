@@ -22,6 +22,9 @@ CUDA_AWARE_ENV = "MPICNN_CUDA_AWARE"
 # Testing aid: ask MPI for a lower thread level (single, funneled, serialized).
 THREAD_LEVEL_ENV = "MPICNN_THREAD_LEVEL"
 ABORT_GRACE_S = 0.5              # before MPI_Abort: the error line must reach the user
+# Set by a restart supervisor (mpicnn.run): each rank appends "rank pid host" to this file,
+# so a crash the launcher reports by pid names its rank.
+RANKS_FILE_ENV = "MPICNN_RANKS_FILE"
 
 
 @dataclass
@@ -97,7 +100,19 @@ def init_world() -> World:
                   node=node, num_nodes=sum(leaders),
                   job=comm.bcast(batch_job(), root=0))   # rank 0's view, so all agree
     world.log = make_logger(world.is_root)
+    announce(world)
     return world
+
+
+def announce(world: World) -> None:
+    """Append this rank's ``rank pid host`` to the supervisor's ranks file, if it asked."""
+    path = os.environ.get(RANKS_FILE_ENV)
+    if path:
+        try:
+            with open(path, "a") as fh:       # one short append: lines of ranks never mix
+                fh.write(f"{world.rank} {os.getpid()} {world.hostname}\n")
+        except OSError:
+            pass                              # diagnostics only: never fail a run for it
 
 
 def make_logger(active: bool) -> logging.Logger:

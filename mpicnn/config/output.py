@@ -15,6 +15,9 @@ class OutputConfig:
     checkpoint_dir: str = opt("", "directory for checkpoints (empty: none written)", "output")
     checkpoint_every: int = opt(1, "write a checkpoint every N epochs (and at the end)",
                                 "output")
+    checkpoint_async: bool = opt(False, "write checkpoints in the background: rank 0 copies "
+                                 "the state to host memory, a thread writes it while "
+                                 "training goes on", "output")
     resume: str = opt("", "resume: 'auto' (latest in --checkpoint-dir) or a checkpoint path",
                       "output")
     metrics: str = opt("", "write JSON-lines metrics to this file", "output")

@@ -8,7 +8,8 @@ Reading, in the order a batch passes through:
   the one transform to NCHW.
 - ``chunks``: row counts of HDF5 I/O that writer and reader agree on: chunks, read
   units, write blocks.
-- ``shard``: the shard plan: which rows each rank reads at each step (pure: no MPI, no I/O).
+- ``shard``: the shard plan: which rows each rank reads at each step, and the rest of an
+  epoch continued at another layout (pure: no MPI, no I/O).
 - ``stores``: where a reader keeps the units it has read: a bounded LRU, or the whole
   range with ``--cache``.
 - ``reader``: rows of one split read through chunk-aligned units, as NCHW (no torch).

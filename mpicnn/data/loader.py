@@ -62,14 +62,54 @@ class Loader:
         self.prefetch, self.prefetch_mode, self.cache = prefetch, prefetch_mode, cache
         self.unit = unit_rows(split.images)
         self.block = block or self.unit
-        self.planned = batch * world if shuffle == "global" else batch   # rows per step
-        self.window = window or shard.auto_window(self.planned, self.block, self.sample_bytes)
+        self.layout = shard.Layout(batch, world, shuffle)
+        self.planned = self._planned(self.layout)                     # rows per step
+        self.window_setting = window
+        self.window = self._window(self.layout)
         self.sources: dict = {}
         self._plans: tuple = (None, {})
+        self.continued = None        # (epoch, Layout of its order, samples already trained)
 
     @property
     def steps(self) -> int:
-        return shard.steps_per_epoch(len(self.split), self.batch, self.world, self.shuffle)
+        return self.layout.steps(len(self.split))
+
+    def steps_in(self, epoch: int) -> int:
+        """Steps of ``epoch``: fewer in an epoch continued from a checkpoint of another layout."""
+        if self.continued is not None and self.continued[0] == epoch:
+            return len(self.plan(epoch))
+        return self.steps
+
+    def continue_epoch(self, epoch: int, order: shard.Layout, first: int) -> None:
+        """Make ``epoch`` the rest of the order ``order`` gave it, after ``first`` samples.
+
+        A run resumed at another global batch (or world size, with ``--shuffle local``)
+        trains every sample of the interrupted epoch that was not yet trained, once.
+        """
+        self.continued = (epoch, order, first)
+        self._plans = (None, {})
+
+    def weight(self, epoch: int, step: int, worker: int | None = None) -> float:
+        """This worker's share of global step ``step``'s samples, times the world size.
+
+        1 for every step but the last of a continued epoch, whose global batch may be
+        smaller and unevenly dealt: scaling each rank's mean loss by it makes the
+        averaged gradient the mean over that step's samples.
+        """
+        if self.continued is None or self.continued[0] != epoch:
+            return 1.0
+        rows = self.plan_for(self.rank if worker is None else worker, epoch)[step]
+        _, order, first = self.continued
+        total = shard.step_sizes(order.samples(len(self.split)) - first,
+                                 self.layout.global_batch)[step]
+        return len(rows) * self.world / total
+
+    def _planned(self, layout: shard.Layout) -> int:
+        return layout.global_batch if layout.shuffle == "global" else layout.batch_size
+
+    def _window(self, layout: shard.Layout) -> int:
+        return self.window_setting or shard.auto_window(self._planned(layout), self.block,
+                                                        self.sample_bytes)
 
     # --- what is read ---------------------------------------------------------------
     def plan(self, epoch: int) -> np.ndarray:
@@ -88,18 +128,34 @@ class Loader:
             plans[worker] = self._plan(worker, epoch)
         return plans[worker]
 
-    def _plan(self, worker: int, epoch: int) -> np.ndarray:
+    def _plan(self, worker: int, epoch: int):
+        if self.continued is not None and self.continued[0] == epoch:
+            _, order, first = self.continued
+            return shard.continue_batches(self.global_batches(order, epoch), first,
+                                          self.batch, self.world, worker)
+        return self._layout_plan(self.layout, worker, epoch)
+
+    def _layout_plan(self, layout: shard.Layout, worker: int, epoch: int) -> np.ndarray:
+        """Rows of ``worker`` for every step of ``epoch`` when ``layout`` cuts it."""
         n, start = len(self.split), self.split.start
-        if self.shuffle == "local":
-            size = n // self.world
+        window = self._window(layout)
+        if layout.shuffle == "local":
+            size = n // layout.world_size
             first = start + worker * size
-            order = shard.chunk_order(size, self.seed, epoch, self.block, self.window,
-                                      offset=-first, rank=worker, batch=self.batch)
+            order = shard.chunk_order(size, self.seed, epoch, self.block, window,
+                                      offset=-first, rank=worker, batch=layout.batch_size)
         else:
-            order = shard.chunk_order(n, self.seed, epoch, self.block, self.window,
-                                      offset=-start, batch=self.planned)
-        return shard.rank_batches(n, self.batch, self.world, worker, self.seed, epoch,
-                                  self.shuffle, order=order)
+            order = shard.chunk_order(n, self.seed, epoch, self.block, window,
+                                      offset=-start, batch=layout.global_batch)
+        return shard.rank_batches(n, layout.batch_size, layout.world_size, worker, self.seed,
+                                  epoch, layout.shuffle, order=order)
+
+    def global_batches(self, layout: shard.Layout, epoch: int) -> np.ndarray:
+        """The global batches (steps, global batch) of ``epoch`` as ``layout`` cuts it."""
+        if layout.shuffle == "global":     # one rank reading whole global batches: one order
+            return self._layout_plan(shard.Layout(layout.global_batch, 1), 0, epoch)
+        return shard.join_plans([self._layout_plan(layout, w, epoch)
+                                 for w in range(layout.world_size)])
 
     def ranges(self, kind: str) -> tuple[int, int]:
         """Split rows that ``epoch`` (kind "epoch") or ``eval_batches`` ("eval") may read."""

@@ -10,6 +10,8 @@ collective can wait on a rank that ran out of data.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 from ..cluster.errors import MpicnnError
@@ -100,6 +102,71 @@ def rank_batches(n: int, batch: int, world: int = 1, rank: int = 0, seed: int = 
         glob = np.sort(order[: steps * batch * world].reshape(steps, world * batch), axis=1)
         rows = glob.reshape(steps, world, batch)[:, rank, :]
     return np.sort(rows, axis=1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch's samples are cut into steps: per-rank batch, ranks that read, shuffle."""
+
+    batch_size: int
+    world_size: int
+    shuffle: str = "global"
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def steps(self, n: int) -> int:
+        """Steps of an epoch of ``n`` samples."""
+        return steps_per_epoch(n, self.batch_size, self.world_size, self.shuffle)
+
+    def samples(self, n: int) -> int:
+        """Samples an epoch of ``n`` trains on (the rest do not fill a global batch)."""
+        return self.steps(n) * self.global_batch
+
+    def same_order(self, other: Layout) -> bool:
+        """Whether both layouts give an epoch the same global batches."""
+        if self.shuffle != other.shuffle:
+            return False
+        if self.shuffle == "global":
+            return self.global_batch == other.global_batch
+        return self == other
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def continue_batches(global_rows: np.ndarray, first: int, batch: int, world: int = 1,
+                     rank: int = 0) -> list[np.ndarray]:
+    """Rows of ``rank`` for each step after the first ``first`` samples of an epoch.
+
+    ``global_rows`` (steps, global batch) are the epoch's global batches in training
+    order, as another layout cut them. The samples not yet trained on are cut into
+    global batches of ``batch * world`` in the same order; each is sorted and dealt in
+    slices as :func:`rank_batches` deals. The last may be smaller: its samples are
+    spread as evenly as the ranks allow (some may get none), so every sample of the
+    epoch is trained on exactly once.
+    """
+    rest = np.asarray(global_rows).reshape(-1)[first:]
+    size = batch * world
+    full = len(rest) // size
+    rows = list(np.sort(rest[: full * size].reshape(full, size), axis=1)
+                [:, rank * batch: (rank + 1) * batch])
+    tail = np.sort(rest[full * size:])
+    if len(tail):
+        rows.append(tail[rank * len(tail) // world: (rank + 1) * len(tail) // world])
+    return rows
+
+
+def join_plans(plans) -> np.ndarray:
+    """The global batches (steps, global batch), rows sorted, of every rank's plan in rank order."""
+    return np.sort(np.concatenate([np.asarray(p) for p in plans], axis=1), axis=1)
+
+
+def step_sizes(remaining: int, global_batch: int) -> list[int]:
+    """Samples of each global step when ``remaining`` samples are cut into global batches."""
+    full, tail = divmod(remaining, global_batch)
+    return [global_batch] * full + ([tail] if tail else [])
 
 
 def eval_range(n: int, world: int = 1, rank: int = 0) -> tuple[int, int]:

@@ -32,6 +32,10 @@ SCHEMA = {     # event -> required fields and their types (more fields may follo
     # a stop signal ended the run early (mpicnn/resilience/preemption.py); "end" does not follow
     "stopped": {"signal": TEXT, "step": INT, "epoch": INT, "step_in_epoch": INT,
                 "checkpoint": TEXT, "exit_code": INT},
+    # the restart supervisor (mpicnn/resilience/supervisor.py) relaunches after a crash;
+    # rank -1, node "" and signal 0 when the launcher's output did not tell
+    "restart": {"restart": INT, "exit_code": INT, "cause": TEXT, "rank": INT, "node": TEXT,
+                "signal": INT, "backoff_s": NUMBER},
 }
 OPTIONAL = {   # written when the run has them (parameter-server modes, PS waits)
     "staleness_hist": dict,        # {"staleness": updates}, keys are decimal strings

@@ -114,7 +114,7 @@ class StepStats:
         """Account one finished step (``state`` already counts it); maybe write an interval."""
         now = time.perf_counter()
         seconds, self.clock = now - self.clock, now
-        loss = loss_sum / count
+        loss = loss_sum / count if count else 0.0      # a rank may get no samples of a step
         if state.global_step - 1 >= WARMUP_STEPS_UNTIMED:
             self.run_seconds += seconds
             self.run_images += images

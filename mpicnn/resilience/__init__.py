@@ -1,8 +1,11 @@
-"""Failures short of a crash: stop signals, stalls, non-finite steps; test-only drills.
+"""Failures: stop signals, stalls, non-finite steps, crashes and restarts; test-only drills.
 
 - ``preemption``: SIGUSR1/SIGTERM/SIGINT → every rank stops after the same step.
 - ``watchdog``: heartbeats to rank 0, stall warnings naming the missing ranks, stall abort.
 - ``nan_policy``: abort or skip a step whose gradient is not finite.
 - ``step_guard``: the hooks the loop calls by name around each step (the two above, drills).
+- ``crash``: what ended a launch (status, rank, node, signal) from what it printed.
+- ``supervisor``: relaunch after a crash with ``--resume auto``, back-off, budget,
+  ``srun --exclude`` of a failing node (``python -m mpicnn.run``).
 - ``drills``: test-only stall injection and the straggler (no effect outside drills).
 """

@@ -2,9 +2,10 @@
 
 The loop never branches on the mode. It calls a ``GradientSync`` around each step
 (attach, zero_grad, no_sync, after_backward, step or skip_step, sync_buffers, finish,
-timings) and asks a ``WorkPlan`` who trains, which batches this worker gets, where
-the run stands, whether to stop, and what to report. A strategy implements both
-(``Strategy``); the loop owns the run's counters and the learning-rate schedule.
+timings) and asks a ``WorkPlan`` who trains, which batches this worker gets (and the
+weight of each in its step), where the run stands, whether to stop, and what to report.
+A strategy implements both (``Strategy``); the loop owns the run's counters and the
+learning-rate schedule.
 """
 from __future__ import annotations
 
@@ -96,6 +97,10 @@ class WorkPlan:
     def batches(self, loader, state, run_steps: int):
         """This rank's batches for the rest of ``state.epoch``: its fixed shard plan."""
         return loader.epoch(state.epoch, start_step=state.step_in_epoch)
+
+    def weight(self, loader, state) -> float:
+        """The weight of this rank's mean loss in the step being taken (``Loader.weight``)."""
+        return loader.weight(state.epoch, state.step_in_epoch)
 
     def position(self) -> int | None:
         """The global step the run stands at by this plan; None: the loop's own count."""

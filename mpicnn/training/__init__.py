@@ -2,7 +2,8 @@
 
 - ``models``: the zoo and ``build_model`` (zoo names or ``package.module:Class`` in the
   constructor shapes users bring), the check of a model's output shape.
-- ``optim``: optimizers (fused where the device has them) and lr schedules.
+- ``optim``: optimizers (fused where the device has them) and lr schedules, which follow
+  training progress after a resume at another global batch.
 - ``layerwise``: LARS and LAMB, each tensor's step scaled by a trust ratio.
 - ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.
 - ``trainer``: what a run builds on every rank (``build_parts``) and the ``Trainer`` that

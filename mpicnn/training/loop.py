@@ -20,23 +20,35 @@ def follow_schedule(scheduler, global_step: int) -> None:
 
 
 def forward_backward(model, sync, stats, images, labels, accum_steps: int,
-                     label_smoothing: float = 0.0) -> float:
+                     label_smoothing: float = 0.0, weight: float = 1.0) -> float:
     """Forward and backward of one rank's batch; returns the summed loss of its samples.
 
     With ``accum_steps`` k the batch runs as k consecutive slices (micro-batches): the
-    loss of each is scaled by 1/k and the gradients summed locally, and only the last
-    backward communicates, so the step sees the gradient of the whole batch.
+    loss of each is scaled by its share of the batch and the gradients summed locally,
+    and only the last backward communicates, so the step sees the gradient of the whole
+    batch. ``weight`` scales the batch's mean loss (a rank's share of an uneven global
+    batch, see ``Loader.weight``); a rank with no samples only takes part in the exchange.
     """
-    loss_sum = 0.0
-    for i, (x, y) in enumerate(zip(images.chunk(accum_steps), labels.chunk(accum_steps))):
+    loss_sum, zeroed = 0.0, False
+    pieces = zip(images.tensor_split(accum_steps), labels.tensor_split(accum_steps))
+    for i, (x, y) in enumerate(pieces):
+        if not len(y):           # an uneven last step: fewer samples than micro-batches
+            continue
         with stats.phase("forward"):
             loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         with stats.phase("backward"):
-            if i == 0:
+            if not zeroed:
                 sync.zero_grad()
+                zeroed = True
+            if weight == 1.0 and len(y) * accum_steps == len(labels):
+                scaled = loss / accum_steps if accum_steps > 1 else loss
+            else:
+                scaled = loss * (weight * len(y) / len(labels))
             with sync.no_sync() if i < accum_steps - 1 else nullcontext():
-                (loss / accum_steps if accum_steps > 1 else loss).backward()
+                scaled.backward()
         loss_sum += loss.item() * len(y)
+    if not zeroed:
+        sync.zero_grad()
     return loss_sum
 
 
@@ -63,7 +75,7 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
             break
         images, labels = batch
         loss_sum = forward_backward(model, sync, stats, images, labels, accum_steps,
-                                    label_smoothing)
+                                    label_smoothing, work.weight(loader, state))
         step = state.global_step + 1
         with stats.phase("comm"):
             if guard is not None:

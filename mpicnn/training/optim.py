@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -59,6 +60,59 @@ def lr_factor(step: int, steps_per_epoch: int, total_steps: int, schedule: str,
     return 1.0
 
 
+@dataclass
+class TrainingProgress:
+    """Schedule positions of global steps after a resume at another global batch.
+
+    The schedule runs in steps of this run's layout (``steps_per_epoch`` a epoch); a
+    run resumed from a checkpoint of another global batch stands at global step
+    ``step`` with ``done`` of its epoch's ``samples`` trained, so its position is the
+    training progress (epochs and the fraction of samples trained), not the step count.
+    """
+
+    step: int                    # global step at the resume
+    epoch: int                   # the epoch it resumes in
+    done: int                    # samples of that epoch trained before
+    samples: int                 # samples that epoch trains in all
+    batch: int                   # global batch from the resume on
+    steps_per_epoch: int         # of this layout
+
+    @property
+    def regular(self) -> bool:
+        """Whether the resumed epoch is one of this layout at a step boundary."""
+        return self.done % self.batch == 0 and self.samples == self.steps_per_epoch * self.batch
+
+    @property
+    def rest(self) -> int:
+        """Steps left in the resumed epoch."""
+        return -(-(self.samples - self.done) // self.batch)
+
+    @property
+    def identity(self) -> bool:
+        """Whether positions equal global steps (a resume at the layout that wrote it)."""
+        return self.regular and self.steps_per_epoch * self.epoch + \
+            self.done // self.batch == self.step
+
+    def at(self, step: int) -> float:
+        """The schedule position (steps of this layout) of global step ``step``."""
+        after = step - self.step
+        if self.regular:
+            return self.steps_per_epoch * self.epoch + self.done // self.batch + after
+        if after <= self.rest:
+            return self.steps_per_epoch * (self.epoch + min(
+                self.samples, self.done + after * self.batch) / self.samples)
+        return self.steps_per_epoch * (self.epoch + 1) + after - self.rest
+
+    def step_at(self, epochs: int) -> int:
+        """The global step at which ``epochs`` epochs are complete."""
+        if self.regular:
+            end = self.step + epochs * self.steps_per_epoch - \
+                (self.steps_per_epoch * self.epoch + self.done // self.batch)
+        else:
+            end = self.step + self.rest + (epochs - self.epoch - 1) * self.steps_per_epoch
+        return max(self.step, end)
+
+
 class Schedule:
     """A per-step lr multiplier for ``LambdaLR``; holds plain data only, so it checkpoints."""
 
@@ -68,9 +122,29 @@ class Schedule:
                          min_lr_ratio=training.min_lr_ratio,
                          milestones=list(training.lr_milestones),
                          gamma=training.lr_gamma)
+        self.progress: TrainingProgress | None = None    # None: the position is the global step
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, **self.args)
+        return lr_factor(step if self.progress is None else self.progress.at(step), **self.args)
+
+
+def follow_progress(scheduler, progress: TrainingProgress, training, peak: float | None) -> int:
+    """Run ``scheduler`` by ``progress`` (and from the peak lr ``peak``, when given) from its
+    current step; returns the global step at which the run ends."""
+    schedule = scheduler.lr_lambdas[0]
+    spe = schedule.args["steps_per_epoch"]
+    end = progress.step_at(training.epochs)
+    if training.max_steps:
+        end = min(end, max(progress.step, training.max_steps))
+    schedule.progress = progress
+    schedule.args["total_steps"] = min(training.epochs * spe, progress.at(end))
+    if peak is not None:
+        scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base
+        group["lr"] = base * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    return end
 
 
 def build_scheduler(training, optimizer, steps_per_epoch: int, total_steps: int):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoint import position
 from ..checkpoint.state import RunState, restore
 from ..data import shard
 from ..data.loader import make_loaders
@@ -23,7 +24,14 @@ from ..observe.tensorboard import TensorBoardSink
 from ..resilience import drills
 from .loop import evaluate, train_epoch
 from .models import build_model
-from .optim import build_optimizer, build_scheduler, total_steps
+from .optim import (
+    TrainingProgress,
+    build_optimizer,
+    build_scheduler,
+    follow_progress,
+    peak_lr,
+    total_steps,
+)
 
 
 @dataclass
@@ -36,7 +44,11 @@ class Parts:
     state: RunState
     steps_per_epoch: int
     run_steps: int
-    global_batch: int
+    layout: shard.Layout             # the global batch and how ranks share it
+
+    @property
+    def global_batch(self) -> int:
+        return self.layout.global_batch
 
 
 def build_parts(cfg, world, data, work) -> Parts:
@@ -45,16 +57,47 @@ def build_parts(cfg, world, data, work) -> Parts:
         make_deterministic(world.device, world.log)
     steps_per_epoch = world.agree(lambda: shard.check_fits(
         len(data.train), cfg.training.batch_size, work.workers, cfg.data.shuffle))
-    global_batch = cfg.training.batch_size * work.workers
+    layout = shard.Layout(cfg.training.batch_size, work.workers, cfg.data.shuffle)
     run_steps = total_steps(cfg.training, steps_per_epoch)
     torch.manual_seed(cfg.training.seed)
     model = world.agree(lambda: build_model(cfg.training.model, data.input_shape,
                                             data.num_classes, world.log.info)).to(world.device)
-    optimizer = build_optimizer(cfg.training, model.parameters(), global_batch)
+    optimizer = build_optimizer(cfg.training, model.parameters(), layout.global_batch)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
-    state = restore(world, cfg, model, optimizer, scheduler)
+    saved = restore(world, cfg, model, optimizer, scheduler)
+    state = RunState()
+    if saved is not None:
+        state, run_steps = continue_run(cfg, world, scheduler, saved, layout, len(data.train))
     drills.straggle(model, cfg.sync.slow_rank, cfg.sync.slow_factor, world.rank)
-    return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, global_batch)
+    return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, layout)
+
+
+def continue_run(cfg, world, scheduler, saved: dict, layout: shard.Layout, n: int):
+    """(RunState, steps of the run) resuming ``saved`` with ``layout``; says what changed.
+
+    At another global batch the interrupted epoch continues its order, the schedule
+    follows training progress so it ends where an uninterrupted run ends, and
+    ``--scale-lr`` rescales the peak lr to the new global batch.
+    """
+    resume = position.resume_point(saved, layout, n)
+    state, old = resume.state, resume.saved
+    if old is None:
+        world.log.info("resume: the checkpoint does not record its world size and global "
+                       "batch (written by an older mpicnn): resuming by steps")
+        return state, total_steps(cfg.training, layout.steps(n))
+    progress = TrainingProgress(state.global_step, state.epoch, resume.done, resume.samples,
+                        layout.global_batch, layout.steps(n))
+    batch_changed = old is not None and old.global_batch != layout.global_batch
+    peak = peak_lr(cfg.training, layout.global_batch) \
+        if cfg.training.scale_lr and batch_changed else None
+    before = scheduler.get_last_lr()[0]
+    run_steps = total_steps(cfg.training, progress.steps_per_epoch)
+    if peak is not None or not progress.identity:
+        run_steps = follow_progress(scheduler, progress, cfg.training, peak)
+    if old != layout or not progress.identity:
+        world.log.info(position.describe_change(resume, layout, before,
+                                                scheduler.get_last_lr()[0], peak, run_steps))
+    return state, run_steps
 
 
 def make_deterministic(device, log) -> None:
@@ -94,6 +137,9 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(
             cfg.data, data, world, cfg.training.batch_size, cfg.training.seed,
             strategy.workers, strategy.worker_index, comm=strategy.comm)
+        continued = parts.state.continued
+        if continued is not None:           # resumed at another layout, mid-epoch
+            self.train_loader.continue_epoch(parts.state.epoch, continued.order, continued.first)
         sinks = [TensorBoardSink(cfg.output.tensorboard)] \
             if world.is_root and cfg.output.tensorboard else []
         self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "", sinks=sinks)
@@ -131,6 +177,7 @@ class Trainer:
                 return outcome
             finished = state.epoch >= cfg.training.epochs or state.global_step >= parts.run_steps
             self.checkpointer.epoch_done(state, finished, last_epoch)
+        self.checkpointer.finish()            # the last write is complete before the end
         if not outcome.evaluated:             # no epoch ran here (resumed at the end)
             self.strategy.sync_buffers()
             outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,

@@ -82,7 +82,8 @@ class PSWorker(PSRole):
     def _dispatched(self, loader, state, run_steps: int):
         """Batches as the dispatcher on server 0 hands them out, until the epoch's are gone."""
         workers = self.workers
-        end = min(loader.steps, state.step_in_epoch + run_steps - state.global_step) * workers
+        end = min(loader.steps_in(state.epoch),
+                  state.step_in_epoch + run_steps - state.global_step) * workers
         self.window = ((state.global_step - state.step_in_epoch) * workers, end)
         self._exchange(P.PULL, epoch=state.epoch, first=state.step_in_epoch * workers, end=end,
                        base=self.window[0])
@@ -91,6 +92,12 @@ class PSWorker(PSRole):
         while self.item != P.NO_ITEM:
             step, rank = divmod(self.item, workers)
             yield loader.rows_batch(loader.plan_for(rank, state.epoch)[step], state.epoch)
+
+    def weight(self, loader, state) -> float:
+        if not self.dispatched:
+            return super().weight(loader, state)
+        step, rank = divmod(self.item, self.workers)     # the item being computed
+        return loader.weight(state.epoch, step, rank)
 
     def position(self) -> int | None:
         """Dispatched: the global step of this worker's next item, or the epoch's end."""

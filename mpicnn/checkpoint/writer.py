@@ -1,0 +1,82 @@
+"""Writing checkpoints in the background: a host copy at the step boundary, then one write.
+
+``--checkpoint-async``: rank 0 copies the training state to host memory where the loop
+stands (the only time training waits for a checkpoint), then a thread writes the copy
+atomically (temporary file, fsync, rename; checksum included) while training goes on.
+At most one write is in flight: a new one first waits for the previous. A crash during
+a write leaves the older checkpoints whole, as a synchronous write does.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..cluster.errors import MpicnnError
+from . import files
+
+
+def host_copy(obj):
+    """A deep copy of ``obj`` with every tensor copied to host memory (nothing shared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: host_copy(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(item) for item in obj)
+    return obj
+
+
+class Writer:
+    """Writes checkpoints now (``background=False``) or on a thread, one at a time."""
+
+    def __init__(self, background: bool = False):
+        self.background = background
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.stall_s: list[float] = []          # seconds the caller waited, per checkpoint
+        self.write_s: list[float] = []          # seconds each write took
+
+    def save(self, state: dict, path: Path, after=None) -> None:
+        """Write ``state`` to ``path``, then call ``after()`` (e.g. prune older ones)."""
+        start = time.perf_counter()
+        self.wait()
+        if not self.background:
+            self._write(state, path, after)
+        else:
+            copy = host_copy(state)
+            self.thread = threading.Thread(target=self._guarded, args=(copy, path, after),
+                                           name="checkpoint-writer", daemon=True)
+            self.thread.start()
+        self.stall_s.append(time.perf_counter() - start)
+
+    def _write(self, state: dict, path: Path, after) -> None:
+        start = time.perf_counter()
+        files.atomic_save(state, path)
+        if after is not None:
+            after()
+        self.write_s.append(time.perf_counter() - start)
+
+    def _guarded(self, state: dict, path: Path, after) -> None:
+        try:
+            self._write(state, path, after)
+        except Exception as exc:          # noqa: BLE001 - raised again by wait()
+            self.error = exc
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self) -> None:
+        """Wait for the write in flight, if any; raise its error."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            if isinstance(error, MpicnnError):
+                raise error
+            raise MpicnnError(f"writing a checkpoint in the background failed: "
+                              f"{type(error).__name__}: {error}") from error
