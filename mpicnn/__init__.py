@@ -6,7 +6,8 @@ One training step runs down this line, and the packages follow it:
   ``__main__`` lists the commands, ``report`` is the entry of ``python -m mpicnn.report``,
   ``run`` of ``python -m mpicnn.run`` (restart a launch after a crash).
 - ``config``: settings in sections (data, training, sync, output, failure), flags and TOML.
-- ``cluster``: where ranks run: the MPI world, nodes, devices, the batch job, errors.
+- ``cluster``: where ranks run: the MPI world, nodes, devices, the batch job, errors, jobs
+  as processes, and emulated nodes on one machine (``python -m mpicnn.cluster``).
 - ``data``: HDF5 schema, the pure shard plan, readers, prefetch, augmentation, data tools.
 - ``training``: the model zoo, optimizers and schedules, the epoch loop, the ``Trainer``.
 - ``sync``: what the loop calls to combine gradients: the allreduce engine, the parameter server.
