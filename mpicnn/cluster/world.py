@@ -116,6 +116,17 @@ def make_logger(active: bool) -> logging.Logger:
     return logger
 
 
+def spans(values) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0-2,5'`` (ranks in messages, cores for ``taskset``)."""
+    out, values = [], sorted(values)
+    for i, v in enumerate(values):
+        if i and v == values[i - 1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
 def cuda_aware_override() -> str | None:
     """The user's CUDA-aware setting from the environment, if any (on/off)."""
     value = os.environ.get(CUDA_AWARE_ENV, "").strip().lower()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cluster.errors import print_error
+from ..cluster.world import spans
 
 COMPUTE, WAIT, SERVE, DONE = range(4)     # what a rank's main thread is doing
 TAG = 17
@@ -33,17 +34,6 @@ class Seen:
     step: int = 1
     since: float = 0.0                    # when it entered ``state``
     heard: float = 0.0                    # when its last heartbeat arrived
-
-
-def spans(ranks) -> str:
-    """``[0, 1, 2, 5]`` -> ``'0-2,5'``."""
-    out, ranks = [], sorted(ranks)
-    for i, r in enumerate(ranks):
-        if i and r == ranks[i - 1] + 1:
-            out[-1][1] = r
-        else:
-            out.append([r, r])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 def _describe(seen: Seen, now: float) -> str:
