@@ -379,3 +379,41 @@ def test_ps_async_with_two_servers_across_two_nodes_learns_as_on_one_node(
     assert sum(end["ps_pushes"]) == 2 * 2 * 44 and end["ps_unreceived"] == 0   # on demand
     assert end["val_acc"] >= 0.9
     assert abs(end["val_acc"] - ref_end["val_acc"]) <= 0.05
+
+
+# --- which collective runs across nodes, and whether they agree --------------------------
+
+SGD = ["--optimizer", "sgd", "--lr", "0.05"]    # Adam's first steps would amplify rounding
+WINDOWS = "MPI shared-memory windows within each of 2 nodes (2 ranks each)"
+
+
+@pytest.fixture(scope="module")
+def flat_across(emulated_cluster, tmp_path_factory):
+    """The flat Allreduce over 2 nodes x 2 ranks (no windows): the reference."""
+    where = tmp_path_factory.mktemp("flat")
+    out, _ = train(where, "flat", 4, *COMMON, *SGD, "--shared-memory", "off",
+                   start=across(emulated_cluster, "ucx", expect=["; flat Allreduce;"]))
+    return out
+
+
+@pytest.mark.parametrize("netmod", NETMODS)
+@pytest.mark.cluster
+@pytest.mark.mpi
+def test_windows_within_nodes_and_hierarchical_equal_flat_across_nodes(
+        tmp_path, emulated_cluster, flat_across, netmod):
+    trace = tmp_path / "trace.json"
+    windows, end = train(tmp_path, "windows", 4, *COMMON, *SGD, "--timeline", trace,
+                         start=across(emulated_cluster, netmod, expect=[WINDOWS]))
+    hierarchical, _ = train(tmp_path, "hierarchical", 4, *COMMON, *SGD, "--hierarchical",
+                            start=across(emulated_cluster, netmod,
+                                         expect=["hierarchical (2 node(s): Reduce"]))
+    # the same sums in other orders: equal to float rounding, not bitwise
+    assert max_diff(final(windows), final(flat_across)) <= 1e-5
+    assert max_diff(final(hierarchical), final(flat_across)) <= 1e-5
+    assert end["steps"] == 2 * 22 and end["world_size"] == 4 and end["val_acc"] >= 0.9
+    # every node's ranks are in the one timeline rank 0 wrote
+    events = json.loads(trace.read_text())["traceEvents"]
+    hosts = [node.hostname for node in emulated_cluster.node_list]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {r: f"rank {r} ({hosts[r // 2]})" for r in range(4)}
+    assert {e["pid"] for e in events if e.get("ph") == "X"} == {0, 1, 2, 3}
