@@ -1,8 +1,9 @@
-"""Failure drills only a network shows, across two emulated nodes (root, namespaces).
+"""Stops and failures across two emulated nodes (root, namespaces).
 
-A partition (one node's link taken down), every rank of one node killed at once, and
-one link ten times slower than the other: each job must end (or not) as a user
-expects with default flags, and ``--resume auto`` must go on from what it left.
+A stop signal to one rank of one node, a partition (one node's link taken down),
+every rank of one node killed at once, and one link ten times slower than the other:
+each job must end (or not) as a user expects with default flags, and ``--resume
+auto`` must go on from what it left.
 ``MPICNN_DRILL_REPORT=drills.tsv`` records each drill's exit code and time.
 """
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import private_cluster, read_jsonl
 from drill import Job, assert_one_clean_error, file_contains, rank_pids, record
 
 from mpicnn.cluster.hydra import mpiexec_command
+from mpicnn.resilience.preemption import PREEMPTED_EXIT
 
 pytestmark = [pytest.mark.mpi, pytest.mark.cluster]
 HANG = 240                       # seconds after which a run counts as hung (loaded machine)
@@ -66,6 +69,31 @@ def node_ranks_gone(job: Job, ranks, timeout: float) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+def test_a_stop_signal_on_one_node_stops_both_and_resume_ends_as_if_uninterrupted(
+        tmp_path, cluster):
+    args = [*COMMON, "--epochs", 3]
+    out = tmp_path / "stopped"
+    metrics = out / "m.jsonl"
+    with start(cluster, [*args, "--checkpoint-dir", out, "--metrics", metrics]) as job:
+        job.wait_until(lambda: file_contains(metrics, EPOCH_RECORD), HANG, "an epoch record")
+        os.kill(rank_pids(job.processes())[3], signal.SIGUSR1)     # rank 3, on node 2 alone
+        outcome = job.finish(timeout=HANG)
+    record("preemption: SIGUSR1 to rank 3 (node 2 of 2)", outcome)
+    assert outcome.returncode == PREEMPTED_EXIT, outcome.output[-3000:]
+    assert not outcome.survivors
+    stopped = read_jsonl(metrics)[-1]
+    assert stopped["event"] == "stopped" and stopped["signal"] == "a signal to another rank"
+    step = stopped["step"]
+    assert (out / f"checkpoint-{step:08d}.pt").exists()
+    stdout = resume(cluster, out, "--epochs", 3)
+    assert f"checkpoint-{step:08d}.pt at epoch {stopped['epoch']}, step {step}" in stdout
+    with start(cluster, [*args, "--checkpoint-dir", tmp_path / "plain"]) as job:
+        assert job.finish(timeout=HANG).returncode == 0
+    ours = torch.load(out / "final.pt", weights_only=True)["model"]
+    plain = torch.load(tmp_path / "plain" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
 
 
 def test_partition_ends_the_job_naming_the_node_and_resume_continues(tmp_path, cluster):
