@@ -10,7 +10,6 @@ COMMANDS = {
     "mpicnn.data": ("python -m", "make, convert and inspect HDF5 datasets"),
     "mpicnn.report": ("python -m", "plots and tables from metrics files"),
     "mpicnn.bench": ("python -m", "benchmarks side by side with the peers, as ratios"),
-    "mpicnn.run": ("python -m", "restart a job after a crash: mpicnn.run -- mpirun ..."),
     "mpicnn.cluster": ("python -m", "emulated nodes on one machine: up, run, down (root)"),
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -97,16 +98,26 @@ def digits() -> Path:
     return DIGITS
 
 
-@pytest.fixture(scope="session")
-def emulated_cluster():
-    """Two emulated nodes for the session (own name and subnet); skip where they cannot be made."""
-    from mpicnn.cluster.netns import Cluster, ClusterError
+def private_cluster(tag: str, **settings):
+    """An emulated cluster this test session alone uses: its name and subnet carry our pid.
 
-    cluster = Cluster(name="mpicnntest", nodes=2, subnet="10.77.250.0/24")
+    Sessions of other checkouts run at the same time; ``up`` removes whatever runs under
+    its own name, so a shared name would kill their jobs. Skip where nodes cannot be made.
+    """
+    from mpicnn.cluster.netns import Cluster, ClusterError, free_subnet
+
     try:
-        cluster.up()
+        cluster = Cluster(name=f"{tag}{os.getpid() % 100000}",
+                          subnet=free_subnet(os.getpid() % 256), **settings)
+        return cluster.up()
     except ClusterError as exc:
         pytest.skip(f"cannot emulate nodes here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def emulated_cluster():
+    """Two emulated nodes for the session, each on cores of its own where there are two."""
+    cluster = private_cluster("t", nodes=2)
     try:
         yield cluster
     finally:

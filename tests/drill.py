@@ -85,12 +85,13 @@ class Job:
     """``mpirun -n N python -m mpicnn.train ...`` in the background, its output collected."""
 
     def __init__(self, n: int, args, env: dict | None = None, cwd=None,
-                 module: str = "mpicnn.train"):
+                 module: str = "mpicnn.train", command: list | None = None):
+        """``command``: a whole launcher command line (e.g. across emulated nodes) instead."""
         self.tag = uuid.uuid4().hex
         self.lines = {"stdout": [], "stderr": []}
-        self.started = time.monotonic()
-        self.proc = jobs.start(mpirun_command(n, args, module),
-                                 {**(env or {}), TAG_ENV: self.tag}, cwd or ROOT)
+        self.started, self.ended = time.monotonic(), None
+        self.proc = jobs.start(command or mpirun_command(n, args, module),
+                               {**(env or {}), TAG_ENV: self.tag}, cwd or ROOT)
         self.readers = [threading.Thread(target=self._read, args=(name,), daemon=True)
                         for name in self.lines]
         for reader in self.readers:
@@ -136,14 +137,23 @@ class Job:
                         f"a process of rank {rank}")
         return rank_pids(self.processes())[rank]
 
-    def finish(self, timeout: float, since: float | None = None) -> Outcome:
-        """Wait for mpirun to exit; fail the test if it hangs past ``timeout`` seconds."""
+    def wait_exit(self, timeout: float) -> float:
+        """Wait for mpirun to exit, leaving its ranks alone; when it exited (monotonic).
+
+        Fail the test if it runs past ``timeout`` seconds.
+        """
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill_all()
             pytest.fail(f"job still running after {timeout} s:\n{self._output_tail()}")
-        ended = time.monotonic()
+        if self.ended is None:
+            self.ended = time.monotonic()
+        return self.ended
+
+    def finish(self, timeout: float, since: float | None = None) -> Outcome:
+        """Wait for mpirun to exit; fail the test if it hangs past ``timeout`` seconds."""
+        ended = self.wait_exit(timeout)
         for reader in self.readers:
             reader.join(timeout=10)
         survivors = self._survivors()

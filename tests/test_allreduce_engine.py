@@ -384,8 +384,8 @@ def _max_param_difference(a, b):
 @pytest.mark.mpi
 @pytest.mark.parametrize("n,per_node", [(3, ""), (4, "2")])
 def test_engine_averages_exactly_on_real_ranks(n, per_node, tmp_path):
-    """3 ranks on one node use shared-memory windows; 4 ranks as two fake nodes use MPI
-    collectives, and --hierarchical really crosses 'nodes'."""
+    """3 ranks on one node use shared-memory windows; 4 ranks as two fake nodes use windows
+    within each node and MPI across, and --hierarchical really crosses 'nodes'."""
     r = _worker(n, tmp_path, env={"MPICNN_RANKS_PER_NODE": per_node})
     nodes = n // int(per_node) if per_node else 1
     assert r["size"] == n and r["nodes"] == nodes
@@ -394,7 +394,10 @@ def test_engine_averages_exactly_on_real_ranks(n, per_node, tmp_path):
         assert r[case]["unused_grad_zero"], case               # unused parameter: no hang, zero
     for case in ("engine", "mpi_engine", "one_bucket", "hierarchical", "fp16", "bf16"):
         assert r[case]["views"] and r[case]["overlaps"], case
-    assert ("shared-memory" in r["engine"]["describe"]) == (nodes == 1)
+    # windows within each node; across (fake) nodes each slice through MPI
+    assert "shared-memory windows" in r["engine"]["describe"]
+    assert (f"within each of {nodes} nodes (2 ranks each)" in r["engine"]["describe"]) == \
+        (nodes > 1)
     assert "flat Allreduce" in r["mpi_engine"]["describe"]
     assert len(r["engine"]["buckets"]) >= 2 and len(r["one_bucket"]["buckets"]) == 1
     # rebuilt in the observed ready order: the unused parameter (index 0) comes last

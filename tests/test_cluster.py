@@ -7,15 +7,30 @@ run killed after HANG_S, not as a stuck test session.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import fail_with_output, final, job_env, max_diff, train
 
 from mpicnn.cluster.__main__ import main as cluster_main
 from mpicnn.cluster.hydra import mpiexec_command, run
-from mpicnn.cluster.netns import Cluster, ClusterError, ip, wrapper_script
+from mpicnn.cluster.netns import (
+    Cluster,
+    ClusterError,
+    free_subnet,
+    ip,
+    node_cpus,
+    oversubscribed,
+    rate_bits,
+    wrapper_script,
+)
 
 HANG_S = 120                     # a run takes ~10 s; past this it hangs
 RANKS_PER_NODE = 2
@@ -80,7 +95,7 @@ def test_mpiexec_fills_nodes_ranks_per_node_at_a_time_with_the_netmods_environme
 
 
 def test_wrapper_runs_hydras_command_in_the_hosts_namespace_with_its_hostname(tmp_path):
-    cluster = Cluster("lab", nodes=2, subnet="10.9.8.0/24", state_dir=tmp_path)
+    cluster = Cluster("lab", nodes=2, subnet="10.9.8.0/24", state_dir=tmp_path, pin=False)
     script = tmp_path / "enter"
     script.write_text(wrapper_script(cluster, ip_path="echo", unshare_path="unshare"))
     # hydra's ssh launcher: WRAPPER -x HOST "COMMAND" (the command is shell text, as for ssh)
@@ -94,6 +109,57 @@ def test_wrapper_runs_hydras_command_in_the_hosts_namespace_with_its_hostname(tm
     done = subprocess.run(["sh", script, "-x", "10.9.8.3", "true"], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 255 and "mpicnn cluster lab: no node 10.9.8.3" in done.stderr
+
+
+def test_links_take_the_cluster_rate_but_a_slow_link_its_own():
+    assert rate_bits("1gbit") == 1e9 and rate_bits("100mbit") == 1e8
+    assert rate_bits("2.5gbit") == 2.5e9
+    cluster = Cluster("lab", nodes=3, rate="1gbit", slow_links={2: "100mbit"})
+    assert [n.rate for n in cluster.node_list] == ["1gbit", "100mbit", "1gbit"]
+    assert [n.rate for n in Cluster("lab", slow_links={1: "10mbit"}).node_list] == \
+        ["10mbit", None]
+    for settings, message in [({"rate": "1gb"}, "rate '1gb' is not a tc rate"),
+                              ({"rate": "0mbit"}, "rate '0mbit' is not a tc rate"),
+                              ({"slow_links": {3: "1mbit"}}, "node 3, but the nodes are 1 to 2"),
+                              ({"slow_links": {1: "fast"}}, "rate 'fast' is not")]:
+        with pytest.raises(ClusterError, match=message):
+            Cluster("lab", **settings)
+
+
+def test_each_node_gets_cores_of_its_own_where_there_are_enough():
+    assert node_cpus(2, [0, 1]) == [(0,), (1,)]
+    assert node_cpus(3, [0, 1, 2, 3, 4, 5, 6]) == [(0, 1, 2), (3, 4), (5, 6)]
+    assert node_cpus(1, [4, 5]) == [(4, 5)]
+    assert node_cpus(3, [0, 1]) is None                 # too few: the nodes share them all
+
+
+def test_the_description_says_where_ranks_outnumber_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr("mpicnn.cluster.netns.available_cpus", lambda: [0, 1])
+    two = Cluster("lab", nodes=2, subnet="10.9.8.0/24", rate="1gbit",
+                  slow_links={2: "100mbit"}, state_dir=tmp_path)
+    assert [n.cpus for n in two.node_list] == [(0,), (1,)]
+    assert two.describe(1) == ("cluster lab: 2 node(s) 10.9.8.1, 10.9.8.2 on bridge lab-br; "
+                               "links lab-node1 1gbit, lab-node2 100mbit; cores lab-node1 0, "
+                               "lab-node2 1")
+    assert two.describe(2).endswith("; ranks outnumber cores: 2 rank(s) per node on 1 "
+                                    "core(s) per node")
+    four = Cluster("lab", nodes=4, state_dir=tmp_path)
+    assert [n.cpus for n in four.node_list] == [()] * 4
+    assert "all nodes share this machine's 2 core(s)" in four.describe(1)
+    assert oversubscribed(four, 1) == ("ranks outnumber cores: 4 rank(s) on 2 shared core(s) "
+                                       "(nodes do not have cores of their own here)")
+    assert Cluster("lab", nodes=4, pin=False, state_dir=tmp_path).node_list[0].cpus == ()
+    assert oversubscribed(Cluster("lab", nodes=2, pin=False), 1) == ""
+
+
+def test_wrapper_pins_each_node_to_its_cores(monkeypatch, tmp_path):
+    monkeypatch.setattr("mpicnn.cluster.netns.available_cpus", lambda: [0, 1, 2, 3])
+    cluster = Cluster("lab", nodes=2, subnet="10.9.8.0/24", state_dir=tmp_path)
+    script = wrapper_script(cluster, ip_path="ip", unshare_path="unshare",
+                            taskset_path="/bin/taskset")
+    assert "10.9.8.1|lab-node1) node=lab-node1 pin='/bin/taskset -c 0-1' ;;" in script
+    assert "10.9.8.2|lab-node2) node=lab-node2 pin='/bin/taskset -c 2-3' ;;" in script
+    assert 'exec $pin ip netns exec "$node"' in script
 
 
 def test_up_without_root_or_tools_fails_in_one_line(monkeypatch, tmp_path):
@@ -111,17 +177,117 @@ def test_up_without_root_or_tools_fails_in_one_line(monkeypatch, tmp_path):
     (["run", "--nodes", "2"], "run needs a command after --"),
     (["up", "--name", "Lab"], "cluster name 'Lab' must be"),
     (["run", "--nodes", "9", "--", "true"], "--nodes must be 1 to 8"),
-], ids=["run-without-command", "bad-name", "nine-nodes"])
+    (["up", "--slow-link", "2"], "--slow-link '2' is not NODE:RATE"),
+    (["up", "--slow-link", "3:1mbit"], "--slow-link names node 3, but the nodes are 1 to 2"),
+    (["up", "--rate", "fast"], "rate 'fast' is not a tc rate"),
+], ids=["run-without-command", "bad-name", "nine-nodes", "slow-link-no-rate",
+        "slow-link-no-node", "bad-rate"])
 def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert cluster_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"mpicnn: error: {message}") and err.count("\n") == 1
 
 
+# --- the harness itself (root) -------------------------------------------------------------
+
+def private_settings(tag: str) -> list[str]:
+    """``--name``/``--subnet`` flags for a cluster of this session alone."""
+    try:
+        subnet = free_subnet(os.getpid() % 256 + 64)
+    except ClusterError as exc:
+        pytest.skip(f"cannot emulate nodes here: {exc}")
+    return ["--name", f"{tag}{os.getpid() % 100000}", "--subnet", subnet]
+
+
+def leftovers(name: str) -> list[str]:
+    """Namespaces and links of cluster ``name`` that still exist."""
+    pattern = re.compile(re.escape(name) + r"-(node\d+|h\d+|br)")
+    names = ip("netns", "list").split() + [line.split(":")[1].strip().split("@")[0]
+                                          for line in ip("-o", "link", "show").splitlines()]
+    return [n for n in names if pattern.fullmatch(n)]
+
+
+def cmdline(pid: int) -> bytes:
+    """The command line of ``pid`` (empty once it ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.cluster
+def test_run_shapes_links_pins_cores_and_removes_the_nodes(capfd, emulated_cluster):
+    own = private_settings("r")
+    # one line per node (lines of the two nodes may interleave, never mix)
+    probe = ('echo "$(hostname) cpus=$(taskset -cp $$ | cut -d: -f2 | tr -d " ") '
+             '$(tc qdisc show dev eth0 | grep -o "tbf.*rate [^ ]*") '
+             'routes-out=$(ip route | grep -c default)"')
+    code = cluster_main(["run", *own, "--rate", "1gbit", "--slow-link", "2:100mbit",
+                         "--timeout", str(HANG_S), "--", "sh", "-c", probe])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    name = own[1]
+    assert f"mpicnn: cluster {name}: 2 node(s)" in err
+    assert f"links {name}-node1 1gbit, {name}-node2 100mbit" in err
+    lines = sorted(line.split() for line in out.splitlines() if line.startswith(name))
+    assert [line[0] for line in lines] == [f"{name}-node1", f"{name}-node2"], out
+    assert [line[-2] for line in lines] == ["1Gbit", "100Mbit"], out
+    assert [line[-1] for line in lines] == ["routes-out=0"] * 2      # no route off the bridge
+    if len(os.sched_getaffinity(0)) >= 2:                # pinned: cores of their own
+        assert lines[0][1] != lines[1][1], out
+    assert not leftovers(name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+@pytest.mark.cluster
+def test_a_signal_to_run_kills_the_job_and_removes_the_nodes(sig, emulated_cluster):
+    own = private_settings("s")
+    name = own[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mpicnn.cluster", "run", *own,
+                             "--ranks-per-node", "2", "--", "sleep", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=job_env())
+    try:
+        deadline = time.monotonic() + HANG_S
+        cluster = Cluster(name, subnet=own[3])
+        while not [p for i in (1, 2) for p in cluster.node_pids(i) if b"sleep" in cmdline(p)]:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            Cluster(name).down()
+    why = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
+    assert proc.returncode == 2, (why, out, err)
+    errors = [line for line in err.splitlines() if line.startswith("mpicnn: error:")]
+    assert len(errors) == 1 and "killed the job and removed the nodes" in errors[0], err
+    assert not leftovers(name)
+
+
+@pytest.mark.cluster
+def test_up_after_a_crash_replaces_what_the_crash_left(emulated_cluster):
+    own = private_settings("u")
+    name, subnet = own[1], own[3]
+    Cluster(name, nodes=3, subnet=subnet).up()          # then "crashed": never taken down
+    try:
+        cluster = Cluster(name, nodes=2, subnet=subnet).up()
+        assert sorted(cluster.namespaces()) == [f"{name}-node1", f"{name}-node2"]
+        assert sorted(leftovers(name)) == sorted([f"{name}-node1", f"{name}-node2",
+                                                  f"{name}-h1", f"{name}-h2", f"{name}-br"])
+    finally:
+        Cluster(name).down()
+    assert not leftovers(name)
+
+
 # --- across two emulated nodes (root) ----------------------------------------------------
 
-def across(cluster: Cluster, netmod: str):
-    """A ``launch`` for conftest.train: n ranks over both nodes, RANKS_PER_NODE per node."""
+def across(cluster: Cluster, netmod: str, expect=()):
+    """A ``launch`` for conftest.train: n ranks over both nodes, RANKS_PER_NODE per node.
+
+    ``expect``: lines of the startup log the run must print (e.g. the collective chosen).
+    """
     def launch(n, args):
         command = [sys.executable, "-m", "mpicnn.train", *map(str, args)]
         done = run(cluster, command, RANKS_PER_NODE, n, netmod, timeout=HANG_S, capture=True,
@@ -135,6 +301,8 @@ def across(cluster: Cluster, netmod: str):
         # MPI_COMM_TYPE_SHARED split the ranks by emulated node
         hosts = ", ".join(node.hostname for node in cluster.node_list)
         assert f"world: 2 node(s) x 2 rank(s)/node = {n} rank(s) on {hosts}" in done.stdout
+        for text in expect:
+            assert text in done.stdout, done.stdout[-3000:]
         return done
     return launch
 
@@ -157,7 +325,7 @@ def train_across(tmp_path, cluster, netmod, name):
 def test_nodes_have_their_hostnames_and_a_timeout_kills_every_process(emulated_cluster):
     done = run(emulated_cluster, ["hostname"], 1, timeout=HANG_S, capture=True, env=job_env())
     assert done.returncode == 0 and not done.hung, done.stderr
-    assert sorted(done.stdout.split()) == ["mpicnntest-node1", "mpicnntest-node2"]
+    assert sorted(done.stdout.split()) == [node.hostname for node in emulated_cluster.node_list]
     # hydra's mpiexec ignores SIGTERM and its proxies lead their own sessions
     done = run(emulated_cluster, ["sleep", "600"], 2, timeout=3, capture=True, env=job_env())
     assert done.hung and done.returncode == -9
@@ -211,3 +379,41 @@ def test_ps_async_with_two_servers_across_two_nodes_learns_as_on_one_node(
     assert sum(end["ps_pushes"]) == 2 * 2 * 44 and end["ps_unreceived"] == 0   # on demand
     assert end["val_acc"] >= 0.9
     assert abs(end["val_acc"] - ref_end["val_acc"]) <= 0.05
+
+
+# --- which collective runs across nodes, and whether they agree --------------------------
+
+SGD = ["--optimizer", "sgd", "--lr", "0.05"]    # Adam's first steps would amplify rounding
+WINDOWS = "MPI shared-memory windows within each of 2 nodes (2 ranks each)"
+
+
+@pytest.fixture(scope="module")
+def flat_across(emulated_cluster, tmp_path_factory):
+    """The flat Allreduce over 2 nodes x 2 ranks (no windows): the reference."""
+    where = tmp_path_factory.mktemp("flat")
+    out, _ = train(where, "flat", 4, *COMMON, *SGD, "--shared-memory", "off",
+                   start=across(emulated_cluster, "ucx", expect=["; flat Allreduce;"]))
+    return out
+
+
+@pytest.mark.parametrize("netmod", NETMODS)
+@pytest.mark.cluster
+@pytest.mark.mpi
+def test_windows_within_nodes_and_hierarchical_equal_flat_across_nodes(
+        tmp_path, emulated_cluster, flat_across, netmod):
+    trace = tmp_path / "trace.json"
+    windows, end = train(tmp_path, "windows", 4, *COMMON, *SGD, "--timeline", trace,
+                         start=across(emulated_cluster, netmod, expect=[WINDOWS]))
+    hierarchical, _ = train(tmp_path, "hierarchical", 4, *COMMON, *SGD, "--hierarchical",
+                            start=across(emulated_cluster, netmod,
+                                         expect=["hierarchical (2 node(s): Reduce"]))
+    # the same sums in other orders: equal to float rounding, not bitwise
+    assert max_diff(final(windows), final(flat_across)) <= 1e-5
+    assert max_diff(final(hierarchical), final(flat_across)) <= 1e-5
+    assert end["steps"] == 2 * 22 and end["world_size"] == 4 and end["val_acc"] >= 0.9
+    # every node's ranks are in the one timeline rank 0 wrote
+    events = json.loads(trace.read_text())["traceEvents"]
+    hosts = [node.hostname for node in emulated_cluster.node_list]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {r: f"rank {r} ({hosts[r // 2]})" for r in range(4)}
+    assert {e["pid"] for e in events if e.get("ph") == "X"} == {0, 1, 2, 3}

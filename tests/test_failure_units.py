@@ -23,8 +23,10 @@ from mpicnn.resilience.watchdog import (
     SERVE,
     WAIT,
     Seen,
+    describe_silent,
     diagnose,
     heartbeat_interval,
+    silent_ranks,
     spans,
 )
 from mpicnn.training.optim import build_scheduler
@@ -182,6 +184,27 @@ def test_heartbeat_interval_bounds():
     assert heartbeat_interval(60, 0) == 5.0
     assert heartbeat_interval(60, 2) == 0.5
     assert heartbeat_interval(0.01, 0) == 0.05
+    assert heartbeat_interval(0, 0, 8) == 2.0
+    assert heartbeat_interval(60, 300, 120) == 5.0         # the defaults
+
+
+def test_silent_ranks_are_named_with_their_nodes():
+    heard = [Seen(heard=h) for h in (0.0, 95.0, 30.0, 20.0, 10.0)]
+    # rank 0 is the listener; rank 4 finished (it beats no more); limit 60 s at t = 100
+    assert silent_ranks(heard, finished={4}, now=100.0, limit=60) == [2, 3]
+    assert silent_ranks(heard, finished=set(), now=100.0, limit=100) == []
+    hosts = ["a", "a", "b", "b", "c"]
+    assert describe_silent([2, 3], hosts) == "ranks 2-3 (node b, all its ranks)"
+    assert describe_silent([1, 4], hosts) == "rank 1 (node a), rank 4 (node c)"
+    assert describe_silent([1, 2, 3], hosts) == "rank 1 (node a), ranks 2-3 (node b, all its ranks)"
+
+
+def test_a_hung_or_cut_off_job_ends_with_default_flags():
+    failure = parse_config([]).failure
+    assert failure.stall_abort == 300.0 and failure.unreachable_abort == 120.0
+    assert parse_config(["--unreachable-abort", "60"]).failure.unreachable_abort == 60.0
+    with pytest.raises(MpicnnError, match="--unreachable-abort must not be negative"):
+        parse_config(["--unreachable-abort", "-1"])
 
 
 # --- NaN policy -------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from . import launch
 
 MODELS = {"digitnet": (1, 8, 8), "lenet": (1, 8, 8), "seednet": (3, 32, 32),
           "resnet18": (3, 32, 32)}
-WATCHDOG = {"off": ["--stall-warn", "0"], "default (5 s beats)": [],
+WATCHDOG = {"off": ["--stall-warn", "0", "--stall-abort", "0", "--unreachable-abort", "0"],
+            "default (5 s beats)": [],
             "fastest (0.05 s beats)": ["--stall-warn", "0.2"]}
 
 

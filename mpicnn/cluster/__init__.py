@@ -13,9 +13,11 @@ Emulated nodes on one machine (root and iproute2; ``python -m mpicnn.cluster run
 python -m mpicnn.train`` trains across two nodes and removes them afterwards):
 
 - ``netns``: the nodes: network namespaces, veth links on a bridge without uplink,
-  optional ``tc`` rate limits, idempotent ``up``/``down``, the wrapper hydra runs to
-  enter a node.
+  optional ``tc`` rate limits (one link slower if asked), cores of their own
+  (``taskset``) where there are enough, idempotent ``up``/``down``, links taken down
+  for drills, the wrapper hydra runs to enter a node.
 - ``hydra``: the ``mpiexec`` command line across the nodes per netmod (ucx, ofi), run so
   that a timeout kills every process of the job.
-- ``__main__``: ``python -m mpicnn.cluster up|run|down``.
+- ``__main__``: ``python -m mpicnn.cluster up|run|down``; ``run`` removes the nodes on
+  exit, failure, Ctrl-C, SIGTERM and SIGHUP.
 """

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+import signal
 import sys
 
 from .hydra import NETMODS, mpiexec_command, run
@@ -19,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--subnet", default="10.77.0.0/24",
                        help="IPv4 /24 of the nodes (.1 ...) and the bridge (.254)")
     shape.add_argument("--rate", help="limit every link, e.g. 1gbit (tc tbf); default none")
+    shape.add_argument("--slow-link", action="append", default=[], metavar="NODE:RATE",
+                       help="give node NODE (1-based) a link of its own rate, e.g. 2:100mbit")
+    shape.add_argument("--no-pin", action="store_true",
+                       help="let every node use every core (default: each node gets cores of "
+                            "its own where there are at least as many cores as nodes)")
     shape.add_argument("--ranks-per-node", type=int, default=1, help="MPI ranks per node")
     shape.add_argument("--netmod", choices=sorted(NETMODS), default="ucx",
                        help="MPICH network module across nodes (over TCP; default ucx)")
@@ -38,16 +45,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def slow_links(specs) -> dict[int, str]:
+    """``["2:100mbit"]`` -> ``{2: "100mbit"}``."""
+    links = {}
+    for spec in specs:
+        node, _, rate = spec.partition(":")
+        if not node.isdigit() or not rate:
+            raise ClusterError(f"--slow-link {spec!r} is not NODE:RATE, e.g. 2:100mbit")
+        links[int(node)] = rate
+    return links
+
+
 def cluster_of(args) -> Cluster:
-    return Cluster(args.name, args.nodes, args.subnet, args.rate)
+    return Cluster(args.name, args.nodes, args.subnet, args.rate,
+                   slow_links=slow_links(args.slow_link), pin=not args.no_pin)
+
+
+@contextlib.contextmanager
+def interrupted_by_signals():
+    """Turn Ctrl-C, SIGTERM and SIGHUP into KeyboardInterrupt, which tears the cluster down.
+
+    Ctrl-C too: a shell starts background commands with SIGINT ignored, and Python then
+    raises no KeyboardInterrupt of its own.
+    """
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_up(args, command) -> int:
     cluster = cluster_of(args).up()
     argv, env = mpiexec_command(cluster, command or ["COMMAND"], args.ranks_per_node,
                                 netmod=args.netmod)
-    print(f"mpicnn: cluster {cluster.name} up: {cluster.nodes} node(s) "
-          f"{', '.join(cluster.hosts)} on bridge {cluster.bridge}; run across them with\n"
+    print(f"mpicnn: {cluster.describe(args.ranks_per_node)}; run across them with\n"
           f"  {shlex.join(f'{k}={v}' for k, v in env.items())} {shlex.join(argv)}\n"
           f"and remove them with: python -m mpicnn.cluster down --name {cluster.name}")
     return 0
@@ -56,16 +93,23 @@ def cmd_up(args, command) -> int:
 def cmd_run(args, command) -> int:
     if not command:
         raise ClusterError("run needs a command after --, e.g. -- python -m mpicnn.train")
-    with cluster_of(args) as cluster:     # down also on failure and Ctrl-C
+    cluster = cluster_of(args)
+    with interrupted_by_signals():
         try:
-            done = run(cluster, command, args.ranks_per_node, netmod=args.netmod,
-                       timeout=args.timeout)
-        except KeyboardInterrupt:
-            raise ClusterError("interrupted; killed the job and removed the nodes") from None
+            with cluster:                 # up; down also on failure, Ctrl-C, SIGTERM and SIGHUP
+                print(f"mpicnn: {cluster.describe(args.ranks_per_node)}", file=sys.stderr,
+                      flush=True)
+                done = run(cluster, command, args.ranks_per_node, netmod=args.netmod,
+                           timeout=args.timeout)
+        except KeyboardInterrupt as exc:
+            why = f" by {exc.args[0]}" if exc.args else ""
+            raise ClusterError(f"interrupted{why}; killed the job and removed the nodes") \
+                from None
     if done.hung:
         raise ClusterError(f"{shlex.join(command)} ran past --timeout {args.timeout:g} s; "
                            f"killed it and removed the nodes")
-    return done.returncode
+    # a job killed by a signal exits as a shell reports it
+    return done.returncode if done.returncode >= 0 else 128 - done.returncode
 
 
 def cmd_down(args, command) -> int:

@@ -1,4 +1,9 @@
-"""Emulated nodes: one network namespace per node on a bridge without uplink."""
+"""Emulated nodes: one network namespace per node on a bridge without uplink.
+
+Each node gets its own hostname (a UTS namespace entered by the launcher wrapper), its
+own link to the bridge (optionally limited by ``tc tbf``, one link slower than the
+rest if asked) and, where the machine has the cores, its own CPUs (``taskset``).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import MpicnnError
+from .world import spans
 
 MAX_NODES = 8
 # Interface names hold 15 characters: "<name>-br" and "<name>-h<i>" must fit.
@@ -21,6 +27,9 @@ STATE_ROOT = Path("/run/mpicnn-cluster")
 BRIDGE_HOST = 254                 # the bridge's address in the subnet; nodes are .1 .. .N
 NODE_IFACE = "eth0"               # inside its namespace a node sees a plain eth0
 TBF = ["burst", "512kb", "latency", "100ms"]
+# tc's rate units in bits per second (tc also knows byte units; one spelling is enough)
+RATE = re.compile(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)")
+RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 
 
 class ClusterError(MpicnnError):
@@ -36,6 +45,8 @@ class Node:
     hostname: str
     address: str
     veth: str                     # the host end, enslaved to the bridge
+    rate: str | None = None       # tc rate of its link; None: unlimited
+    cpus: tuple[int, ...] = ()    # the cores its processes run on; (): all of this machine's
 
 
 @dataclass
@@ -47,6 +58,8 @@ class Cluster:
     subnet: str = "10.77.0.0/24"
     rate: str | None = None       # tc rate of every link, e.g. "1gbit"; None: unlimited
     state_dir: Path | None = None  # holds the launcher wrapper; default /run/mpicnn-cluster/<name>
+    slow_links: dict[int, str] = field(default_factory=dict)   # node index -> its own rate
+    pin: bool = True              # give each node its own cores where there are enough
     node_list: list[Node] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -62,8 +75,18 @@ class Cluster:
         if net.version != 4 or net.prefixlen != 24:
             raise ClusterError(f"subnet must be an IPv4 /24 like 10.77.0.0/24, got {self.subnet}")
         self.state_dir = Path(self.state_dir or STATE_ROOT / self.name)
+        if self.rate is not None:
+            rate_bits(self.rate)
+        for index, rate in self.slow_links.items():
+            if not 1 <= index <= self.nodes:
+                raise ClusterError(f"--slow-link names node {index}, but the nodes are "
+                                   f"1 to {self.nodes}")
+            rate_bits(rate)
+        cpus = node_cpus(self.nodes, available_cpus()) if self.pin else None
         self.node_list = [Node(i, f"{self.name}-node{i}", f"{self.name}-node{i}", str(net[i]),
-                               f"{self.name}-h{i}") for i in range(1, self.nodes + 1)]
+                               f"{self.name}-h{i}", self.slow_links.get(i, self.rate),
+                               cpus[i - 1] if cpus else ())
+                          for i in range(1, self.nodes + 1)]
 
     @property
     def bridge(self) -> str:
@@ -82,6 +105,24 @@ class Cluster:
         """The executable that runs a command inside a node: ``WRAPPER [-x] HOST COMMAND``."""
         return self.state_dir / "enter"
 
+    def describe(self, ranks_per_node: int | None = None) -> str:
+        """One line: nodes, addresses, links, cores (and whether ranks outnumber them)."""
+        rates = {node.rate for node in self.node_list}
+        links = ("links unlimited" if rates == {None} else "links " + ", ".join(
+            f"{node.hostname} {node.rate or 'unlimited'}" for node in self.node_list)
+            if len(rates) > 1 else f"links {self.rate}")
+        line = (f"cluster {self.name}: {self.nodes} node(s) {', '.join(self.hosts)} on bridge "
+                f"{self.bridge}; {links}; {self.describe_cpus()}")
+        crowded = ranks_per_node and oversubscribed(self, ranks_per_node)
+        return f"{line}; {crowded}" if crowded else line
+
+    def describe_cpus(self) -> str:
+        """Which cores each node computes on."""
+        if not self.node_list[0].cpus:
+            return f"all nodes share this machine's {len(available_cpus())} core(s)"
+        return "cores " + ", ".join(f"{node.hostname} {spans(node.cpus)}"
+                                    for node in self.node_list)
+
     def node_for(self, host: str) -> Node:
         """The node whose address or hostname is ``host``."""
         for node in self.node_list:
@@ -99,7 +140,8 @@ class Cluster:
 
     def up(self) -> Cluster:
         """Create bridge, namespaces and links (after removing leftovers of this name)."""
-        check_tools(["ip", "unshare"] + (["tc"] if self.rate else []))
+        check_tools(["ip", "unshare"] + (["tc"] if any(n.rate for n in self.node_list) else [])
+                    + (["taskset"] if self.node_list[0].cpus else []))
         self.down()
         try:
             self._check_subnet_free()
@@ -124,10 +166,21 @@ class Cluster:
         ip("-n", ns, "addr", "add", f"{node.address}/24", "dev", NODE_IFACE)
         ip("-n", ns, "link", "set", NODE_IFACE, "up")
         ip("-n", ns, "link", "set", "lo", "up")
-        if self.rate:           # both ends, so each direction of the link is limited
-            tc("qdisc", "add", "dev", node.veth, "root", "tbf", "rate", self.rate, *TBF)
-            tc("-n", ns, "qdisc", "add", "dev", NODE_IFACE, "root", "tbf", "rate", self.rate,
+        if node.rate:           # both ends, so each direction of the link is limited
+            tc("qdisc", "add", "dev", node.veth, "root", "tbf", "rate", node.rate, *TBF)
+            tc("-n", ns, "qdisc", "add", "dev", NODE_IFACE, "root", "tbf", "rate", node.rate,
                *TBF)
+
+    def set_link(self, index: int, up: bool) -> None:
+        """Take node ``index``'s link down (a network partition) or bring it back up."""
+        node = self.node_list[index - 1]
+        ip("link", "set", node.veth, "up" if up else "down",
+           what=f"cannot set the link of {node.hostname} {'up' if up else 'down'}")
+
+    def node_pids(self, index: int) -> list[int]:
+        """The processes running inside node ``index`` now."""
+        return [int(p) for p in ip("netns", "pids", self.node_list[index - 1].namespace,
+                                   check=False).split()]
 
     def _check_subnet_free(self) -> None:
         net = ipaddress.ip_network(self.subnet)
@@ -175,12 +228,15 @@ class Cluster:
 
 
 def wrapper_script(cluster: Cluster, ip_path: str | None = None,
-                   unshare_path: str | None = None) -> str:
+                   unshare_path: str | None = None, taskset_path: str | None = None) -> str:
     """The shell script that hydra's ssh launcher runs instead of ssh (a case per node)."""
     ip_path = ip_path or shutil.which("ip") or "ip"
     unshare_path = unshare_path or shutil.which("unshare") or "unshare"
-    cases = "".join(f"  {node.address}|{node.hostname}) node={node.namespace} ;;\n"
-                    for node in cluster.node_list)
+    taskset_path = taskset_path or shutil.which("taskset") or "taskset"
+    # pinned nodes start through taskset: the node's processes inherit its cores
+    cases = "".join(f"  {node.address}|{node.hostname}) node={node.namespace}"
+                    + (f" pin='{taskset_path} -c {spans(node.cpus)}'" if node.cpus else "")
+                    + " ;;\n" for node in cluster.node_list)
     # ssh hands its remote shell the command as one string, so the command is shell text
     # here too; the UTS namespace gives each node its own hostname for the rank's logs.
     return (f"#!/bin/sh\n"
@@ -191,8 +247,62 @@ def wrapper_script(cluster: Cluster, ip_path: str | None = None,
             f'  *) echo "mpicnn cluster {cluster.name}: no node $1" >&2; exit 255 ;;\n'
             f"esac\n"
             f"shift\n"
-            f'exec {ip_path} netns exec "$node" {unshare_path} --uts '
+            f'exec $pin {ip_path} netns exec "$node" {unshare_path} --uts '
             f'sh -c "hostname $node && exec $*"\n')
+
+
+def free_subnet(seed: int = 0) -> str:
+    """An IPv4 /24 in 10.77.0.0/16 that no interface here uses (searched from ``seed``)."""
+    check_tools(["ip"])
+    used = {ipaddress.ip_interface(line.split()[3]).network.network_address.packed[:3]
+            for line in ip("-o", "-4", "addr", "show").splitlines() if len(line.split()) > 3}
+    for i in range(256):
+        third = (seed + i) % 256
+        if bytes([10, 77, third]) not in used:
+            return f"10.77.{third}.0/24"
+    raise ClusterError("every 10.77.X.0/24 is in use; pass a subnet of your own")
+
+
+def rate_bits(rate: str) -> float:
+    """Bits per second of a tc rate such as ``1gbit`` or ``100mbit``."""
+    match = RATE.fullmatch(rate)
+    if not match or float(match.group(1)) <= 0:
+        raise ClusterError(f"rate {rate!r} is not a tc rate like 10gbit, 1gbit or 100mbit")
+    return float(match.group(1)) * RATE_UNITS[match.group(2)]
+
+
+def available_cpus() -> list[int]:
+    """The cores this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else list(range(os.cpu_count() or 1))
+
+
+def node_cpus(nodes: int, cpus: list[int]) -> list[tuple[int, ...]] | None:
+    """Each node's own cores (consecutive, remainder to the first nodes); None if too few."""
+    if nodes > len(cpus):
+        return None
+    share, extra = divmod(len(cpus), nodes)
+    out, start = [], 0
+    for i in range(nodes):
+        width = share + (1 if i < extra else 0)
+        out.append(tuple(cpus[start:start + width]))
+        start += width
+    return out
+
+
+def oversubscribed(cluster: Cluster, ranks_per_node: int) -> str:
+    """A note when ranks outnumber the cores they compute on (else empty)."""
+    if cluster.node_list[0].cpus:
+        smallest = min(len(node.cpus) for node in cluster.node_list)
+        if ranks_per_node > smallest:
+            return (f"ranks outnumber cores: {ranks_per_node} rank(s) per node on "
+                    f"{smallest} core(s) per node")
+        return ""
+    ranks, cores = ranks_per_node * cluster.nodes, len(available_cpus())
+    if ranks > cores:
+        return (f"ranks outnumber cores: {ranks} rank(s) on {cores} shared core(s) (nodes do "
+                f"not have cores of their own here)")
+    return ""
 
 
 def check_tools(programs) -> None:

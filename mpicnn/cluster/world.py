@@ -39,6 +39,7 @@ class World:
     local_size: int = 1
     node: int = 0                    # index of this node among nodes
     num_nodes: int = 1
+    even_nodes: bool = True          # every node runs the same number of ranks
     hostname: str = field(default_factory=socket.gethostname)
     device: object = None            # torch.device, set by bind_device()
     log: logging.Logger = None
@@ -92,12 +93,14 @@ def init_world() -> World:
     else:
         local_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local_comm.Get_rank(), local_comm.Get_size()
-    leaders = comm.allgather(local_rank == 0)
+    seen = comm.allgather((local_rank == 0, local_size))
+    leaders = [leader for leader, _ in seen]
     node = sum(leaders[: rank + 1]) - 1 if local_rank == 0 else None
     node = local_comm.bcast(node, root=0)
     world = World(comm=comm, rank=rank, size=size, local_comm=local_comm,
                   local_rank=local_rank, local_size=local_size,
                   node=node, num_nodes=sum(leaders),
+                  even_nodes=len({sizes for _, sizes in seen}) == 1,
                   job=comm.bcast(batch_job(), root=0))   # rank 0's view, so all agree
     world.log = make_logger(world.is_root)
     announce(world)
@@ -129,6 +132,17 @@ def make_logger(active: bool) -> logging.Logger:
         logger.addHandler(logging.NullHandler())
         logger.setLevel(logging.CRITICAL + 1)
     return logger
+
+
+def spans(values) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0-2,5'`` (ranks in messages, cores for ``taskset``)."""
+    out, values = [], sorted(values)
+    for i, v in enumerate(values):
+        if i and v == values[i - 1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 def cuda_aware_override() -> str | None:

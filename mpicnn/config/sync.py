@@ -29,7 +29,8 @@ class SyncConfig:
     hierarchical: bool = opt(False, "reduce within each node, allreduce across node leaders, "
                              "broadcast within the node", "distributed")
     shared_memory: str = opt("auto", "auto: ranks of one node average CPU buckets in MPI "
-                             "shared-memory windows; off: always MPI Allreduce", "distributed",
+                             "shared-memory windows (and allreduce their slices across "
+                             "nodes); off: always MPI Allreduce", "distributed",
                              ["auto", "off"])
     # parameter-server modes (ps-sync, ps-async) and straggler simulation
     servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "

@@ -1,7 +1,8 @@
 """Failures: stop signals, stalls, non-finite steps, crashes and restarts; test-only drills.
 
 - ``preemption``: SIGUSR1/SIGTERM/SIGINT → every rank stops after the same step.
-- ``watchdog``: heartbeats to rank 0, stall warnings naming the missing ranks, stall abort.
+- ``watchdog``: heartbeats to rank 0 and its answers, stall warnings naming the missing
+  ranks, stall abort, and the end of a job whose node is cut off (``--unreachable-abort``).
 - ``nan_policy``: abort or skip a step whose gradient is not finite.
 - ``step_guard``: the hooks the loop calls by name around each step (the two above, drills).
 - ``crash``: what ended a launch (status, rank, node, signal) from what it printed.

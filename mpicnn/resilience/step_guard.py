@@ -17,8 +17,9 @@ class StepGuard:
     def __init__(self, failure, world):
         self.policy = NanGuard(failure.nan_policy, world.log)
         self.sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank)
-        watch = world.size > 1 and (failure.stall_warn > 0 or failure.stall_abort > 0)
-        self.watchdog = Watchdog(world, failure.stall_warn, failure.stall_abort) if watch else None
+        limits = (failure.stall_warn, failure.stall_abort, failure.unreachable_abort)
+        watch = world.size > 1 and any(limit > 0 for limit in limits)
+        self.watchdog = Watchdog(world, *limits) if watch else None
 
     def _mark(self, state: int, step: int) -> None:
         if self.watchdog is not None:

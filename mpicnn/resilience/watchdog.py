@@ -1,4 +1,4 @@
-"""Stall detection: rank 0 names the ranks that keep the others waiting at an exchange.
+"""Stall and partition detection: rank 0 names the ranks that keep the others waiting.
 
 Every rank's main thread marks when it starts waiting at an exchange and when it goes
 on computing. A daemon thread on each rank sends that status to rank 0 every few
@@ -8,9 +8,16 @@ thread compares the statuses: when ranks have waited at one exchange for
 ``--stall-warn`` seconds it logs which ranks are missing and where they are; after
 ``--stall-abort`` seconds it ends the job. Ranks only send their own elapsed times,
 so clocks need not agree.
+
+A network partition shows as silence rather than as a wait: rank 0 answers each
+heartbeat, and when a rank's heartbeats have been missing for ``--unreachable-abort``
+seconds, rank 0 names it and its node and aborts the job. A rank cut off from rank 0
+cannot be ended through the launcher (its node is unreachable), so when it has heard
+no answer for 1.5 times as long it ends itself: no process spins on after the job.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,11 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..cluster.errors import print_error
+from ..cluster.world import spans
 
 COMPUTE, WAIT, SERVE, DONE = range(4)     # what a rank's main thread is doing
 TAG = 17
+ANSWER_TAG = 18                           # rank 0's answer to a heartbeat
 STALL_EXIT = 3
 MAX_LISTED = 8                            # missing ranks described one by one
+CUT_OFF_FACTOR = 1.5                      # a cut-off rank waits longer than rank 0's verdict
 
 
 @dataclass
@@ -33,17 +43,6 @@ class Seen:
     step: int = 1
     since: float = 0.0                    # when it entered ``state``
     heard: float = 0.0                    # when its last heartbeat arrived
-
-
-def spans(ranks) -> str:
-    """``[0, 1, 2, 5]`` -> ``'0-2,5'``."""
-    out, ranks = [], sorted(ranks)
-    for i, r in enumerate(ranks):
-        if i and r == ranks[i - 1] + 1:
-            out[-1][1] = r
-        else:
-            out.append([r, r])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 def _describe(seen: Seen, now: float) -> str:
@@ -82,21 +81,42 @@ def diagnose(seen: list[Seen], now: float, silent_after: float):
                            f"{', '.join(notes)}")
 
 
-def heartbeat_interval(warn: float, abort: float) -> float:
+def heartbeat_interval(*limits: float) -> float:
     """Seconds between heartbeats: a quarter of the shortest threshold, within [0.05, 5]."""
-    shortest = min(t for t in (warn, abort) if t > 0)
+    shortest = min(t for t in limits if t > 0)
     return min(5.0, max(0.05, shortest / 4))
+
+
+def silent_ranks(seen: list[Seen], finished, now: float, limit: float) -> list[int]:
+    """Ranks (not rank 0, not finished) whose last heartbeat is ``limit`` seconds old."""
+    return [r for r in range(1, len(seen))
+            if r not in finished and now - seen[r].heard >= limit]
+
+
+def describe_silent(ranks: list[int], hosts: list[str]) -> str:
+    """``ranks 2-3 (node b, all its ranks)``; ranks grouped by node in rank order."""
+    by_host = {}
+    for r in ranks:
+        by_host.setdefault(hosts[r], []).append(r)
+    parts = []
+    for host, group in by_host.items():
+        whole = len(group) == hosts.count(host) and len(group) > 1
+        who = f"rank {group[0]}" if len(group) == 1 else f"ranks {spans(group)}"
+        parts.append(f"{who} (node {host}{', all its ranks' if whole else ''})")
+    return ", ".join(parts)
 
 
 class Watchdog:
     """Heartbeats to rank 0 and stall reports; created on every rank (it ``Dup()``s)."""
 
-    def __init__(self, world, warn: float, abort: float = 0.0):
+    def __init__(self, world, warn: float, abort: float = 0.0, unreachable: float = 0.0):
         from mpi4py import MPI
 
         self.world, self.warn, self.abort_after = world, warn, abort
-        self.interval = heartbeat_interval(warn, abort)
+        self.unreachable = unreachable
+        self.interval = heartbeat_interval(warn, abort, unreachable)
         self.comm = world.comm.Dup()
+        self.hosts = self.comm.allgather(world.hostname)
         self.status = (COMPUTE, 1, time.monotonic())   # replaced whole: atomic for the thread
         self.stop = threading.Event()
         self.abandon = False
@@ -132,12 +152,22 @@ class Watchdog:
         return np.array([state, step, int(1000 * (time.monotonic() - since))], np.int64)
 
     def _beat(self) -> None:
-        """Non-root ranks: send this rank's status to rank 0 every interval."""
-        request = None
+        """Non-root ranks: send this rank's status to rank 0 every interval.
+
+        Also take rank 0's answers; with none for ``CUT_OFF_FACTOR`` times
+        ``--unreachable-abort`` this rank is cut off from rank 0, and ends itself.
+        """
+        request, answered, answer = None, time.monotonic(), np.empty(1, np.int64)
         while True:
             stopping = self.stop.wait(self.interval)
             if self.abandon:
                 return
+            while (message := self.comm.Improbe(0, ANSWER_TAG)) is not None:
+                message.Recv(answer)
+                answered = time.monotonic()
+            quiet = time.monotonic() - answered
+            if not stopping and self.unreachable and quiet >= CUT_OFF_FACTOR * self.unreachable:
+                self._cut_off(quiet)
             if request is not None and not stopping and not request.Test():
                 continue                  # rank 0 is behind; skip a beat rather than queue
             if request is not None:
@@ -148,6 +178,15 @@ class Watchdog:
                 request.Wait()
                 return
 
+    def _cut_off(self, quiet: float) -> None:
+        """End this rank: rank 0 is unreachable, so no abort could reach us through it."""
+        world = self.world
+        print_error(f"unreachable: rank {world.rank} (node {world.hostname}) has heard "
+                    f"nothing from rank 0 (node {self.hosts[0]}) for {quiet:.0f} s: "
+                    f"the network between them is down; ending this rank (the last "
+                    f"checkpoint is kept: continue with --resume auto)")
+        os._exit(STALL_EXIT)
+
     def _watch(self) -> None:
         """Rank 0: collect statuses, warn about stalls, abort after ``--stall-abort``."""
         from mpi4py import MPI
@@ -155,6 +194,7 @@ class Watchdog:
         start = time.monotonic()
         seen = [Seen(since=start, heard=start) for _ in range(self.world.size)]
         finished, buf, probe = set(), np.empty(3, np.int64), MPI.Status()
+        answers, token = {}, np.zeros(1, np.int64)      # rank -> its answer still in flight
         while not self.abandon:
             if self.stop.is_set():
                 time.sleep(min(self.interval, 0.05))
@@ -167,13 +207,26 @@ class Watchdog:
                 seen[source] = Seen(int(buf[0]), int(buf[1]), now - buf[2] / 1000, now)
                 if buf[0] == DONE:
                     finished.add(source)
+                elif source not in answers or answers[source].Test():
+                    answers[source] = self.comm.Isend(token, dest=source, tag=ANSWER_TAG)
             state, step, since = self.status
             seen[0] = Seen(state, step, since, now)
-            self._check(seen, now)
+            self._check(seen, finished, now)
             if self.stop.is_set() and len(finished) == self.world.size - 1:
+                MPI.Request.Waitall(list(answers.values()))
                 return
 
-    def _check(self, seen: list[Seen], now: float) -> None:
+    def _check(self, seen: list[Seen], finished, now: float) -> None:
+        if self.unreachable:
+            silent = silent_ranks(seen, finished, now, self.unreachable)
+            if silent:
+                print_error(f"unreachable: no heartbeat for {self.unreachable:g} s from "
+                            f"{describe_silent(silent, self.hosts)}: its node is down or cut "
+                            f"off from rank 0's ({self.hosts[0]}); aborting after "
+                            f"--unreachable-abort {self.unreachable:g} s (the last checkpoint "
+                            f"is kept: continue with --resume auto)")
+                self.world.abort(STALL_EXIT)
+                return
         found = diagnose(seen, now, silent_after=max(3 * self.interval, 2.0))
         if found is None:
             self.reported = None

@@ -85,7 +85,7 @@ SLICE_BYTES = 256 << 10          # summed then divided while still in cache
 
 
 class SharedMemoryAllreduce(Collective):
-    """Buckets in shared windows of the node; other buffers go through an Allreduce.
+    """Buckets in shared windows of each node, slices summed across nodes by MPI.
 
     Each bucket lives in an MPI-3 shared window (``Win.Allocate_shared`` on the node's
     communicator), so every rank can read every other rank's bucket. To average one,
@@ -96,16 +96,29 @@ class SharedMemoryAllreduce(Collective):
     exchange tolerates cores shared with backward. Memory traffic is two bucket sizes
     per rank, against about five for a two-copy Allreduce. Summing in rank order makes
     the result independent of the bucket layout.
+
+    Across nodes (every node with the same number of ranks), the owner of a slice
+    allreduces its node's sum of that slice with the owners of the same slice on the
+    other nodes before dividing: every local rank carries its share of the cross-node
+    traffic, and each node's link carries the leaders' volume of a hierarchical
+    allreduce, not the flat ring's.
     """
 
-    def __init__(self, local_comm):
+    def __init__(self, local_comm, comm=None):
         self.comm = local_comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.fallback = FlatAllreduce(self.comm)
+        self.total = self.size if comm is None else comm.Get_size()
+        self.nodes = self.total // self.size
+        # the owners of one slice, one per node, in node order
+        self.across = comm.Split(self.rank, comm.Get_rank()) if self.nodes > 1 else None
+        self.fallback = FlatAllreduce(self.comm if comm is None else comm)
         self._windows = {}       # data_ptr of this rank's segment -> (window, all segments)
 
     def describe(self) -> str:
-        return f"MPI shared-memory windows ({self.size} ranks of one node)"
+        if self.across is None:
+            return f"MPI shared-memory windows ({self.size} ranks of one node)"
+        return (f"MPI shared-memory windows within each of {self.nodes} nodes ({self.size} "
+                f"ranks each), each rank's slice summed across nodes by MPI Allreduce")
 
     def allocate(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         from mpi4py import MPI
@@ -138,19 +151,44 @@ class SharedMemoryAllreduce(Collective):
         lo, hi = n * self.rank // size, n * (self.rank + 1) // size
         step = max(1, SLICE_BYTES // flat.element_size())
         self._fence(window)                          # every rank's gradients are written
-        scratch = torch.empty(min(step, max(hi - lo, 1)), dtype=flat.dtype)
+        if self.across is not None:                  # the node's sums, then one Allreduce
+            sums = torch.empty(max(hi - lo, 1), dtype=flat.dtype)
+            for start in range(lo, hi, step):
+                self._sum_local(segments, start, min(hi, start + step),
+                                sums[start - lo: min(hi, start + step) - lo])
+            self._across_nodes(sums[: hi - lo])
+        else:
+            sums = torch.empty(min(step, max(hi - lo, 1)), dtype=flat.dtype)
         for start in range(lo, hi, step):
             stop = min(hi, start + step)
-            total = scratch[: stop - start]
-            torch.add(segments[0][start:stop], segments[1][start:stop], out=total)
-            for other in segments[2:]:
-                total.add_(other[start:stop])
+            if self.across is not None:
+                total = sums[start - lo: stop - lo]
+            else:
+                total = sums[: stop - start]
+                self._sum_local(segments, start, stop, total)
             mean = flat[start:stop]
-            torch.div(total, size, out=mean)
+            torch.div(total, self.total, out=mean)
             for segment in segments:                 # the owner of a slice writes it everywhere
                 if segment is not flat:
                     segment[start:stop].copy_(mean)
         self._fence(window)                          # every slice is averaged, in every bucket
+
+    def _sum_local(self, segments, start: int, stop: int, total: torch.Tensor) -> None:
+        """``total`` = the sum of this node's buckets over ``[start, stop)``, in rank order."""
+        if len(segments) == 1:
+            total.copy_(segments[0][start:stop])
+            return
+        torch.add(segments[0][start:stop], segments[1][start:stop], out=total)
+        for other in segments[2:]:
+            total.add_(other[start:stop])
+
+    def _across_nodes(self, sums: torch.Tensor) -> None:
+        """Sum ``sums`` with the same slice of every other node."""
+        from mpi4py import MPI
+
+        array = sums.numpy()
+        for start, stop in chunks(sums.numel()):
+            self.across.Allreduce(MPI.IN_PLACE, array[start:stop], op=MPI.SUM)
 
     def _fence(self, window) -> None:
         window.Sync()
@@ -166,4 +204,6 @@ class SharedMemoryAllreduce(Collective):
             window.Free()
         self._windows = {}
         self.fallback.free()
+        if self.across is not None:
+            self.across.Free()
         self.comm.Free()

@@ -67,10 +67,12 @@ class AllreduceStrategy(Strategy):
         codec = Codec(self.cfg.sync.compression, self.world.size)
         if self.cfg.sync.hierarchical:
             collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm)
-        elif (self.cfg.sync.shared_memory == "auto" and self.world.num_nodes == 1
-              and device.type == "cpu" and codec.wire_dtype is None and self.cfg.sync.bucket_mb > 0
+        elif (self.cfg.sync.shared_memory == "auto" and self.world.local_size > 1
+              and self.world.even_nodes and device.type == "cpu" and codec.wire_dtype is None
+              and self.cfg.sync.bucket_mb > 0
               and self.params[0].dtype in (torch.float32, torch.float64)):
-            collective = SharedMemoryAllreduce(self.world.local_comm)
+            # windows within each node; across nodes each rank's slice goes through MPI
+            collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm)
         else:
             collective = FlatAllreduce(self.world.comm)
         aware, self._buffers_why = choose_path(self.cfg.sync.cuda_aware, device.type,
