@@ -186,9 +186,8 @@ class SharedMemoryAllreduce(Collective):
         """Sum ``sums`` with the same slice of every other node."""
         from mpi4py import MPI
 
-        array = sums.numpy()
-        for start, stop in chunks(sums.numel()):
-            self.across.Allreduce(MPI.IN_PLACE, array[start:stop], op=MPI.SUM)
+        for part in chunks(sums.numpy()):
+            self.across.Allreduce(MPI.IN_PLACE, part, op=MPI.SUM)
 
     def _fence(self, window) -> None:
         window.Sync()
