@@ -1,12 +1,15 @@
 """The peer for ``bench comm``: PyTorch DDP over gloo, driven by mpicnn's own loop and loader.
 
-``mpirun -n N python -m mpicnn.bench._ddp_peer [train flags]`` prints one JSON line
-(rank 0) with the training images/s, measured exactly as ``mpicnn.train`` does.
-MPI serves only to number the ranks and share the rendezvous port.
+``mpirun -n N python -m mpicnn.bench._ddp_peer [--ddp-hook fp16] [train flags]`` prints
+one JSON line (rank 0) with the training images/s, measured exactly as ``mpicnn.train``
+does. MPI serves only to number the ranks and share the rendezvous port; across nodes
+the rendezvous is rank 0's ``MASTER_ADDR`` (and gloo's ``GLOO_SOCKET_IFNAME``).
+``--ddp-hook fp16`` compresses gradients with DDP's own ``fp16_compress_hook``.
 """
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 
@@ -35,15 +38,26 @@ class DDPStrategy(Strategy):
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
+def split_hook(argv) -> tuple[str, list[str]]:
+    """(``--ddp-hook`` value or "none", the other arguments)."""
+    argv = list(argv)
+    if "--ddp-hook" in argv:
+        at = argv.index("--ddp-hook")
+        return argv[at + 1], argv[:at] + argv[at + 2:]
+    return "none", argv
+
+
 def run(world, argv) -> int:
+    hook, argv = split_hook(argv)
     cfg = parse_config(argv)
     device = bind_device(world, cfg.sync.device, cfg.sync.threads)
     port = world.comm.bcast(free_port() if world.is_root else None, root=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}",
                             rank=world.rank, world_size=world.size)
     try:
         data = open_dataset(cfg.data.data)
@@ -54,6 +68,10 @@ def run(world, argv) -> int:
         torch.manual_seed(cfg.training.seed)
         model = build_model(cfg.training.model, data.input_shape, data.num_classes).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
+        if hook == "fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         optimizer = build_optimizer(cfg.training, ddp.parameters(), global_batch)
         strategy = DDPStrategy(world, cfg)
         scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
