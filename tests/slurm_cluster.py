@@ -1,5 +1,7 @@
-"""A real one-node SLURM cluster on localhost for tests: munged, slurmctld and slurmd.
+"""A real SLURM cluster on this machine for tests: munged, slurmctld and slurmd.
 
+One node on localhost, or one slurmd in each node of an emulated cluster
+(``mpicnn.cluster.netns``), slurmctld on the bridge: then jobs really span nodes.
 Everything (munge key and socket, configuration, state, logs) lives in one private
 directory, and the daemons run in the foreground as children of this process, so they are
 stopped by process id and never outlive the test session. Client commands find the
@@ -75,9 +77,9 @@ def free_port() -> int:
 
 
 SLURM_CONF = """\
-# One-node test cluster on localhost (written by tests/slurm_cluster.py).
+# Test cluster on this machine (written by tests/slurm_cluster.py).
 ClusterName=mpicnntest
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({ctld_addr})
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
@@ -87,11 +89,11 @@ CredType=cred/munge
 # cred_expire also delays the restart of a requeued job (default 120 s).
 AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups in containers: track processes by parent id, bind nothing.
@@ -109,6 +111,9 @@ SelectTypeParameters=CR_CPU
 # Declare more CPUs than the machine has so multi-rank jobs fit on a small runner.
 SlurmdParameters=config_overrides
 ReturnToService=2
+# MPICH names a job step's shared memory after "<job>.<step>": job ids of their own keep
+# this cluster's steps off segments that other test clusters' crashed jobs left behind.
+FirstJobId={first_job_id}
 JobRequeue=1
 MinJobAge=3600
 KillWait=5
@@ -116,20 +121,35 @@ InactiveLimit=0
 MailProg=/bin/true
 # Fake GPUs, so job scripts asking for --gpus-per-node run unchanged.
 GresTypes=gpu
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} Gres=gpu:{gpus} RealMemory=4000 State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
-class LocalSlurm:
-    """Start, use and stop a private one-node SLURM cluster under ``root``."""
+NODE_LINE = ("NodeName={name} NodeAddr={addr} CPUs={cpus} Gres=gpu:{gpus} RealMemory=4000 "
+             "State=UNKNOWN")
 
-    def __init__(self, root: str | os.PathLike, cpus: int = 8, gpus: int = 4):
+
+class LocalSlurm:
+    """Start, use and stop a private SLURM cluster under ``root``.
+
+    ``nodes``: an emulated cluster that is up (``mpicnn.cluster.netns.Cluster``); a
+    slurmd runs in each of its nodes, named by the node's hostname. Without it, one node
+    on localhost. Each node declares ``cpus`` CPUs and ``gpus`` fake GPUs.
+    """
+
+    def __init__(self, root: str | os.PathLike, cpus: int = 8, gpus: int = 4, nodes=None):
         self.root = Path(root).resolve()
-        self.cpus, self.gpus = cpus, gpus
+        self.cpus, self.gpus, self.nodes = cpus, gpus, nodes
         self.host = socket.gethostname().split(".")[0]
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
+
+    def node_addresses(self) -> dict[str, str]:
+        """{node name: address} of the cluster's slurmd nodes."""
+        if self.nodes is None:
+            return {self.host: "127.0.0.1"}
+        return {node.hostname: node.address for node in self.nodes.node_list}
 
     @property
     def env(self) -> dict:
@@ -158,10 +178,21 @@ class LocalSlurm:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o400)
-        self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root, cpus=self.cpus,
-                                               gpus=self.gpus, ctld_port=free_port(),
-                                               slurmd_port=free_port()))
+        lines = "\n".join(NODE_LINE.format(name=name, addr=addr, cpus=self.cpus, gpus=self.gpus)
+                           for name, addr in self.node_addresses().items())
+        ctld_addr = "127.0.0.1" if self.nodes is None else self.nodes.bridge_address
+        self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root,
+                                               ctld_addr=ctld_addr, node_lines=lines,
+                                               first_job_id=1000 * (os.getpid() % 60000 + 1),
+                                               ctld_port=free_port(), slurmd_port=free_port()))
         self._write_gres()
+        if self.nodes is not None:
+            # `ip netns exec` mounts a fresh /sys for the node: cgroups are seen through
+            # the machine's own root instead (slurmd will not start without them)
+            version = "v1" if Path("/sys/fs/cgroup/cpu").exists() else "v2"
+            (self.root / "cgroup.conf").write_text(
+                f"CgroupPlugin=cgroup/{version}\n"
+                f"CgroupMountpoint=/proc/1/root/sys/fs/cgroup\n")
         munge = self.root / "munge"
         self._spawn("munged", [find("munged"), "-F", "-f", f"--socket={munge}/munge.socket",
                                f"--key-file={key}", f"--pid-file={munge}/munged.pid",
@@ -169,8 +200,14 @@ class LocalSlurm:
                                f"--seed-file={munge}/munged.seed"])
         self._wait_for(lambda: (munge / "munge.socket").exists(), timeout, "munged socket")
         self._spawn("slurmctld", [find("slurmctld"), "-D", "-i", "-f", self.conf])
-        self._spawn("slurmd", [find("slurmd"), "-D", "-f", self.conf])
-        self._wait_for(self._node_ready, timeout, "node to become idle")
+        if self.nodes is None:
+            self._spawn("slurmd", [find("slurmd"), "-D", "-f", self.conf])
+        for node in getattr(self.nodes, "node_list", ()):
+            (self.root / "spool" / node.hostname).mkdir(exist_ok=True)   # SlurmdSpoolDir
+            # inside the node: its namespace, hostname and cores (the launcher wrapper)
+            command = f"{find('slurmd')} -D -N {node.hostname} -f {self.conf}"
+            self._spawn(f"slurmd-{node.index}", [self.nodes.wrapper, node.address, command])
+        self._wait_for(self._node_ready, timeout, "nodes to become idle")
         return self
 
     def _write_gres(self) -> None:
@@ -195,7 +232,9 @@ class LocalSlurm:
 
     def _node_ready(self) -> bool:
         done = self.command("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10)
-        return done.returncode == 0 and done.stdout.strip() in ("idle", "mixed", "allocated")
+        states = done.stdout.split()
+        return (done.returncode == 0 and len(states) == len(self.node_addresses())
+                and set(states) <= {"idle", "mixed", "allocated"})
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -212,8 +251,8 @@ class LocalSlurm:
 
     def log_tail(self, name: str, lines: int = 5) -> str:
         text = ""
-        for path in (self.root / f"{name}.log", self.root / f"{name}.out",
-                     self.root / "munge" / f"{name}.log"):
+        for path in (sorted(self.root.glob(f"{name}*.log")) + [self.root / f"{name}.out"]
+                     + [self.root / "munge" / f"{name}.log"]):
             if path.exists():
                 text += path.read_text(errors="replace")
         return " / ".join(text.strip().splitlines()[-lines:])
@@ -222,7 +261,8 @@ class LocalSlurm:
         """Cancel every job, then end the daemons (slurmd first) by process id."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.command("scancel", "--full", "-u", "root", check=False, timeout=15)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [name for name in self.procs if name.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue

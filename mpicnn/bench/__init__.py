@@ -4,14 +4,18 @@
   ``mpicnn.cluster.jobs``).
 - ``comm``: the allreduce engine against DDP-gloo and a flat Allreduce.
 - ``ps``: allreduce against ps-sync and ps-async, with and without a straggler.
-- ``scale``: alpha/beta measured here, throughput predicted for 1..1024 ranks.
+- ``scale``: alpha/beta measured here, throughput predicted for 1..1024 ranks; with
+  ``--link --compare``, measured across emulated nodes and checked against ``cluster``.
+- ``cluster``: mpicnn's collectives against DDP-gloo across emulated nodes (root),
+  with a no-comm ceiling and each variant's link bound.
 - ``data``: loader throughput and data wait on a large HDF5 file.
 - ``failure_overhead``: what the NaN check and the stall watchdog cost per step.
 - ``stopcheck``: what the per-step stop agreement costs (run under ``mpirun``).
 - ``tta``: wall time to a validation accuracy on Fashion-MNIST, mpicnn against DDP.
 - ``largebatch``: final accuracy at global batches 256 to 8,192 for SGD, LARS, AdamW, LAMB.
 - ``checkpoint``: the step-time stall of a checkpoint, synchronous against asynchronous.
-- ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` starts on its ranks.
+- ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` and ``cluster`` start on their
+  ranks (DDP over gloo, optionally with its fp16 compression hook).
 - ``_tta_ddp``: the DDP + DataLoader script ``tta`` races; ``_gloo``: the DDP peers'
   process group.
 - ``__main__``: ``python -m mpicnn.bench NAME`` runs one of them.

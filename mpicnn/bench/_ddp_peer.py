@@ -1,8 +1,10 @@
 """The peer for ``bench comm``: PyTorch DDP over gloo, driven by mpicnn's own loop and loader.
 
-``mpirun -n N python -m mpicnn.bench._ddp_peer [train flags]`` prints one JSON line
-(rank 0) with the training images/s, measured exactly as ``mpicnn.train`` does.
-MPI serves only to number the ranks and share the rendezvous port.
+``mpirun -n N python -m mpicnn.bench._ddp_peer [--ddp-hook fp16] [train flags]`` prints
+one JSON line (rank 0) with the training images/s, measured exactly as ``mpicnn.train``
+does. MPI serves only to number the ranks and share the rendezvous port; across nodes
+the rendezvous is rank 0's ``MASTER_ADDR`` (and gloo's ``GLOO_SOCKET_IFNAME``).
+``--ddp-hook fp16`` compresses gradients with DDP's own ``fp16_compress_hook``.
 """
 from __future__ import annotations
 
@@ -32,8 +34,17 @@ class DDPStrategy(Strategy):
     name = "ddp-gloo"
 
 
+def split_hook(argv) -> tuple[str, list[str]]:
+    """(``--ddp-hook`` value or "none", the other arguments)."""
+    argv = list(argv)
+    if "--ddp-hook" in argv:
+        at = argv.index("--ddp-hook")
+        return argv[at + 1], argv[:at] + argv[at + 2:]
+    return "none", argv
+
 
 def run(world, argv) -> int:
+    hook, argv = split_hook(argv)
     cfg = parse_config(argv)
     device = bind_device(world, cfg.sync.device, cfg.sync.threads)
     with gloo_group(world):
@@ -45,6 +56,10 @@ def run(world, argv) -> int:
         torch.manual_seed(cfg.training.seed)
         model = build_model(cfg.training.model, data.input_shape, data.num_classes).to(device)
         ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
+        if hook == "fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         optimizer = build_optimizer(cfg.training, ddp.parameters(), global_batch)
         strategy = DDPStrategy(world, cfg)
         scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)

@@ -17,6 +17,12 @@ batch fixed, communication not overlapped) for:
 ``--alpha/--beta`` (or ``--bandwidth GB/s``) replace the inter-node values to model a
 real interconnect; the intra-node values default to the measured ones. The prediction
 is compared with real training runs at 1 and 2 ranks.
+
+``--link RATE --compare RESULTS.json`` checks the model against ``bench cluster``
+instead: alpha/beta are measured across two emulated nodes whose links run at RATE
+(and within one of them), and each run of RESULTS at that rate is predicted from the
+no-comm ceiling of its shape (compute, with the cores shared as in the run) plus the
+communication of its collective; the ranks of an emulated node share its one link.
 """
 from __future__ import annotations
 
@@ -30,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cluster import hydra, jobs
 from ..cluster.errors import MpicnnError
+from ..cluster.netns import BURST_BYTES, Cluster, free_subnet
 from . import launch
 
 MIN_PROBE_BYTES = 64 * 1024     # below this, MPI's eager protocol follows another line
@@ -59,6 +67,20 @@ def flat_ring_seconds(p: int, nbytes: float, per_node: int, inter: tuple,
     if p <= per_node:
         return ring_seconds(p, nbytes, *intra)
     return ring_seconds(p, nbytes, max(inter[0], intra[0]), max(inter[1], intra[1]))
+
+
+def shared_link_seconds(pattern: str, nodes: int, per_node: int, nbytes: float,
+                        inter: tuple, intra: tuple) -> float:
+    """Communication per step when a node's ranks share its one link (emulated nodes).
+
+    ``ring``: one ring over every rank, paced by the node links; ``nodes``: a ring
+    within the node, then the node sums over a ring of the nodes (hierarchical, or
+    shared-memory windows whose slices cross together: the link carries the whole
+    gradient either way).
+    """
+    if pattern == "ring":
+        return flat_ring_seconds(nodes * per_node, nbytes, per_node, inter, intra)
+    return ring_seconds(per_node, nbytes, *intra) + ring_seconds(nodes, nbytes, *inter)
 
 
 def ps_seconds(workers: int, nbytes: float, servers: int, alpha: float, beta: float) -> float:
@@ -109,6 +131,18 @@ def probe_sizes(gradient_bytes: int, short: bool) -> list[int]:
     factor = 4 if short else 2
     sizes = [low]
     while sizes[-1] * factor <= high:
+        sizes.append(sizes[-1] * factor)
+    return sizes
+
+
+def link_probe_sizes(gradient_bytes: int, short: bool) -> list[int]:
+    """Sizes for a shaped link: from 4 tbf bursts or a quarter gradient up to 2 gradients.
+
+    tbf passes its burst unshaped: smaller messages would show the line rate, not the link's.
+    """
+    low = max(4 * BURST_BYTES, gradient_bytes // 4)
+    sizes, factor = [low], 4 if short else 2
+    while sizes[-1] * factor <= max(2 * gradient_bytes, factor * low):
         sizes.append(sizes[-1] * factor)
     return sizes
 
@@ -283,6 +317,88 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+def probe_across(cluster: Cluster, sizes, seconds: float, rounds: int, same_node: bool,
+                 timeout: float) -> dict:
+    """Allreduce times between 2 ranks on two emulated nodes (or on one of them)."""
+    command = jobs.python_command("-m", "mpicnn.bench", "scale", "--probe",
+                                  ",".join(map(str, sizes)), seconds, rounds)
+    done = hydra.run(cluster, command, 2 if same_node else 1, 2, timeout=timeout,
+                     capture=True)
+    if done.returncode != 0 or done.hung:
+        raise MpicnnError(done.describe("(allreduce probe across emulated nodes) failed"))
+    return json.loads([x for x in done.stdout.splitlines() if x.startswith("{")][-1])
+
+
+def predict_cluster_runs(rows: list[dict], nbytes: int, inter: tuple, intra: tuple,
+                         rate: str) -> list[dict]:
+    """Predicted images/s of each ``bench cluster`` row at ``rate``, beside the measured.
+
+    A row's ``pattern`` says how its traffic crosses the links (none: the no-comm
+    ceiling, whose images/s give the compute time), ``wire`` its bytes per gradient byte.
+    """
+    ceilings = {(r["nodes"], r["ranks_per_node"], r["batch"]): r["images_per_s"]
+                for r in rows if r["pattern"] is None and r["rate"] == rate}
+    out = []
+    for r in rows:
+        key = (r["nodes"], r["ranks_per_node"], r["batch"])
+        if r["rate"] != rate or r["pattern"] is None or key not in ceilings:
+            continue
+        ranks = r["nodes"] * r["ranks_per_node"]
+        compute = ranks * r["batch"] / ceilings[key]
+        comm = shared_link_seconds(r["pattern"], r["nodes"], r["ranks_per_node"],
+                                   r["wire"] * nbytes, inter, intra)
+        predicted = ranks * r["batch"] / (compute + comm)
+        out.append({**{k: r[k] for k in ("nodes", "ranks_per_node", "batch", "variant")},
+                    "measured": r["images_per_s"], "predicted": predicted,
+                    "error": predicted / r["images_per_s"] - 1,
+                    "compute_ms": 1000 * compute, "comm_ms": 1000 * comm})
+    return out
+
+
+def check_cluster(opts) -> dict:
+    """Measure alpha/beta on emulated links at ``--link`` and predict ``--compare``'s runs."""
+    try:
+        results = json.loads(Path(opts.compare).read_text())
+        rows, nbytes = results["rows"], results["gradient_bytes"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise MpicnnError(f"--compare {opts.compare}: not a file written by bench cluster "
+                          f"--json ({exc})") from None
+    sizes = [parse_bytes(x) for x in opts.sizes.split(",") if x.strip()]
+    sizes = sizes or link_probe_sizes(nbytes, opts.short)
+    seconds = min(opts.probe_seconds, 3.0) if opts.short else opts.probe_seconds
+    rounds = 3 if opts.short else 20
+    cluster = Cluster(f"m{os.getpid() % 100000}", 2, free_subnet(os.getpid() % 256 + 128),
+                      rate=opts.link).up()
+    try:
+        across = probe_across(cluster, sizes, seconds, rounds, False, 600)
+        within = probe_across(cluster, sizes, seconds, rounds, True, 600)
+    finally:
+        cluster.down()
+    inter = fit_alpha_beta(across["sizes"], across["seconds"], 2)
+    intra = fit_alpha_beta(within["sizes"], within["seconds"], 2)
+    return {"link": opts.link, "inter": inter, "intra": intra, "across": across,
+            "within": within, "model": results.get("model"), "gradient_bytes": nbytes,
+            "runs": predict_cluster_runs(rows, nbytes, inter, intra, opts.link)}
+
+
+def format_check(check: dict) -> str:
+    inter, intra = check["inter"], check["intra"]
+    title = (f"scaling model vs bench cluster at {check['link']} ({check['model']}, "
+             f"{check['gradient_bytes'] / 2 ** 20:.2f} MiB of gradients): across nodes alpha "
+             f"{_us(inter[0])}, {1e-9 / inter[1]:.3f} GB/s; within a node alpha "
+             f"{_us(intra[0])}, {1e-9 / intra[1]:.2f} GB/s (2 ranks each, emulated)")
+    head = (f"  {'shape':>5} {'batch':>5}  {'variant':<17} {'measured':>9} {'predicted':>9} "
+            f"{'error':>7} {'compute ms':>10} {'comm ms':>8}")
+    lines = [title, head]
+    for r in check["runs"]:
+        lines.append(f"  {r['nodes']}x{r['ranks_per_node']:<3} {r['batch']:>5}  "
+                     f"{r['variant']:<17} {r['measured']:>9.1f} {r['predicted']:>9.1f} "
+                     f"{r['error']:>+7.0%} {r['compute_ms']:>10.1f} {r['comm_ms']:>8.1f}")
+    if not check["runs"]:
+        lines.append(f"  (no run at {check['link']} in the results)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m mpicnn.bench scale",
                                      description=__doc__.split("\n")[0].split(": ", 1)[1])
@@ -319,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reuse", default="", metavar="JSON",
                         help="skip measuring: take the measurements of an earlier --json "
                              "file (e.g. to model another interconnect)")
+    parser.add_argument("--link", metavar="RATE",
+                        help="with --compare: measure alpha/beta across two emulated nodes "
+                             "with links at RATE (tc, e.g. 1gbit; needs root)")
+    parser.add_argument("--compare", metavar="JSON",
+                        help="with --link: predict the runs of a bench cluster --json file")
     parser.add_argument("--probe", nargs=3, help=argparse.SUPPRESS)
     return parser
 
@@ -394,6 +515,15 @@ def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
     if opts.probe:
         return probe(opts.probe)
+    if bool(opts.link) != bool(opts.compare):
+        raise MpicnnError("--link and --compare go together: --link 1gbit --compare "
+                          "cluster.json")
+    if opts.link:
+        check = check_cluster(opts)
+        print(format_check(check))
+        if opts.json:
+            Path(opts.json).write_text(json.dumps(check, indent=1))
+        return 0
     result = run(opts)
     print(format_report(result))
     if opts.json:

@@ -26,7 +26,8 @@ NAME = re.compile(r"[a-z][a-z0-9]{0,9}")
 STATE_ROOT = Path("/run/mpicnn-cluster")
 BRIDGE_HOST = 254                 # the bridge's address in the subnet; nodes are .1 .. .N
 NODE_IFACE = "eth0"               # inside its namespace a node sees a plain eth0
-TBF = ["burst", "512kb", "latency", "100ms"]
+BURST_BYTES = 512 * 1024          # tbf lets this much through at once, unshaped
+TBF = ["burst", f"{BURST_BYTES // 1024}kb", "latency", "100ms"]
 # tc's rate units in bits per second (tc also knows byte units; one spelling is enough)
 RATE = re.compile(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit)")
 RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}

@@ -1,0 +1,304 @@
+"""``python -m mpicnn.bench cluster``: mpicnn against DDP-gloo across emulated nodes (root).
+
+Every shape (nodes x ranks per node) and link rate gets its own emulated cluster
+(``mpicnn.cluster.netns``: each node its own cores where there are enough, links
+limited by ``tc``); on it, for each per-rank batch, these run side by side in
+rotating order, and the table reports medians of ``--reps``:
+
+* ``mpicnn``            - ``mpicnn.train`` defaults: shared-memory windows within each
+  node, each rank's slice allreduced across nodes (flat Allreduce at 1 rank per node);
+* ``mpicnn flat``       - ``--shared-memory off``: one Allreduce over every rank;
+* ``mpicnn hier``       - ``--hierarchical``: Reduce, leaders' Allreduce, Bcast;
+* ``mpicnn hier bf16``  - the same with bf16 on the wire;
+* ``mpicnn bf16``       - the flat Allreduce with bf16 on the wire;
+* ``mpicnn plain``      - ``--bucket-mb 0``: one blocking Allreduce after backward;
+* ``DDP gloo``          - PyTorch DDP over gloo across the same nodes (MASTER_ADDR on
+  the bridge), mpicnn's own loop and loader;
+* ``DDP gloo fp16``     - the same with DDP's ``fp16_compress_hook``;
+* ``no-comm ceiling``   - one independent single-rank run per rank at once, each inside
+  its node: what the cores allow when nothing is communicated.
+
+Ratios compare like with like: fp32 variants with ``DDP gloo``, compressed ones with
+``DDP gloo fp16``. ``comm_ms`` is the wait for communication that backward did not hide,
+``comm_busy_ms`` the time the reductions ran. The link bound is the images/s at which
+the busiest node link would be full: bytes a variant moves through one node's link per
+step (ring model: a flat ring over p ranks moves 2(p-1)/p of the gradient each way
+through every node's link; the leaders of n nodes 2(n-1)/n) divided by the link rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..cluster import hydra, jobs
+from ..cluster.errors import MpicnnError
+from ..cluster.netns import Cluster, free_subnet, rate_bits
+from ..observe.report import load_run
+from .comm import write_data
+from .scale import gradient_bytes
+
+# name: (what runs, its flags, bytes on the wire per gradient byte, traffic pattern)
+VARIANTS = {
+    "mpicnn": ("train", [], 1.0, "nodes"),
+    "mpicnn flat": ("train", ["--shared-memory", "off"], 1.0, "ring"),
+    "mpicnn hier": ("train", ["--hierarchical"], 1.0, "nodes"),
+    "mpicnn hier bf16": ("train", ["--hierarchical", "--compression", "bf16"], 0.5, "nodes"),
+    "mpicnn bf16": ("train", ["--compression", "bf16"], 0.5, "ring"),
+    "mpicnn plain": ("train", ["--bucket-mb", "0"], 1.0, "ring"),
+    "DDP gloo": ("ddp", [], 1.0, "ring"),
+    "DDP gloo fp16": ("ddp", ["--ddp-hook", "fp16"], 0.5, "ring"),
+    "no-comm ceiling": ("ceiling", [], 0.0, None),
+}
+CEILING = "no-comm ceiling"
+UNSHAPED = "none"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m mpicnn.bench cluster",
+                                description=__doc__.split("\n")[0].split(": ", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="2x2,4x1", help="NODESxRANKS_PER_NODE, comma-separated")
+    p.add_argument("--rates", default="1gbit,10gbit",
+                   help=f"link rates (tc), comma-separated; '{UNSHAPED}' for unlimited")
+    p.add_argument("--batches", default="8,32", help="per-rank batch sizes, comma-separated")
+    p.add_argument("--model", default="seednet", help="zoo model on 3x32x32 synthetic data")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--reps", type=int, default=3, help="repetitions of every run")
+    p.add_argument("--steps", type=int, default=60,
+                   help="training steps per run (images/s leaves out the first 5)")
+    p.add_argument("--netmod", choices=sorted(hydra.NETMODS), default="ucx",
+                   help="MPICH network module across nodes (default ucx)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed")
+    p.add_argument("--json", default="", help="also write every run's figures to this file")
+    return p.parse_args(argv)
+
+
+def shapes_of(text: str) -> list[tuple[int, int]]:
+    """``"2x2,4x1"`` -> ``[(2, 2), (4, 1)]``."""
+    shapes = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        nodes, _, per_node = item.partition("x")
+        if not (nodes.isdigit() and per_node.isdigit() and int(nodes) >= 2 and int(per_node)):
+            raise MpicnnError(f"--shapes: {item!r} is not NODESxRANKS with 2+ nodes, e.g. 2x2")
+        shapes.append((int(nodes), int(per_node)))
+    return shapes
+
+
+def variants_of(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise MpicnnError(f"--variants: unknown {', '.join(map(repr, unknown))}; choose from "
+                          f"{', '.join(VARIANTS)}")
+    return names
+
+
+def link_bytes(pattern: str | None, nodes: int, per_node: int, nbytes: float) -> float:
+    """Bytes one node's link carries each way per step (ring model; 0 without traffic)."""
+    if pattern == "ring":
+        ranks = nodes * per_node
+        return 2 * (ranks - 1) / ranks * nbytes
+    if pattern == "nodes":
+        return 2 * (nodes - 1) / nodes * nbytes
+    return 0.0
+
+
+def link_bound(variant: str, nodes: int, per_node: int, gradient: int, batch: int,
+               rate: str) -> float | None:
+    """Images/s at which ``variant`` fills the busiest node link (None: no limit known)."""
+    _, _, wire, pattern = VARIANTS[variant]
+    moved = link_bytes(pattern, nodes, per_node, wire * gradient)
+    if rate == UNSHAPED or moved == 0:
+        return None
+    return rate_bits(rate) / 8 / moved * nodes * per_node * batch
+
+
+def check(done, what: str) -> None:
+    if done.hung:
+        raise MpicnnError(f"{what} hung; killed it")
+    if done.returncode != 0:
+        raise MpicnnError(done.describe(f"({what}) exited {done.returncode}"))
+
+
+class Bench:
+    """The runs of one shape on one emulated cluster."""
+
+    def __init__(self, cluster: Cluster, per_node: int, opts, data: Path, work: Path):
+        self.cluster, self.per_node, self.opts, self.data, self.work = \
+            cluster, per_node, opts, data, work
+        cores = len(cluster.node_list[0].cpus) or max(1, (os.cpu_count() or 1) // cluster.nodes)
+        self.threads = max(1, cores // per_node)
+
+    def train_args(self, batch: int) -> list:
+        return ["--model", self.opts.model, "--data", self.data, "--batch-size", batch,
+                "--epochs", 1, "--max-steps", self.opts.steps, "--progress", "off",
+                "--device", "cpu", "--threads", self.threads]
+
+    def run(self, variant: str, batch: int) -> dict:
+        kind, flags, _, _ = VARIANTS[variant]
+        args = self.train_args(batch)
+        if kind == "ceiling":
+            return self.ceiling(args)
+        ranks = self.cluster.nodes * self.per_node
+        if kind == "ddp":
+            command = jobs.python_command("-m", "mpicnn.bench._ddp_peer", *flags, *args)
+            env = {"MASTER_ADDR": self.cluster.hosts[0], "GLOO_SOCKET_IFNAME": "eth0"}
+            done = hydra.run(self.cluster, command, self.per_node, ranks, self.opts.netmod,
+                             self.opts.timeout, capture=True, env=env)
+            check(done, variant)
+            line = [x for x in done.stdout.splitlines() if x.startswith("{")][-1]
+            return {"images_per_s": json.loads(line)["images_per_s"]}
+        metrics = self.work / f"run-{time.monotonic_ns()}.jsonl"
+        command = jobs.python_command("-m", "mpicnn.train", *args, *flags, "--metrics", metrics)
+        done = hydra.run(self.cluster, command, self.per_node, ranks, self.opts.netmod,
+                         self.opts.timeout, capture=True)
+        check(done, variant)
+        run = load_run(str(metrics))
+        epoch = run.epochs[-1] if run.epochs else {}
+        return {"images_per_s": run.end["images_per_s"], "comm_ms": epoch.get("comm_ms"),
+                "comm_busy_ms": epoch.get("comm_busy_ms")}
+
+    def ceiling(self, args) -> dict:
+        """Independent single-rank runs, ``per_node`` inside each node at once, summed."""
+        def solo(index: int) -> float:
+            node = self.cluster.node_list[index // self.per_node]
+            metrics = self.work / f"solo-{time.monotonic_ns()}-{index}.jsonl"
+            argv = jobs.mpirun_command(1, jobs.python_command("-m", "mpicnn.train", *args,
+                                                              "--metrics", metrics))
+            done = jobs.run([self.cluster.wrapper, node.address, shlex.join(argv)],
+                            self.opts.timeout)
+            check(done, f"{CEILING} on {node.hostname}")
+            return load_run(str(metrics)).end["images_per_s"]
+
+        ranks = self.cluster.nodes * self.per_node
+        with ThreadPoolExecutor(ranks) as pool:
+            return {"images_per_s": sum(pool.map(solo, range(ranks)))}
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
+              gradient: int) -> list[dict]:
+    """One row per variant: medians, ratios to DDP and to the ceiling, the link bound."""
+    med = {v: median([r["images_per_s"] for r in rs]) for v, rs in runs.items()}
+    rows = []
+    for variant, rs in runs.items():
+        wire = VARIANTS[variant][2]
+        peer = "DDP gloo fp16" if wire < 1 else "DDP gloo"
+        bound = link_bound(variant, nodes, per_node, gradient, batch, rate)
+        row = {"nodes": nodes, "ranks_per_node": per_node, "rate": rate, "batch": batch,
+               "variant": variant, "pattern": VARIANTS[variant][3], "wire": wire,
+               "images_per_s": med[variant],
+               "runs": [r["images_per_s"] for r in rs],
+               "comm_ms": median([r.get("comm_ms") for r in rs]),
+               "comm_busy_ms": median([r.get("comm_busy_ms") for r in rs]),
+               "x_ddp": (med[variant] / med[peer] if variant != CEILING and med.get(peer)
+                         else None),
+               "of_ceiling": (med[variant] / med[CEILING] if variant != CEILING
+                              and med.get(CEILING) else None),
+               "link_bound": bound, "of_link_bound": med[variant] / bound if bound else None}
+        rows.append(row)
+    return rows
+
+
+def _cell(value, form: str) -> str:
+    return "" if value is None else format(value, form)
+
+
+def runs_text(runs) -> str:
+    return "/".join(f"{x:.0f}" for x in runs)
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'shape':>5} {'rate':>7} {'batch':>5}  {'variant':<17} {'images/s':>9} "
+            f"{'x DDP':>6} {'x ceil':>6} {'comm ms':>8} {'busy ms':>8} {'link bound':>10} "
+            f"{'x bound':>7}  runs")
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['nodes']}x{r['ranks_per_node']:<3} {r['rate']:>7} {r['batch']:>5}  "
+            f"{r['variant']:<17} {r['images_per_s']:>9.1f} {_cell(r['x_ddp'], '6.2f'):>6} "
+            f"{_cell(r['of_ceiling'], '6.3f'):>6} {_cell(r['comm_ms'], '8.2f'):>8} "
+            f"{_cell(r['comm_busy_ms'], '8.2f'):>8} {_cell(r['link_bound'], '10.0f'):>10} "
+            f"{_cell(r['of_link_bound'], '7.3f'):>7}  {runs_text(r['runs'])}")
+    return "\n".join(lines)
+
+
+def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, data: Path,
+                work: Path, gradient: int) -> tuple[list[dict], str]:
+    """All runs of one shape at one link rate on a cluster of its own; (rows, its line)."""
+    cluster = Cluster(f"b{os.getpid() % 100000}", nodes, free_subnet(os.getpid() % 256),
+                      rate=None if rate == UNSHAPED else rate).up()
+    try:
+        described = cluster.describe(per_node)
+        print(f"bench cluster: {described}", file=sys.stderr, flush=True)
+        bench = Bench(cluster, per_node, opts, data, work)
+        runs = {b: {v: [] for v in variants} for b in batches}
+        for rep in range(opts.reps):
+            for batch in batches:
+                shift = rep % len(variants)          # rotate: no variant always first
+                for variant in variants[shift:] + variants[:shift]:
+                    result = bench.run(variant, batch)
+                    runs[batch][variant].append(result)
+                    print(f"  {nodes}x{per_node} {rate} rep {rep + 1} batch {batch:>3} "
+                          f"{variant:<17} {result['images_per_s']:8.1f} images/s",
+                          file=sys.stderr, flush=True)
+    finally:
+        cluster.down()
+    rows = [row for b in batches
+            for row in summarize(runs[b], nodes, per_node, rate, b, gradient)]
+    return rows, described
+
+
+def main(argv=None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    shapes, variants = shapes_of(opts.shapes), variants_of(opts.variants)
+    rates = [r.strip() for r in opts.rates.split(",") if r.strip()]
+    for rate in rates:
+        if rate != UNSHAPED:
+            rate_bits(rate)
+    batches = [int(b) for b in opts.batches.split(",")]
+    if opts.reps < 1 or opts.steps < 8:
+        raise MpicnnError("--reps must be at least 1 and --steps at least 8 (images/s "
+                          "leaves out the first 5 steps)")
+    rows, shapes_seen = [], []
+    with tempfile.TemporaryDirectory(prefix="mpicnn-bench-cluster-") as tmp:
+        work = Path(tmp)
+        data = work / "synthetic.h5"
+        ranks = max(n * k for n, k in shapes)
+        write_data(data, samples=(opts.steps + 1) * max(batches) * ranks)
+        gradient = gradient_bytes(str(data), opts.model)
+        print(f"bench cluster: {opts.model} ({gradient / 2 ** 20:.2f} MiB of gradients), "
+              f"shapes {opts.shapes}, links {opts.rates}, batches {batches} per rank, "
+              f"{opts.steps} steps, {opts.reps} rotating repetitions, netmod {opts.netmod}",
+              file=sys.stderr, flush=True)
+        for nodes, per_node in shapes:
+            for rate in rates:
+                found, described = bench_shape(nodes, per_node, rate, opts, variants, batches,
+                                               data, work, gradient)
+                rows += found
+                shapes_seen.append(described)
+    print(table(rows))
+    print("\n" + "\n".join(shapes_seen))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"model": opts.model, "gradient_bytes": gradient,
+                                               "steps": opts.steps, "netmod": opts.netmod,
+                                               "clusters": shapes_seen, "rows": rows},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
