@@ -114,14 +114,19 @@ def private_cluster(tag: str, **settings):
         pytest.skip(f"cannot emulate nodes here: {exc}")
 
 
-@pytest.fixture(scope="session")
-def emulated_cluster():
-    """Two emulated nodes for the session, each on cores of its own where there are two."""
-    cluster = private_cluster("t", nodes=2)
+def cluster_while_used(tag: str, **settings):
+    """Yield a private emulated cluster (see private_cluster), removed afterwards."""
+    cluster = private_cluster(tag, **settings)
     try:
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def emulated_cluster():
+    """Two emulated nodes for the session, each on cores of its own where there are two."""
+    yield from cluster_while_used("t", nodes=2)
 
 
 @pytest.fixture(autouse=True)

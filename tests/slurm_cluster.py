@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -324,6 +325,21 @@ class LocalSlurm:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextmanager
+def running_slurm(workdir: Path, nodes=None, **start):
+    """A started LocalSlurm (on ``nodes``, emulated ones, when given), stopped afterwards.
+
+    Raises Unavailable where SLURM cannot be installed.
+    """
+    ensure_installed()
+    cluster = LocalSlurm(workdir, nodes=nodes) if nodes is not None else LocalSlurm(workdir)
+    try:
+        cluster.start(**start)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def parse_record(line: str) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, job_env, read_jsonl
-from slurm_cluster import LocalSlurm, Unavailable, ensure_installed
+from slurm_cluster import LocalSlurm, Unavailable, running_slurm
 
 from mpicnn.config import FIELDS
 
@@ -34,15 +34,10 @@ JOB_TIMEOUT = 420
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     try:
-        ensure_installed()
+        with running_slurm(tmp_path_factory.mktemp("slurm")) as cluster:
+            yield cluster
     except Unavailable as exc:
         pytest.skip(f"SLURM not available: {exc}")
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def submit(cluster: LocalSlurm, where: Path, script: str, sbatch_args=(), train_args=(),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, job_env, private_cluster, read_jsonl
-from slurm_cluster import LocalSlurm, Unavailable, ensure_installed
+from slurm_cluster import LocalSlurm, Unavailable, running_slurm
 
 from mpicnn.cluster.hydra import NETMODS
 
@@ -31,17 +31,13 @@ PREEMPTED_EXIT = 75
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
+    nodes = private_cluster("l", nodes=2)
     try:
-        ensure_installed()
+        with running_slurm(tmp_path_factory.mktemp("slurm"), nodes, timeout=120) as cluster:
+            yield cluster
     except Unavailable as exc:
         pytest.skip(f"SLURM not available: {exc}")
-    nodes = private_cluster("l", nodes=2)
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=nodes)
-    try:
-        cluster.start(timeout=120)
-        yield cluster
     finally:
-        cluster.stop()
         nodes.down()
 
 
