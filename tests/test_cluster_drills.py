@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import cluster_while_used, read_jsonl
+from conftest import cluster_while_used, private_cluster, read_jsonl
 from drill import Job, assert_one_clean_error, file_contains, rank_pids, record
 
 from mpicnn.cluster.hydra import mpiexec_command
@@ -148,7 +148,7 @@ def test_every_rank_of_a_node_killed_ends_the_job_and_resume_continues(tmp_path,
 def test_a_ten_times_slower_link_is_no_stall_and_the_record_shows_the_wait(tmp_path):
     # Node 2's link at 2 Mbit/s: one exchange of digitnet's gradient takes seconds, and
     # heartbeats queue behind it. Thresholds a few exchanges long must still not fire.
-    slow = cluster_while_used("w", nodes=2, rate="20mbit", slow_links={2: "2mbit"})
+    slow = private_cluster("w", nodes=2, rate="20mbit", slow_links={2: "2mbit"})
     out = tmp_path / "run"
     shape = ["--batch-size", 64, "--epochs", 2, "--stall-warn", 20, "--unreachable-abort", 10]
     try:
