@@ -104,14 +104,19 @@ def private_cluster(tag: str, **settings):
     Sessions of other checkouts run at the same time; ``up`` removes whatever runs under
     its own name, so a shared name would kill their jobs. Skip where nodes cannot be made.
     """
-    from mpicnn.cluster.netns import Cluster, ClusterError, free_subnet
+    from mpicnn.cluster.netns import Cluster, ClusterError, SubnetTaken, free_subnet
 
-    try:
-        cluster = Cluster(name=f"{tag}{os.getpid() % 100000}",
-                          subnet=free_subnet(os.getpid() % 256), **settings)
-        return cluster.up()
-    except ClusterError as exc:
-        pytest.skip(f"cannot emulate nodes here: {exc}")
+    seed = os.getpid() % 256
+    for attempt in range(8):          # another session may take a free subnet meanwhile
+        try:
+            cluster = Cluster(name=f"{tag}{os.getpid() % 100000}",
+                              subnet=free_subnet(seed + 31 * attempt), **settings)
+            return cluster.up()
+        except SubnetTaken:
+            continue
+        except ClusterError as exc:
+            pytest.skip(f"cannot emulate nodes here: {exc}")
+    pytest.skip("cannot emulate nodes here: no free subnet in 10.77.0.0/16 after 8 tries")
 
 
 def cluster_while_used(tag: str, **settings):

@@ -24,6 +24,7 @@ from mpicnn.cluster.hydra import mpiexec_command, run
 from mpicnn.cluster.netns import (
     Cluster,
     ClusterError,
+    SubnetTaken,
     free_subnet,
     ip,
     node_cpus,
@@ -278,6 +279,15 @@ def test_up_after_a_crash_replaces_what_the_crash_left(emulated_cluster):
                                                   f"{name}-h1", f"{name}-h2", f"{name}-br"])
     finally:
         Cluster(name).down()
+    assert not leftovers(name)
+
+
+@pytest.mark.cluster
+def test_a_subnet_in_use_is_refused_and_nothing_is_left(emulated_cluster):
+    name = private_settings("v")[1]
+    with pytest.raises(SubnetTaken, match=f"subnet {emulated_cluster.subnet} is already used "
+                                          f"by {emulated_cluster.bridge}"):
+        Cluster(name, subnet=emulated_cluster.subnet).up()
     assert not leftovers(name)
 
 

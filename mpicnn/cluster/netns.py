@@ -37,6 +37,10 @@ class ClusterError(MpicnnError):
     """The emulated cluster cannot be built or used here (not root, no iproute2, ...)."""
 
 
+class SubnetTaken(ClusterError):
+    """Another interface holds an address in the cluster's subnet."""
+
+
 @dataclass(frozen=True)
 class Node:
     """One emulated node: its namespace, hostname, address and the bridge-side veth."""
@@ -148,6 +152,7 @@ class Cluster:
             self._check_subnet_free()
             ip("link", "add", self.bridge, "type", "bridge")
             ip("addr", "add", f"{self.bridge_address}/24", "dev", self.bridge)
+            self._check_subnet_free()        # again: a cluster started meanwhile may share it
             ip("link", "set", self.bridge, "up")
             for node in self.node_list:
                 self._add_node(node)
@@ -187,9 +192,10 @@ class Cluster:
         net = ipaddress.ip_network(self.subnet)
         for line in ip("-o", "-4", "addr", "show").splitlines():
             fields = line.split()
-            if len(fields) > 3 and ipaddress.ip_interface(fields[3]).ip in net:
-                raise ClusterError(f"subnet {self.subnet} is already used by {fields[1]} "
-                                   f"(another cluster?); choose another with --subnet")
+            if (len(fields) > 3 and fields[1] != self.bridge
+                    and ipaddress.ip_interface(fields[3]).ip in net):
+                raise SubnetTaken(f"subnet {self.subnet} is already used by {fields[1]} "
+                                  f"(another cluster?); choose another with --subnet")
 
     def namespaces(self) -> list[str]:
         """This cluster's namespaces that exist now (any node count, e.g. a crashed run's)."""
