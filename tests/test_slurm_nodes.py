@@ -69,7 +69,7 @@ def test_train_sbatch_spans_two_nodes_through_srun(slurm, uninterrupted):
     job_id, where, log = uninterrupted
     hosts = ", ".join(sorted(slurm.node_addresses()))
     assert "running: srun --mpi=pmi2" in log and "mpicnn: error" not in log
-    assert f"world: 2 node(s) x 4 rank(s)/node = 8 rank(s) on {hosts}" in log, log[-3000:]
+    assert f"world: 2 node(s) x 4 rank(s)/node = 8 rank(s) on {hosts}" in log, log[:6000]
     end = read_jsonl(where / "runs" / f"mpicnn-{job_id}" / "metrics.jsonl")[-1]
     assert end["event"] == "end" and end["world_size"] == 8 and end["epochs"] == 3, end
     assert end["val_acc"] >= 0.9, end

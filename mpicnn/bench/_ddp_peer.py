@@ -25,7 +25,7 @@ from ..sync.contract import Strategy
 from ..training.loop import train_epoch
 from ..training.models import build_model
 from ..training.optim import build_optimizer, build_scheduler, total_steps
-from ._gloo import gloo_group
+from ._gloo import exit_skipping_finalization, gloo_group
 
 
 class DDPStrategy(Strategy):
@@ -48,34 +48,39 @@ def run(world, argv) -> int:
     cfg = parse_config(argv)
     device = bind_device(world, cfg.sync.device, cfg.sync.threads)
     with gloo_group(world):
-        data = open_dataset(cfg.data.data)
-        steps_per_epoch = shard.check_fits(len(data.train), cfg.training.batch_size, world.size,
-                                           cfg.data.shuffle)
-        global_batch = cfg.training.batch_size * world.size
-        run_steps = total_steps(cfg.training, steps_per_epoch)
-        torch.manual_seed(cfg.training.seed)
-        model = build_model(cfg.training.model, data.input_shape, data.num_classes).to(device)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
-        if hook == "fp16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-        optimizer = build_optimizer(cfg.training, ddp.parameters(), global_batch)
-        strategy = DDPStrategy(world, cfg)
-        scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
-        strategy.attach(ddp, optimizer, scheduler)
-        loader = Loader(data, data.train, device, cfg.training.batch_size, world.size, world.rank,
-                        cfg.training.seed, cfg.data.shuffle)
-        stats = StepStats()
-        train_epoch(ddp, loader, strategy, strategy, RunState(), run_steps, stats,
-                    scheduler=scheduler, global_batch=global_batch,
-                    label_smoothing=cfg.training.label_smoothing)
-        if world.is_root:
-            print(json.dumps({"images_per_s": stats.images_per_s, "steps": stats.timer.steps,
-                              **stats.timer.snapshot_ms()}), flush=True)
-        data.close()
+        train(world, cfg, device, hook)
     return 0
 
 
+def train(world, cfg, device, hook: str) -> None:
+    """DDP over the same loop, loader and model as mpicnn; rank 0 prints the step figures."""
+    data = open_dataset(cfg.data.data)
+    steps_per_epoch = shard.check_fits(len(data.train), cfg.training.batch_size, world.size,
+                                       cfg.data.shuffle)
+    global_batch = cfg.training.batch_size * world.size
+    run_steps = total_steps(cfg.training, steps_per_epoch)
+    torch.manual_seed(cfg.training.seed)
+    model = build_model(cfg.training.model, data.input_shape, data.num_classes).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
+    if hook == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    optimizer = build_optimizer(cfg.training, ddp.parameters(), global_batch)
+    strategy = DDPStrategy(world, cfg)
+    scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
+    strategy.attach(ddp, optimizer, scheduler)
+    loader = Loader(data, data.train, device, cfg.training.batch_size, world.size, world.rank,
+                    cfg.training.seed, cfg.data.shuffle)
+    stats = StepStats()
+    train_epoch(ddp, loader, strategy, strategy, RunState(), run_steps, stats,
+                scheduler=scheduler, global_batch=global_batch,
+                label_smoothing=cfg.training.label_smoothing)
+    if world.is_root:
+        print(json.dumps({"images_per_s": stats.images_per_s, "steps": stats.timer.steps,
+                          **stats.timer.snapshot_ms()}), flush=True)
+    data.close()
+
+
 if __name__ == "__main__":
-    sys.exit(run_guarded(run, sys.argv[1:]))
+    exit_skipping_finalization(run_guarded(run, sys.argv[1:]))

@@ -25,7 +25,7 @@ from ..observe.records import MetricsWriter
 from ..observe.steps import PhaseTimer
 from ..training.models import build_model
 from ..training.optim import build_optimizer, build_scheduler, total_steps
-from ._gloo import gloo_group
+from ._gloo import exit_skipping_finalization, gloo_group
 
 
 class H5Images(torch.utils.data.Dataset):
@@ -90,70 +90,75 @@ def split_loader_workers(argv: list) -> tuple[int, list]:
 def run(world, argv) -> int:
     loader_workers, argv = split_loader_workers(argv)
     cfg = parse_config(argv)
-    training = cfg.training
     bind_device(world, "cpu", cfg.sync.threads)       # the same threads per rank as mpicnn
     with gloo_group(world):
-        augment = bool(cfg.data.augment)
-        train_set = H5Images(cfg.data.data, "train", augment)
-        val_set = H5Images(cfg.data.data, "val", False)
-        sampler = torch.utils.data.DistributedSampler(train_set, seed=training.seed,
-                                                      drop_last=True)
-        train_loader = torch.utils.data.DataLoader(train_set, training.batch_size,
-                                                   sampler=sampler, drop_last=True,
-                                                   num_workers=loader_workers)
-        val_loader = torch.utils.data.DataLoader(
-            val_set, training.batch_size,
-            sampler=torch.utils.data.DistributedSampler(val_set, shuffle=False))
-        steps_per_epoch = len(train_loader)
-        run_steps = total_steps(training, steps_per_epoch)
-        global_batch = training.batch_size * world.size
-        torch.manual_seed(training.seed)
-        classes = int(train_set.labels.max()) + 1
-        model = build_model(training.model, train_set[0][0].shape, classes)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
-        optimizer = build_optimizer(training, ddp.parameters(), global_batch)
-        scheduler = build_scheduler(training, optimizer, steps_per_epoch, run_steps)
-        metrics = MetricsWriter(cfg.output.metrics if world.is_root else "")
-        metrics.write("config", **cfg.to_dict(), world_size=world.size,
-                      steps_per_epoch=steps_per_epoch, program="ddp-gloo+DataLoader")
-        step, timer, started = 0, PhaseTimer(), time.perf_counter()
-        val_loss = val_acc = float("nan")
-        for epoch in range(training.epochs):
-            if step >= run_steps:
-                break
-            sampler.set_epoch(epoch)
-            timer.reset()
-            loss_sum = count = 0.0
-            batches = iter(train_loader)
-            while step < run_steps:
-                with timer.phase("data"):
-                    batch = next(batches, None)
-                if batch is None:
-                    break
-                x, y = batch
-                with timer.phase("forward"):
-                    loss = F.cross_entropy(ddp(x), y, label_smoothing=training.label_smoothing)
-                with timer.phase("backward"):          # DDP's allreduce runs inside
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                with timer.phase("optimizer"):
-                    optimizer.step()
-                    scheduler.step()
-                timer.steps += 1
-                step += 1
-                loss_sum += loss.item() * len(y)
-                count += len(y)
-            val_loss, val_acc = evaluate(ddp, val_loader)
-            metrics.write("epoch", epoch=epoch + 1, step=step, train_loss=loss_sum / count,
-                          val_loss=val_loss, val_acc=val_acc, lr=scheduler.get_last_lr()[0],
-                          images_per_s=count * world.size / max(1e-9, train_seconds(timer)),
-                          **timer.snapshot_ms())
-        metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=float("nan"),
-                      images_per_s=0.0, steps=step, epochs=epoch + 1, world_size=world.size,
-                      mode="ddp-gloo", wall_s=time.perf_counter() - started)
-        metrics.close()
+        train(world, cfg, loader_workers)
     return 0
 
 
+def train(world, cfg, loader_workers: int) -> None:
+    """The DDP training run, writing mpicnn's metrics records."""
+    training = cfg.training
+    augment = bool(cfg.data.augment)
+    train_set = H5Images(cfg.data.data, "train", augment)
+    val_set = H5Images(cfg.data.data, "val", False)
+    sampler = torch.utils.data.DistributedSampler(train_set, seed=training.seed,
+                                                  drop_last=True)
+    train_loader = torch.utils.data.DataLoader(train_set, training.batch_size,
+                                               sampler=sampler, drop_last=True,
+                                               num_workers=loader_workers)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, training.batch_size,
+        sampler=torch.utils.data.DistributedSampler(val_set, shuffle=False))
+    steps_per_epoch = len(train_loader)
+    run_steps = total_steps(training, steps_per_epoch)
+    global_batch = training.batch_size * world.size
+    torch.manual_seed(training.seed)
+    classes = int(train_set.labels.max()) + 1
+    model = build_model(training.model, train_set[0][0].shape, classes)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
+    optimizer = build_optimizer(training, ddp.parameters(), global_batch)
+    scheduler = build_scheduler(training, optimizer, steps_per_epoch, run_steps)
+    metrics = MetricsWriter(cfg.output.metrics if world.is_root else "")
+    metrics.write("config", **cfg.to_dict(), world_size=world.size,
+                  steps_per_epoch=steps_per_epoch, program="ddp-gloo+DataLoader")
+    step, timer, started = 0, PhaseTimer(), time.perf_counter()
+    val_loss = val_acc = float("nan")
+    for epoch in range(training.epochs):
+        if step >= run_steps:
+            break
+        sampler.set_epoch(epoch)
+        timer.reset()
+        loss_sum = count = 0.0
+        batches = iter(train_loader)
+        while step < run_steps:
+            with timer.phase("data"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            x, y = batch
+            with timer.phase("forward"):
+                loss = F.cross_entropy(ddp(x), y, label_smoothing=training.label_smoothing)
+            with timer.phase("backward"):          # DDP's allreduce runs inside
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with timer.phase("optimizer"):
+                optimizer.step()
+                scheduler.step()
+            timer.steps += 1
+            step += 1
+            loss_sum += loss.item() * len(y)
+            count += len(y)
+        val_loss, val_acc = evaluate(ddp, val_loader)
+        metrics.write("epoch", epoch=epoch + 1, step=step, train_loss=loss_sum / count,
+                      val_loss=val_loss, val_acc=val_acc, lr=scheduler.get_last_lr()[0],
+                      images_per_s=count * world.size / max(1e-9, train_seconds(timer)),
+                      **timer.snapshot_ms())
+    metrics.write("end", val_acc=val_acc, val_loss=val_loss, train_loss=float("nan"),
+                  images_per_s=0.0, steps=step, epochs=epoch + 1, world_size=world.size,
+                  mode="ddp-gloo", wall_s=time.perf_counter() - started)
+    metrics.close()
+
+
 if __name__ == "__main__":
-    sys.exit(run_guarded(run, sys.argv[1:]))
+    exit_skipping_finalization(run_guarded(run, sys.argv[1:]))
