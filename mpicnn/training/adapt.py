@@ -35,6 +35,8 @@ def adapt_model(model: torch.nn.Module, training, mode: str, trains: bool, comm,
             from .syncbn import convert, has_sync_bn
 
             model = convert(model, comm.Dup() if comm is not None else None)
+            # every rank must run each forward, also on an empty batch (the loop reads this)
+            model.collective_forward = has_sync_bn(model)
             if log is not None and has_sync_bn(model):
                 log(f"sync-bn: BatchNorm statistics over the batches of all "
                     f"{comm.Get_size() if comm is not None else 1} training rank(s)")
