@@ -23,3 +23,94 @@ def test_cuda_aware_on_refused_when_the_library_says_no():
     assert choose_path("on", "cpu", None, no)[0] is False            # host memory: no question
     aware, why = choose_path("on", "cuda", None, lambda: (True, "query = 1"))
     assert aware and "query = 1" in why
+
+
+# --- item 5: parameter servers on the CPU; the worker's flat staging ---------------------------
+class _World:
+    local_rank, local_size, device = 1, 2, None
+
+
+def test_servers_bind_to_the_cpu_whatever_device_was_asked(monkeypatch):
+    from mpicnn.cluster.devices import bind_device
+    from mpicnn.sync.ps.layout import serves
+
+    assert [serves("ps-sync", 1, r, 3) for r in range(3)] == [False, False, True]
+    assert [serves("ps-async", 2, r, 4) for r in range(4)] == [False, False, True, True]
+    assert not any(serves("allreduce", 1, r, 3) for r in range(3))
+    assert not serves("ps-sync", 3, 2, 3)             # no worker left: roles() reports it
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # a GPU "is" there
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    threads = torch.get_num_threads()
+    try:
+        for requested in ("cuda", "auto", "cpu"):
+            assert bind_device(_World(), requested, 1, server=True).type == "cpu"
+        assert chosen == []                           # no CUDA context on a server
+        assert bind_device(_World(), "cuda", 1) == torch.device("cuda", 1)
+        assert chosen == [1]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_server_with_device_cuda_and_no_gpu_fails_like_the_workers(monkeypatch):
+    from mpicnn.cluster.devices import bind_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MpicnnError, match="no CUDA GPU") as err:
+        bind_device(_World(), "cuda", 1, server=True)
+    assert err.value.collective
+
+
+def _params():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    params = [conv.weight, conv.bias, torch.nn.Parameter(torch.randn(7))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[2].grad = None                              # unused: pushes zeros
+    return params
+
+
+def test_worker_staging_makes_one_flat_copy_each_way(monkeypatch):
+    from mpicnn.sync.ps.staging import FlatStaging
+
+    params = _params()
+    stage = FlatStaging(params, staged=True, pin=False)      # the GPU path, on CPU tensors
+    copies = []
+    real_copy = torch.Tensor.copy_
+
+    def counting_copy(dst, src, non_blocking=False):
+        if (dst.device.type == "cpu") != (src.device.type == "cpu") or \
+                dst.data_ptr() in (stage.grads.data_ptr(), stage.params.data_ptr()) or \
+                src.data_ptr() == stage.params.data_ptr():
+            copies.append((dst.numel(), src.numel()))
+        return real_copy(dst, src, non_blocking=non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
+    stage.gradients_out(params)
+    assert copies == [(stage.grads.numel(),) * 2]              # one flat device-to-host copy
+    expected = torch.cat([params[0].grad.permute(0, 2, 3, 1).reshape(-1), params[1].grad,
+                          torch.zeros(7)])
+    assert torch.equal(stage.grads, expected)                 # memory order, zeros if unused
+    copies.clear()
+    stage.params.copy_(torch.arange(stage.params.numel(), dtype=torch.float32))
+    copies.clear()
+    stage.parameters_in(params)
+    assert copies == [(stage.params.numel(),) * 2]             # one flat host-to-device copy
+    assert stage.copies == 2
+    monkeypatch.undo()
+    assert params[1].tolist() == list(map(float, range(108, 112)))
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(params[0].permute(0, 2, 3, 1).reshape(-1), torch.arange(108.0))
+
+
+def test_worker_staging_on_the_cpu_is_the_host_buffer_itself():
+    from mpicnn.sync.ps.staging import FlatStaging
+
+    params = _params()
+    stage = FlatStaging(params)
+    assert not stage.staged and not stage.params.is_pinned()
+    stage.gradients_out(params)
+    stage.parameters_in(params)
+    assert stage.copies == 0
