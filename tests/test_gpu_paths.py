@@ -114,3 +114,84 @@ def test_worker_staging_on_the_cpu_is_the_host_buffer_itself():
     stage.gradients_out(params)
     stage.parameters_in(params)
     assert stage.copies == 0
+
+
+# --- item 11: phases in GPU time (events), wall clock on the CPU -------------------------------
+def test_phase_timer_on_the_cpu_keeps_the_wall_clock():
+    import time
+
+    from mpicnn.observe import timeline
+    from mpicnn.observe.steps import PhaseTimer
+
+    timer = PhaseTimer(torch.device("cpu"))
+    assert not timer.events
+    with timer.phase("comm"):
+        time.sleep(0.02)
+        with timeline.span("ps_push"):
+            time.sleep(0.01)
+    timer.steps = 1
+    took = timer.take()
+    assert took["comm"] >= 0.02 and took["ps_push"] >= 0.01        # waits exclusive
+    assert set(timer.snapshot_ms()) >= {"forward_ms", "comm_ms", "ps_push_ms"}
+
+
+class _FakeEvent:
+    """A CUDA event's interface on a fake clock: the test decides when it completes."""
+
+    clock, done_until = 0.0, 0.0
+
+    def record(self):
+        self.at = _FakeEvent.clock
+
+    def query(self):
+        return self.at <= _FakeEvent.done_until
+
+    def synchronize(self):
+        _FakeEvent.done_until = max(_FakeEvent.done_until, self.at)
+
+    def elapsed_time(self, end):
+        return (end.at - self.at) * 1000.0         # milliseconds
+
+
+def test_phase_timer_with_events_charges_gpu_time_without_blocking_the_step():
+    from mpicnn.observe import timeline
+    from mpicnn.observe.steps import PhaseTimer
+
+    _FakeEvent.clock = _FakeEvent.done_until = 0.0
+    timer = PhaseTimer(event=_FakeEvent)
+    assert timer.events
+    with timer.phase("forward"):          # launched at once, runs 3 s on the "GPU"
+        _FakeEvent.clock += 3.0
+    with timer.phase("comm"):
+        _FakeEvent.clock += 2.0
+        with timeline.span("ps_pull"):     # a host wait (wall clock), inside comm
+            pass
+    from mpicnn.observe.steps import PHASES
+
+    took = timer.take()
+    assert [took[k] for k in PHASES] == [0.0] * len(PHASES)     # nothing completed yet
+    _FakeEvent.done_until = 3.0                               # forward done, comm not
+    took = timer.take()
+    assert took["forward"] == pytest.approx(3.0) and took["comm"] == 0.0
+    took = timer.take(block=True)
+    assert took["comm"] == pytest.approx(2.0, abs=1e-3) and "ps_pull" in took
+    timer.steps = 1
+    assert timer.snapshot_ms()["forward_ms"] == pytest.approx(3000.0)
+
+
+@pytest.mark.gpu
+def test_phase_timer_on_cuda_measures_kernel_time_not_launch_time():
+    import time
+
+    from mpicnn.observe.steps import PhaseTimer
+
+    timer = PhaseTimer(torch.device("cuda"))
+    assert timer.events
+    torch.cuda.synchronize()
+    launched = time.perf_counter()
+    with timer.phase("forward"):
+        torch.cuda._sleep(100_000_000)             # ~0.05 s of GPU time, launched in µs
+    launch = time.perf_counter() - launched
+    timer.steps = 1
+    forward = timer.snapshot_ms()["forward_ms"] / 1000
+    assert forward > 10 * launch and forward > 0.005

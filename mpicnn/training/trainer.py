@@ -148,7 +148,8 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "", sinks=sinks)
         self.bar = Progress(world.is_root, cfg.output.progress, world.log)
         self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.output.log_every,
-                               parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep)
+                               parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep,
+                               device=world.device)
 
     def lr(self) -> float:
         return self.parts.scheduler.get_last_lr()[0]
