@@ -19,15 +19,16 @@ def views(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Ten
     # strides: gradients bound to such views keep the parameter's layout, which the fused
     # optimizers require, and the flat order is the tensors' memory order.
     pieces = flat.split([t.numel() for t in tensors])
-    return [piece.view_as(t) if t.is_contiguous() else _strided_like(piece, t)
-            for piece, t in zip(pieces, tensors)]
+    return [_like(piece, t) for piece, t in zip(pieces, tensors)]
 
 
-def _strided_like(piece: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """``piece`` seen with ``tensor``'s shape and strides (a dense permutation of its memory)."""
-    if not _dense(tensor):
-        return piece.view_as(tensor)
-    return piece.as_strided(tensor.shape, tensor.stride())
+def _like(piece: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``piece`` seen with ``tensor``'s shape and, where it is dense, its strides."""
+    view = piece.view_as(tensor)
+    # also for size-1 dimensions (a 1-channel channels_last weight "is contiguous")
+    if view.stride() != tensor.stride() and _dense(tensor):
+        return piece.as_strided(tensor.shape, tensor.stride())
+    return view
 
 
 def _dense(tensor: torch.Tensor) -> bool:
