@@ -195,3 +195,94 @@ def test_phase_timer_on_cuda_measures_kernel_time_not_launch_time():
     timer.steps = 1
     forward = timer.snapshot_ms()["forward_ms"] / 1000
     assert forward > 10 * launch and forward > 0.005
+
+
+def test_sync_bn_refuses_ps_async_and_leaves_servers_plain():
+    from types import SimpleNamespace
+
+    from mpicnn.training.adapt import adapt_model
+    from mpicnn.training.models import build_model
+    from mpicnn.training.syncbn import has_sync_bn
+
+    training = SimpleNamespace(sync_bn=True, channels_last=False)
+    model = build_model("fashionnet", (1, 8, 8), 10)
+    with pytest.raises(MpicnnError, match="ps-sync") as err:
+        adapt_model(model, training, "ps-async", True, None)
+    assert err.value.collective
+    server = adapt_model(model, training, "ps-sync", False, None)
+    assert not has_sync_bn(server)
+    worker = adapt_model(build_model("fashionnet", (1, 8, 8), 10), training, "allreduce",
+                         True, None)
+    assert has_sync_bn(worker) and worker.collective_forward
+
+
+# --- the same paths on a real GPU (run by python -m mpicnn.bench gpu) ---------------------------
+@pytest.mark.gpu
+def test_gpu_staging_pinned_and_exact():
+    from mpicnn.sync.ps.staging import FlatStaging
+
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in _params()]   # strides kept
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    params[0].grad, params[1].grad = torch.randn_like(params[0]), torch.randn_like(params[1])
+    stage = FlatStaging(params)
+    assert stage.staged and stage.params.is_pinned() and stage.grads.is_pinned()
+    stage.gradients_out(params)
+    expected = torch.cat([params[0].grad.permute(0, 2, 3, 1).reshape(-1), params[1].grad,
+                          torch.zeros(7, device="cuda")]).cpu()
+    assert torch.equal(stage.grads, expected)
+    stage.host_writable()
+    stage.params.copy_(torch.arange(stage.params.numel(), dtype=torch.float32))
+    stage.parameters_in(params)
+    torch.cuda.synchronize()
+    assert params[1].tolist() == list(map(float, range(108, 112)))
+    assert stage.copies == 2
+
+
+@pytest.mark.gpu
+def test_gpu_sync_bn_single_process_equals_batchnorm_and_fused_optimizer_takes_views():
+    import copy
+
+    from mpicnn.sync.allreduce.buckets import build_buckets
+    from mpicnn.training.adapt import to_channels_last
+    from mpicnn.training.models import build_model
+    from mpicnn.training.syncbn import convert
+
+    torch.manual_seed(0)
+    model = build_model("fashionnet", (3, 16, 16), 10).cuda()
+    synced = convert(copy.deepcopy(model), None)
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    model.eval(), synced.eval()                      # dropout out of the comparison
+    for net in (model, synced):
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
+    assert torch.allclose(model(x), synced(x), atol=1e-4)
+    net = to_channels_last(build_model("resnet18", (3, 32, 32), 10).cuda())
+    params = list(net.parameters())
+    bucket = build_buckets(params, [list(range(len(params)))])[0]
+    torch.nn.functional.cross_entropy(net(torch.randn(4, 3, 32, 32, device="cuda")),
+                                      torch.zeros(4, dtype=torch.long, device="cuda")).backward()
+    assert all(p.grad is v for p, v in zip(params, bucket.views))
+    torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True).step()       # accepted
+    torch.optim.AdamW(params, lr=0.1, fused=True).step()
+
+
+@pytest.mark.gpu
+@pytest.mark.mpi
+def test_gpu_cuda_aware_on_with_a_plain_mpi_fails_cleanly_and_servers_stay_on_cpu(tmp_path):
+    from conftest import DIGITS, mpirun
+
+    from mpicnn.sync.allreduce.transport import probe_cuda_support
+
+    common = ["--data", DIGITS, "--device", "cuda", "--max-steps", 3, "--epochs", 1,
+              "--progress", "off"]
+    supported, _ = probe_cuda_support()
+    run = mpirun(2, [*common, "--cuda-aware", "on"], check=False, timeout=240)
+    if supported is False:
+        assert run.returncode != 0 and not run.hung
+        assert run.stderr.count("mpicnn: error: --cuda-aware on, but the MPI library is "
+                                "not CUDA-aware") == 1
+    else:
+        assert run.returncode == 0
+    run = mpirun(3, [*common, "--mode", "ps-sync", "--servers", 1], timeout=240)
+    assert "devices cpu, cuda:0" in run.stdout + run.stderr
