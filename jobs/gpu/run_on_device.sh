@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/runs/gpu}
 mkdir -p "$OUT"
+# the wheel's mpirun lands in this interpreter's scripts folder (or ~/.local/bin)
+PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$HOME/.local/bin:$PATH"
+export PATH
 if ! command -v mpirun >/dev/null 2>&1; then
     ls wheels/mpich-*.whl >/dev/null 2>&1 || {
         echo "mpicnn: error: no wheels/mpich-*.whl: run jobs/gpu/fetch_wheels.sh first" >&2
