@@ -25,7 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python -c "import torch, mpi4py; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mpi4py', mpi4py.__version__)"
-    mpirun --version | head -n 2
-} 2>&1 | tee "$OUT/env.txt"
+    mpirun --version | sed -n 1,2p
+} 2>&1 | tee "$OUT/env.txt" || true
 timeout -s KILL 540 python -m mpicnn.bench gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
 exit "${PIPESTATUS[0]}"
