@@ -207,7 +207,7 @@ def _no_probe():
 
 def test_cuda_aware_choice_and_reason():
     assert choose_path("on", "cpu", "on", _no_probe)[0] is False        # CPU never stages
-    unknown = lambda: (None, "no query")          # noqa: E731
+    unknown = lambda: (None, "no query")
     assert choose_path("on", "cuda", "off", unknown) == (True, "--cuda-aware on")
     assert choose_path("off", "cuda", "on", _no_probe) == (False, "--cuda-aware off")
     aware, why = choose_path("auto", "cuda", "on", unknown)

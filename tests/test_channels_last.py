@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import final, records, train
 
 from mpicnn.sync.allreduce.buckets import build_buckets

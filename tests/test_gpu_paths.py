@@ -11,7 +11,7 @@ from mpicnn.sync.allreduce.transport import choose_path
 
 # --- item 4: a forced CUDA-aware path with a library that cannot take device pointers --------
 def test_cuda_aware_on_refused_when_the_library_says_no():
-    no = lambda: (False, "MPIX_Query_cuda_support() = 0")      # noqa: E731
+    no = lambda: (False, "MPIX_Query_cuda_support() = 0")
     with pytest.raises(MpicnnError) as err:
         choose_path("on", "cuda", None, no)
     assert err.value.collective and "not CUDA-aware" in str(err.value)

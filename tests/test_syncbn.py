@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import mpirun
+from torch import nn
 
 from mpicnn.training.syncbn import SyncBatchNorm, convert, has_sync_bn
 

@@ -64,7 +64,7 @@ def train_flags() -> set[str]:
     """The ``--flags`` that ``python -m mpicnn.train --help`` lists on this checkout."""
     done = subprocess.run(jobs.python_command("-m", "mpicnn.train", "--help"),
                           capture_output=True, text=True, env=jobs.job_environment(),
-                          cwd=jobs.ROOT, timeout=120)
+                          cwd=jobs.ROOT, timeout=120, check=False)
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", done.stdout))
 
 
@@ -81,7 +81,7 @@ def run_gpu_tests(dry_run: bool, timeout: float) -> dict:
     started = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, cwd=jobs.ROOT,
-                              env=jobs.job_environment(), timeout=timeout)
+                              env=jobs.job_environment(), timeout=timeout, check=False)
         code, out = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:
         code, out = 124, f"{exc.stdout or ''}timed out after {timeout:.0f} s"
