@@ -286,3 +286,23 @@ def test_gpu_cuda_aware_on_with_a_plain_mpi_fails_cleanly_and_servers_stay_on_cp
         assert run.returncode == 0
     run = mpirun(3, [*common, "--mode", "ps-sync", "--servers", 1], timeout=240)
     assert "devices cpu, cuda:0" in run.stdout + run.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_forced_cuda_aware_with_a_plain_mpi_ends_every_rank_with_one_line(how):
+    """Through mpirun, the probe's answer injected: one error line, every rank exits."""
+    from pathlib import Path
+
+    from conftest import job_env, mpirun
+
+    script = Path(__file__).resolve().parent / "cuda_aware_check.py"
+    args = ["--cuda-aware", "on"] if how == "flag" else []
+    env = job_env({"MPICNN_CUDA_AWARE": "on"} if how == "environment" else {})
+    run = mpirun(2, args, script=script, env=env, check=False, timeout=120)
+    assert run.returncode != 0 and not run.hung
+    errors = [line for line in run.stderr.splitlines() if line.startswith("mpicnn: error:")]
+    assert len(errors) == 1, run.stderr[-2000:]
+    source = "--cuda-aware on" if how == "flag" else "MPICNN_CUDA_AWARE=on"
+    assert source in errors[0] and "is not CUDA-aware" in errors[0]
+    assert "chose" not in run.stdout
