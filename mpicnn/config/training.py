@@ -51,6 +51,13 @@ class TrainingConfig:
     accum_steps: int = opt(1, "micro-batches per optimizer step: each rank's --batch-size batch "
                            "runs as this many slices, gradients are summed locally and "
                            "communicated once", "distributed")
+    # --- memory format and normalisation across ranks (issue 13) ---
+    channels_last: bool = opt(False, "model weights and input batches in the channels_last "
+                              "memory format (faster convolutions on GPU tensor cores)",
+                              "training")
+    sync_bn: bool = opt(False, "BatchNorm statistics over the global batch: each forward and "
+                        "backward allreduces them over the training ranks (not ps-async)",
+                        "training")
 
     def validate(self) -> None:
         at_least(1, self, "epochs", "batch_size", "base_batch")

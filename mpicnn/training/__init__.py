@@ -5,6 +5,8 @@
 - ``optim``: optimizers (fused where the device has them) and lr schedules, which follow
   training progress after a resume at another global batch.
 - ``layerwise``: LARS and LAMB, each tensor's step scaled by a trust ratio.
+- ``adapt``: what ``--channels-last`` and ``--sync-bn`` make of a built model.
+- ``syncbn``: SyncBatchNorm over MPI (statistics and their gradients summed over ranks).
 - ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.
 - ``trainer``: what a run builds on every rank (``build_parts``) and the ``Trainer`` that
   runs the epochs, evaluates, checkpoints and writes the records on training ranks.
