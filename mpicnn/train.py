@@ -46,6 +46,7 @@ def train(world, argv) -> int:
         teardown.callback(data.close)
         if label_warning(data):
             world.log.warning(f"warning: {label_warning(data)}")
+        strategy.expect_samples(data.input_shape)
         parts = build_parts(cfg, world, data, strategy)
         checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler,
                                     parts.layout)

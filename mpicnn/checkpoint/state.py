@@ -79,8 +79,14 @@ def training_state(cfg, model, optimizer, scheduler, state: RunState) -> dict:
             "config": cfg.to_dict()}
 
 
+# modes whose checkpoints hold the same whole model and optimizer state
+INTERCHANGEABLE_MODES = {"allreduce", "pipeline"}
+
+
 def check_compatible(saved: dict, cfg, path) -> None:
     for key, ours in (("model_name", cfg.training.model), ("mode", cfg.sync.mode)):
+        if key == "mode" and {saved.get(key), ours} <= INTERCHANGEABLE_MODES:
+            continue
         if saved.get(key) != ours:
             what = key.replace("_name", "")
             raise MpicnnError(f"cannot resume from {str(path)!r}: it was written with "

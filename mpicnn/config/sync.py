@@ -12,7 +12,7 @@ class SyncConfig:
 
     # --- distribution ---------------------------------------------------------
     mode: str = opt("allreduce", "how ranks combine gradients", "distributed",
-                    ["allreduce", "ps-sync", "ps-async"])
+                    ["allreduce", "ps-sync", "ps-async", "pipeline"])
     device: str = opt("auto", "compute device (GPU = node-local rank mod GPU count)",
                       "distributed", ["auto", "cpu", "cuda"])
     threads: int = opt(0, "torch CPU threads per rank (0: cores per node / ranks per node)",
@@ -43,6 +43,18 @@ class SyncConfig:
     slow_rank: int = opt(-1, "straggler simulation: this worker computes --slow-factor times "
                          "slower (-1: none)", "distributed")
     slow_factor: float = opt(2.0, "how many times slower --slow-rank computes", "distributed")
+    # pipeline mode (model cut into --stages consecutive stages, replicas allreduce)
+    stages: int = opt(1, "pipeline: stages the model is cut into (ranks form stages x "
+                      "replicas; a pipeline's stages are consecutive ranks)", "distributed")
+    micro_batches: int = opt(1, "pipeline: micro-batches each rank's batch is split into",
+                             "distributed")
+    pipeline_schedule: str = opt("1f1b", "pipeline: gpipe (all forward, then all backward) "
+                                 "or 1f1b (activation memory bounded by the stages)",
+                                 "distributed", ["gpipe", "1f1b"])
+    balance: str = opt("time", "pipeline: cut points balance measured forward+backward time "
+                       "of each layer, or parameter bytes", "distributed", ["time", "params"])
+    split: str = opt("", "pipeline: the first layer index of stages 2..K (overrides "
+                     "--balance), e.g. 4,9", "distributed", metavar="A,B,...")
 
     def validate(self) -> None:
         non_negative(self, "threads")
@@ -53,3 +65,10 @@ class SyncConfig:
         staleness_bound(self.staleness)
         must(self.slow_rank >= -1 and self.slow_factor >= 1,
              "--slow-rank takes a worker rank (or -1) and --slow-factor a number >= 1")
+        at_least(1, self, "stages", "micro_batches")
+        must(self.mode == "pipeline" or (self.stages == 1 and self.micro_batches == 1
+                                         and not self.split),
+             "--stages, --micro-batches and --split need --mode pipeline")
+        from ..sync.pipeline.partition import parse_split
+
+        parse_split(self.split)

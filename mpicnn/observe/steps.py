@@ -16,7 +16,7 @@ from . import timeline
 PHASES = ("data", "forward", "backward", "comm", "optimizer")
 # Waits a strategy may report with ``timeline.span(name)`` inside a phase; charged
 # exclusively (taken out of the enclosing phase) and recorded only when they occur.
-WAIT_PHASES = ("ps_push", "ps_pull")
+WAIT_PHASES = ("ps_push", "ps_pull", "pipe_wait")
 # The first steps (warm-up: allocations, bucket rebuilds) stay out of the run's images/s.
 WARMUP_STEPS_UNTIMED = 5
 

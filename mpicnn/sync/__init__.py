@@ -6,6 +6,7 @@
 - ``messages``: the one splitter of buffers into messages that fit MPI's counts.
 - ``allreduce``: the bucketed allreduce engine (``--mode allreduce``).
 - ``ps``: the parameter server (``--mode ps-sync``, ``ps-async``).
+- ``pipeline``: model stages over ranks, replicas allreduced (``--mode pipeline``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def make_strategy(cfg, world) -> Strategy:
         from .ps import make_ps_strategy
 
         strategy = make_ps_strategy(cfg, world)
+    elif cfg.sync.mode == "pipeline":
+        from .pipeline.strategy import PipelineStrategy
+
+        strategy = PipelineStrategy(world, cfg)
     else:
         raise MpicnnError(f"unknown mode {cfg.sync.mode!r}", collective=True)
     if cfg.sync.slow_rank >= strategy.workers:

@@ -1,8 +1,8 @@
 """What the training loop calls: the gradient side and the work side of a sync strategy.
 
 The loop never branches on the mode. It calls a ``GradientSync`` around each step
-(attach, zero_grad, no_sync, after_backward, step or skip_step, sync_buffers, finish,
-timings) and asks a ``WorkPlan`` who trains, which batches this worker gets (and the
+(attach, forward_backward, zero_grad, no_sync, after_backward, step or skip_step,
+sync_buffers, evaluate, finish, timings) and asks a ``WorkPlan`` who trains, which batches this worker gets (and the
 weight of each in its step), where the run stands, whether to stop, and what to report.
 A strategy implements both (``Strategy``); the loop owns the run's counters and the
 learning-rate schedule.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 from ..cluster.world import reduce_sums
+from ..training import loop
 
 
 class GradientSync:
@@ -28,6 +29,16 @@ class GradientSync:
     def zero_grad(self) -> None:
         """Clear gradients before backward."""
         self.optimizer.zero_grad(set_to_none=False)
+
+    def forward_backward(self, model, stats, images, labels, accum_steps: int = 1,
+                         label_smoothing: float = 0.0, weight: float = 1.0):
+        """Forward and backward of this rank's batch: (summed loss, samples it counts)."""
+        return loop.forward_backward(model, self, stats, images, labels, accum_steps,
+                                     label_smoothing, weight), len(labels)
+
+    def evaluate(self, model, loader) -> tuple[float, float]:
+        """(loss, accuracy) on the whole split, equal to a single-process evaluation."""
+        return loop.evaluate(model, loader, self.comm)
 
     def no_sync(self):
         """Context for a micro-batch whose gradients are only accumulated locally."""
@@ -90,6 +101,9 @@ class WorkPlan:
     def worker_index(self) -> int:
         """This rank's index among the ranks that train (which data shard it reads)."""
         return self.world.rank
+
+    def expect_samples(self, input_shape) -> None:
+        """Learn the per-sample input shape before ``attach`` (pipeline stages need it)."""
 
     def serve(self) -> None:
         """Answer the ranks that train until they are done (parameter servers only)."""

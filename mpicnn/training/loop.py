@@ -77,8 +77,8 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
         if batch is None:
             break
         images, labels = batch
-        loss_sum = forward_backward(model, sync, stats, images, labels, accum_steps,
-                                    label_smoothing, work.weight(loader, state))
+        loss_sum, counted = sync.forward_backward(model, stats, images, labels, accum_steps,
+                                                  label_smoothing, work.weight(loader, state))
         step = state.global_step + 1
         with stats.phase("comm"):
             if guard is not None:
@@ -94,7 +94,7 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
                 guard.computing(step)
         state.advance(work.position())
         follow_schedule(scheduler, state.global_step)
-        stats.step_done(state, loss_sum, len(labels), work.trained_images(global_batch))
+        stats.step_done(state, loss_sum, counted, work.trained_images(global_batch))
         if should_stop is not None and state.global_step < run_steps and should_stop(state):
             break
 

@@ -33,6 +33,10 @@ class ConvClassifier(nn.Module):
     def forward(self, x):
         return self.head(self.body(x))
 
+    def layers(self) -> list:
+        """The sequential form: applied in order, these modules compute ``forward``."""
+        return [*self.body, *self.head]
+
 
 def digitnet(input_shape, num_classes):
     """Small default net for 8x8 digits: conv32-conv64-pool-fc128."""
@@ -117,6 +121,28 @@ class ResNet18(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
+
+    def layers(self) -> list:
+        """The sequential form: applied in order, these modules compute ``forward``."""
+        return [*self.stem, *self.stages, self.pool, nn.Flatten(), self.fc]
+
+
+def sequential_form(model: nn.Module, name: str) -> list:
+    """``model`` as a list of modules that, applied in order, compute its forward.
+
+    Zoo models give theirs; a ``module:Class`` model must be an ``nn.Sequential`` or
+    have a ``stages()`` method returning the modules in order.
+    """
+    if isinstance(model, (ConvClassifier, ResNet18)):
+        return model.layers()
+    if isinstance(model, nn.Sequential):
+        return list(model)
+    stages = getattr(model, "stages", None)
+    if inspect.ismethod(stages):
+        return list(stages())
+    raise MpicnnError(f"model {name!r} has no sequential form to cut into pipeline stages: "
+                      f"make it an nn.Sequential or give it a stages() method returning its "
+                      f"modules in order", collective=True)
 
 
 MODELS = {"digitnet": digitnet, "seednet": seednet, "kerasnet": kerasnet, "lenet": lenet,

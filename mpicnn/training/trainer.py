@@ -23,7 +23,7 @@ from ..observe.steps import StepStats
 from ..observe.tensorboard import TensorBoardSink
 from ..resilience import drills
 from .adapt import adapt_model
-from .loop import evaluate, train_epoch
+from .loop import train_epoch
 from .models import build_model
 from .optim import (
     TrainingProgress,
@@ -184,8 +184,8 @@ class Trainer:
         self.checkpointer.finish()            # the last write is complete before the end
         if not outcome.evaluated:             # no epoch ran here (resumed at the end)
             self.strategy.sync_buffers()
-            outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,
-                                                         self.strategy.comm)
+            outcome.val_loss, outcome.val_acc = self.strategy.evaluate(parts.model,
+                                                                       self.val_loader)
         return outcome
 
     def _epoch(self, outcome: Outcome) -> None:
@@ -203,8 +203,8 @@ class Trainer:
         if outcome.stopped:
             return
         with timeline.span("evaluate"):
-            outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,
-                                                         strategy.comm)
+            outcome.val_loss, outcome.val_acc = strategy.evaluate(parts.model,
+                                                                  self.val_loader)
         outcome.train_loss, outcome.evaluated = summary.train_loss, True
         state.next_epoch(parts.steps_per_epoch)
         self.metrics.write("epoch", epoch=state.epoch, step=state.global_step,
