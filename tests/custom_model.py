@@ -118,3 +118,16 @@ class Drill(nn.Module):
             if stamp:
                 open(stamp, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Branchy(nn.Module):
+    """Two branches added: no sequential form, so it cannot be cut into pipeline stages."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        c, h, w = input_shape
+        self.a = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, num_classes))
+        self.b = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, num_classes))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)

@@ -186,6 +186,24 @@ CASES = [
          needs="ps-sync"),
     Case("ps-too-many-servers", lambda t, c: ["--mode", "ps-async", "--servers", "5"], "",
          n=4, needs="ps-async"),
+    # pipeline settings that cannot work (one line each, every rank ends)
+    Case("pipeline-stages-not-dividing", lambda t, c: ["--mode", "pipeline", "--stages", "2"],
+         "does not divide the 3 ranks", n=3, needs="pipeline"),
+    Case("pipeline-micro-over-batch", lambda t, c: ["--mode", "pipeline", "--stages", "2",
+                                                    "--micro-batches", "32"],
+         "--micro-batches 32 is more than --batch-size 16", needs="pipeline"),
+    Case("pipeline-more-stages-than-layers",
+         lambda t, c: ["--mode", "pipeline", "--stages", "3", "--model",
+                       "tests.custom_model:TinyNet"],
+         "more than the model's 2 layers", n=3, needs="pipeline"),
+    Case("pipeline-not-sequential",
+         lambda t, c: ["--mode", "pipeline", "--stages", "2", "--model",
+                       "tests.custom_model:Branchy"], "no sequential form", needs="pipeline"),
+    Case("pipeline-bad-split", lambda t, c: ["--mode", "pipeline", "--stages", "2",
+                                             "--split", "3,5"],
+         "does not cut 9 layers into 2 stages", needs="pipeline"),
+    Case("pipeline-flags-without-mode", lambda t, c: ["--stages", "2"],
+         "need --mode pipeline", n=1, needs="pipeline"),
 ]
 
 

@@ -102,9 +102,14 @@ def measure_times(layers, input_shape, batch: int, device, repeats: int = MEASUR
     """Seconds of one forward+backward of every layer at ``batch`` samples on ``device``.
 
     Leaves the layers as they were: parameters' gradients and buffers (BatchNorm running
-    statistics) are restored, and random inputs come from a generator of their own so
-    the global random state does not move.
+    statistics) are restored, and the global random state (dropout) does not move.
     """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):     # dropout must not move the seed
+        return _measure(layers, input_shape, batch, device, repeats)
+
+
+def _measure(layers, input_shape, batch: int, device, repeats: int) -> list[float]:
     shapes = activation_shapes(layers, input_shape)
     generator = torch.Generator().manual_seed(0)
     times = []

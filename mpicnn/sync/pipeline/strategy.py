@@ -27,6 +27,7 @@ from ..allreduce.strategy import AllreduceStrategy
 from ..contract import Strategy
 from ..replicas import average_buffers
 from . import partition
+from .memory import ActivationMeter
 from .grid import Grid, check_grid, check_settings
 from .schedule import SCHEDULES, ideal_bubble
 from .transport import BACKWARD, EVAL, FORWARD, Transport
@@ -108,6 +109,7 @@ class PipelineStrategy(Strategy):
         self.transport = Transport(self.pipe_comm, grid.stage, stages, shapes[first],
                                    shapes[end], rows, EVAL_BATCH, dtype,
                                    next(model.parameters()).device)
+        self.meter = ActivationMeter(model.parameters())
         self.world.log.info(self.describe())
         self.sub.attach(self.stage_module, optimizer, scheduler)
 
@@ -172,12 +174,14 @@ class PipelineStrategy(Strategy):
                     else:
                         with timeline.span("pipe_wait"):
                             x = t.take(FORWARD).requires_grad_()
-                    out = self.stage_module(x.clone() if self._clone_input and not g.first
-                                            else x)
+                    with self.meter.forward():
+                        out = self.stage_module(x.clone() if self._clone_input and not g.first
+                                                else x)
+                        if g.last:
+                            loss = F.cross_entropy(out, ys[i], label_smoothing=label_smoothing)
+                            out = loss * (weight * len(ys[i]) / len(labels))
                     if g.last:
-                        loss = F.cross_entropy(out, ys[i], label_smoothing=label_smoothing)
                         loss_sum += loss.item() * len(ys[i])
-                        out = loss * (weight * len(ys[i]) / len(labels))
                     else:
                         t.send(out, FORWARD)
                     saved[i] = (x, out)
@@ -282,18 +286,23 @@ class PipelineStrategy(Strategy):
         steps = max(1, self._steps)
         wall, compute = self._wall, self._compute
         row = [1000 * compute / steps, 1000 * (wall - compute) / steps,
-               (wall - compute) / wall if wall else 0.0]
+               (wall - compute) / wall if wall else 0.0, self.meter.peak / MB,
+               self.meter.micro / MB]
         self._wall = self._compute = 0.0
         self._steps = 0
         rows = self.world.comm.allgather(row)
         stages = self.grid.stages
         per_stage = [[sum(r[j] for r in rows[s::stages]) / len(rows[s::stages])
                       for s in range(stages)] for j in range(3)]
+        memory = [[max(r[j] for r in rows[s::stages]) for s in range(stages)]
+                  for j in (3, 4)]
         return {**self.sub.timings_ms(),
                 "stage_compute_ms": [round(v, 3) for v in per_stage[0]],
                 "stage_wait_ms": [round(v, 3) for v in per_stage[1]],
                 "stage_bubble": [round(v, 4) for v in per_stage[2]],
-                "bubble_ideal": round(ideal_bubble(self.cfg.sync.micro_batches, stages), 4)}
+                "bubble_ideal": round(ideal_bubble(self.cfg.sync.micro_batches, stages), 4),
+                "stage_activation_peak_mb": [round(v, 4) for v in memory[0]],
+                "stage_activation_micro_mb": [round(v, 4) for v in memory[1]]}
 
     def report(self) -> dict:
         return {"stages": self.grid.stages, "replicas": self.grid.replicas,
