@@ -6,5 +6,6 @@
 - ``schedule``: GPipe and 1F1B orders of one stage's forwards and backwards; ideal bubble.
 - ``transport``: activations and gradients between stages, nonblocking point-to-point
   into preallocated buffers.
+- ``memory``: activation memory a stage keeps for backward (saved-tensor hooks).
 - ``strategy``: the mode: stage compute, replica allreduce, evaluation, checkpoint gather.
 """
