@@ -14,6 +14,8 @@
 - ``tta``: wall time to a validation accuracy on Fashion-MNIST, mpicnn against DDP.
 - ``largebatch``: final accuracy at global batches 256 to 8,192 for SGD, LARS, AdamW, LAMB.
 - ``checkpoint``: the step-time stall of a checkpoint, synchronous against asynchronous.
+- ``pipeline``: pipeline grids (K x 1 ... 1 x K) at M micro-batches against data
+  parallelism: images/s, measured bubble against (K-1)/(M+K-1), parameters per rank.
 - ``gpu``: the prepared GPU command: ``pytest -m gpu``, a bare PyTorch loop against
   mpicnn.train (fp32, bf16, bf16 + channels_last; 1 and 2 ranks), the CUDA-aware choice;
   ``--dry-run`` on the CPU.

@@ -305,8 +305,10 @@ class PipelineStrategy(Strategy):
                 "stage_activation_micro_mb": [round(v, 4) for v in memory[1]]}
 
     def report(self) -> dict:
+        params = partition.stage_sums(partition.param_bytes(self.layers), self.cuts)
         return {"stages": self.grid.stages, "replicas": self.grid.replicas,
-                "micro_batches": self.cfg.sync.micro_batches, "cuts": list(self.cuts)}
+                "micro_batches": self.cfg.sync.micro_batches, "cuts": list(self.cuts),
+                "stage_params_mb": [round(v / MB, 4) for v in params]}
 
     def finish(self) -> None:
         self.sub.finish()
