@@ -52,6 +52,7 @@ def train(world, argv) -> int:
                                     parts.layout)
         checkpointer.prepare()
         guard = StepGuard(cfg.failure, world)
+        guard.name_ranks(strategy.rank_labels())      # stall reports name pipeline stages
         preempt.agree = strategy.agree_stop
         strategy.attach(parts.model, parts.optimizer, parts.scheduler)
         trainer = None

@@ -48,3 +48,17 @@ def test_checkpoint_benchmark_compares_sync_and_async_stalls(tmp_path):
     assert set(figures) == {"sync", "async"}
     for row in figures.values():
         assert row["checkpoints"] == 2 and row["mb"] > 0 and row["write_ms"] > 0
+
+
+def test_pipeline_benchmark_reports_every_grid_against_data_parallel(tmp_path):
+    out = tmp_path / "pipeline.json"
+    run = bench("pipeline", "--ranks", 2, "--model", "digitnet", "--steps", 7,
+                "--micro-batches", "1,2", "--global-batch", 8, "--out", out)
+    rows = json.loads(out.read_text())
+    assert [(r["grid"], r["micro_batches"]) for r in rows] == [
+        ("2x1", 1), ("2x1", 2), ("1x2", 1), ("1x2", 2), ("allreduce x2", 1)]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["bubble_ideal"] == 0.5 and rows[1]["bubble_ideal"] == pytest.approx(1 / 3)
+    assert all(0 <= r["bubble"] < 1 for r in rows if r["stages"])
+    assert rows[0]["params_mb_per_rank"] < rows[2]["params_mb_per_rank"]   # a stage < all
+    assert "vs DP" in run.stdout

@@ -78,6 +78,20 @@ def test_stall_warning_names_the_missing_rank(tmp_path):
     assert "gradient exchange of step 3; missing: rank 1 (computing step 3" in warnings[0]
 
 
+def test_stall_warning_names_the_stuck_pipeline_stage(tmp_path):
+    needs_mode("pipeline")
+    outcome = run_job(2, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "5",
+                          "--mode", "pipeline", "--stages", "2", "--micro-batches", "2",
+                          "--stall-warn", "1", "--progress", "off"],
+                      env={"MPICNN_TEST_SLEEP": "1:3:6"})
+    record("stall/warn pipeline (stage 1 sleeps 6 s before step 3's exchange)", outcome)
+    assert outcome.returncode == 0, outcome.output[-3000:]
+    warnings = [line for line in outcome.stdout.splitlines() if "stall:" in line]
+    assert warnings, outcome.stdout
+    assert "rank 0 (stage 0 of 2, replica 0) has waited" in warnings[0]
+    assert "missing: rank 1 (stage 1 of 2, replica 0; computing step 3" in warnings[0]
+
+
 def test_stall_abort_ends_the_job(tmp_path):
     outcome = run_job(3, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "6",
                           "--stall-warn", "1", "--stall-abort", "4", "--progress", "off"],

@@ -310,3 +310,12 @@ def test_package_never_evaluates_input_or_listens():
                 problems += [f"{where} imports {m}" for m in modules if m in FORBIDDEN_IMPORTS]
     assert not problems, "\n".join(problems)
     assert "tomllib.load(" in (PACKAGE / "config" / "__init__.py").read_text()
+
+
+def test_diagnose_names_what_each_rank_is():
+    ranks = [seen(WAIT, 3, 40.0), seen(COMPUTE, 3, 30.0)]
+    labels = ["stage 0 of 2, replica 0", "stage 1 of 2, replica 0"]
+    _, _, text = diagnose(ranks, 100.0, 10, labels=labels)
+    assert text == ("rank 0 (stage 0 of 2, replica 0) has waited 60 s at the gradient "
+                    "exchange of step 3; missing: rank 1 (stage 1 of 2, replica 0; computing "
+                    "step 3 for 70 s)")

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..cluster.errors import MpicnnError
 from . import launch
 
 
@@ -71,16 +72,23 @@ def main(argv=None) -> int:
     jobs = [(k, r, m) for k, r in grids(args.ranks) for m in micros] + [(0, args.ranks, 1)]
     print(f"{args.model}, {args.ranks} ranks, global batch {args.global_batch}, "
           f"{args.steps} steps, {args.schedule}", flush=True)
-    results = []
+    results, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for stages, replicas, micro in jobs:
             if args.global_batch // max(1, replicas) < micro:
                 continue                       # fewer samples than micro-batches
-            r = run_job(args, Path(tmp), stages, replicas, micro)
+            try:
+                r = run_job(args, Path(tmp), stages, replicas, micro)
+            except MpicnnError as exc:         # e.g. BatchNorm on a 1-sample micro-batch
+                reason = next((line for line in str(exc).splitlines()
+                               if "error: rank" in line), str(exc).splitlines()[0])
+                failed.append(f"{stages}x{replicas} M={micro}: {reason[:200]}")
+                print(f"  {stages}x{replicas} M={micro}: failed", file=sys.stderr, flush=True)
+                continue
             results.append(r)
             print(f"  {r['grid']:<14} M={micro}: {r['images_per_s']:.0f} images/s",
                   file=sys.stderr, flush=True)
-    base = next(r for r in results if not r["stages"])["images_per_s"]
+    base = next((r["images_per_s"] for r in results if not r["stages"]), float("nan"))
     print(f"{'grid (KxR)':<14} {'M':>2} {'images/s':>9} {'vs DP':>6} {'bubble':>7} "
           f"{'ideal':>6} {'params MB/rank':>14}")
     for r in results:
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
         params = f"{r['params_mb_per_rank']:.2f}" if r["params_mb_per_rank"] else "all"
         print(f"{r['grid']:<14} {r['micro_batches']:>2} {r['images_per_s']:>9.0f} "
               f"{r['images_per_s'] / base:>5.2f}x {bubble:>7} {ideal:>6} {params:>14}")
+    for line in failed:
+        print(f"failed: {line}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

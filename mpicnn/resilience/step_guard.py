@@ -25,6 +25,11 @@ class StepGuard:
         if self.watchdog is not None:
             self.watchdog.mark(state, step)
 
+    def name_ranks(self, labels) -> None:
+        """What each rank is (e.g. "stage 1 of 2, replica 0"), named in stall reports."""
+        if self.watchdog is not None and labels:
+            self.watchdog.labels = list(labels)
+
     def serving(self) -> None:
         """This rank serves the others (a parameter server): it waits by design."""
         self._mark(SERVE, 0)

@@ -53,8 +53,11 @@ def _describe(seen: Seen, now: float) -> str:
     return "finished" if seen.state == DONE else "serving"
 
 
-def diagnose(seen: list[Seen], now: float, silent_after: float):
-    """(seconds waited, key, text) for the longest wait at one exchange, or None."""
+def diagnose(seen: list[Seen], now: float, silent_after: float, labels=None):
+    """(seconds waited, key, text) for the longest wait at one exchange, or None.
+
+    ``labels`` (one per rank, e.g. its pipeline stage) are named beside the ranks.
+    """
     waiting = [r for r, s in enumerate(seen) if s.state in (WAIT, DONE)]
     if not waiting:
         return None
@@ -71,12 +74,14 @@ def diagnose(seen: list[Seen], now: float, silent_after: float):
     notes = []
     for r in missing[:MAX_LISTED]:
         quiet = now - seen[r].heard
-        note = _describe(seen[r], now)
+        note = (f"{labels[r]}; " if labels else "") + _describe(seen[r], now)
         notes.append(f"rank {r} ({note})" if quiet < silent_after else
                      f"rank {r} (silent for {quiet:.0f} s; last {note})")
     if len(missing) > MAX_LISTED:
         notes.append(f"ranks {spans(missing[MAX_LISTED:])}")
     who = f"rank {spans(there)} has" if len(there) == 1 else f"ranks {spans(there)} have"
+    if labels and len(there) == 1:
+        who = f"rank {there[0]} ({labels[there[0]]}) has"
     return waited, point, (f"{who} waited {waited:.0f} s at {where}; missing: "
                            f"{', '.join(notes)}")
 
@@ -121,6 +126,7 @@ class Watchdog:
         self.stop = threading.Event()
         self.abandon = False
         self.reported = None
+        self.labels = None             # what each rank is (pipeline stages), for reports
         self.threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         if not self.threaded:
             world.log.warning("stall detection is off: this MPI library does not offer "
@@ -227,7 +233,8 @@ class Watchdog:
                             f"is kept: continue with --resume auto)")
                 self.world.abort(STALL_EXIT)
                 return
-        found = diagnose(seen, now, silent_after=max(3 * self.interval, 2.0))
+        found = diagnose(seen, now, silent_after=max(3 * self.interval, 2.0),
+                         labels=self.labels)
         if found is None:
             self.reported = None
             return

@@ -134,6 +134,10 @@ class WorkPlan:
         """
         return bool(reduce_sums(self.world.comm, [float(wanted)])[0] > 0)
 
+    def rank_labels(self) -> list[str] | None:
+        """What each rank of the world is, for stall reports (None: ranks are alike)."""
+        return None
+
     def report(self) -> dict:
         """Mode-specific fields for the epoch and end metrics records."""
         return {}

@@ -9,7 +9,7 @@ import torch
 
 
 class _Saved:
-    __slots__ = ("tensor", "nbytes", "meter")
+    __slots__ = ("meter", "nbytes", "tensor")
 
     def __init__(self, tensor, nbytes: int, meter):
         self.tensor, self.nbytes, self.meter = tensor, nbytes, meter

@@ -5,6 +5,7 @@ backward seconds, parameter bytes) and the activation shape between every two la
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -23,7 +24,7 @@ def parse_split(text: str) -> list[int]:
     except ValueError:
         raise MpicnnError(f"--split takes increasing layer indices like 4,9, got {text!r}",
                           collective=True) from None
-    if any(b <= a for a, b in zip(cuts, cuts[1:])) or (cuts and cuts[0] < 1):
+    if any(b <= a for a, b in itertools.pairwise(cuts)) or (cuts and cuts[0] < 1):
         raise MpicnnError(f"--split takes increasing layer indices >= 1 like 4,9, got {text!r}",
                           collective=True)
     return cuts
@@ -71,7 +72,7 @@ def balanced_cuts(costs: list[float], stages: int) -> list[int]:
 def bounds(cuts: list[int], layers: int) -> list[tuple[int, int]]:
     """[(first, end)] layer ranges of the stages."""
     edges = [0, *cuts, layers]
-    return list(zip(edges, edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 def stage_sums(costs: list[float], cuts: list[int]) -> list[float]:

@@ -304,6 +304,10 @@ class PipelineStrategy(Strategy):
                 "stage_activation_peak_mb": [round(v, 4) for v in memory[0]],
                 "stage_activation_micro_mb": [round(v, 4) for v in memory[1]]}
 
+    def rank_labels(self) -> list[str]:
+        grids = [Grid(self.grid.size, self.grid.stages, r) for r in range(self.grid.size)]
+        return [f"stage {g.stage} of {g.stages}, replica {g.replica}" for g in grids]
+
     def report(self) -> dict:
         params = partition.stage_sums(partition.param_bytes(self.layers), self.cuts)
         return {"stages": self.grid.stages, "replicas": self.grid.replicas,
