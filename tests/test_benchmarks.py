@@ -58,7 +58,7 @@ def test_pipeline_benchmark_reports_every_grid_against_data_parallel(tmp_path):
     assert [(r["grid"], r["micro_batches"]) for r in rows] == [
         ("2x1", 1), ("2x1", 2), ("1x2", 1), ("1x2", 2), ("allreduce x2", 1)]
     assert all(r["images_per_s"] > 0 for r in rows)
-    assert rows[0]["bubble_ideal"] == 0.5 and rows[1]["bubble_ideal"] == pytest.approx(1 / 3)
+    assert rows[0]["bubble_ideal"] == 0.5 and rows[1]["bubble_ideal"] == pytest.approx(1 / 3, abs=1e-4)
     assert all(0 <= r["bubble"] < 1 for r in rows if r["stages"])
     assert rows[0]["params_mb_per_rank"] < rows[2]["params_mb_per_rank"]   # a stage < all
     assert "vs DP" in run.stdout
