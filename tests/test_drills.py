@@ -165,6 +165,27 @@ def test_nan_skip_is_the_same_on_every_rank(nan_data, tmp_path):
     assert all(np.isfinite(r["train_loss"]) for r in epochs)
 
 
+def test_nan_skip_in_a_pipeline_is_the_same_on_every_stage(nan_data, tmp_path):
+    """A NaN seen by the last stage only skips the update on both stages: the same final
+    parameters as one process that skips that step."""
+    needs_mode("pipeline")
+    path, step = nan_data
+    common = ["--data", path, "--max-steps", step + 3, "--nan-policy", "skip",
+              "--optimizer", "sgd", "--lr", "0.05", "--progress", "off",
+              "--batch-size", 2 * BATCH]
+    pipe = run_job(2, common + ["--mode", "pipeline", "--stages", "2", "--micro-batches", "4",
+                                "--checkpoint-dir", tmp_path / "pipe"], timeout=HANG)
+    record(f"nan/skip pipeline 2x1 (NaN pixel read at step {step})", pipe)
+    assert pipe.returncode == 0, pipe.output[-3000:]
+    assert "update skipped (1 so far)" in pipe.stdout
+    one = run_job(1, common + ["--checkpoint-dir", tmp_path / "one"], timeout=HANG)
+    assert one.returncode == 0, one.output[-3000:]
+    a, b = final_params(tmp_path / "pipe"), final_params(tmp_path / "one")
+    for name in a:
+        assert torch.isfinite(a[name]).all(), name
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
 def _records(path):
     return read_jsonl(path)
 

@@ -89,14 +89,18 @@ def test_preemption_asks_every_n_steps_and_stops_when_any_rank_wants_to():
 
 
 # --- the whole path under mpirun, no scheduler -------------------------------------
+PIPELINE = ["--mode", "pipeline", "--stages", "2", "--micro-batches", "2"]
+
+
 @pytest.mark.mpi
-def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path):
+@pytest.mark.parametrize("mode", [[], PIPELINE], ids=["allreduce", "pipeline"])
+def test_signal_to_one_rank_stops_all_at_one_step_and_resume_matches(tmp_path, mode):
     """SIGTERM to a single rank: every rank stops after the same step (or the run would
     hang), rank 0 checkpoints, exit 75; --resume auto then ends bitwise equal.
 
     The prefetch reader processes get SIGUSR1 too, as when SLURM signals every process
     of a job step: they must leave the stopping to the trainer."""
-    args = ["--epochs", "2", "--deterministic", "--device", "cpu", "--progress", "off"]
+    args = ["--epochs", "2", "--deterministic", "--device", "cpu", "--progress", "off", *mode]
     run_dir, metrics = tmp_path / "stopped", tmp_path / "stopped" / "metrics.jsonl"
     with Job(2, [*args, "--checkpoint-dir", run_dir, "--metrics", metrics,
                  "--prefetch-mode", "process"]) as job:
