@@ -235,3 +235,18 @@ def test_pipeline_prints_its_cut(tmp_path):
                       *pipeline(2, 1, "gpipe", 2), "--split", "6"])
     assert "2 stages x 1 replicas" in done.stdout + done.stderr
     assert "cut at [6] by --split" in done.stdout + done.stderr
+
+
+def test_pipeline_and_allreduce_checkpoints_resume_each_other_ps_ones_do_not():
+    from types import SimpleNamespace
+
+    from mpicnn.checkpoint.state import check_compatible
+
+    def cfg(mode):
+        return SimpleNamespace(training=SimpleNamespace(model="digitnet"),
+                               sync=SimpleNamespace(mode=mode))
+
+    for saved, ours in [("pipeline", "allreduce"), ("allreduce", "pipeline")]:
+        check_compatible({"model_name": "digitnet", "mode": saved}, cfg(ours), "c.pt")
+    with pytest.raises(MpicnnError, match="mode 'ps-sync'"):
+        check_compatible({"model_name": "digitnet", "mode": "ps-sync"}, cfg("pipeline"), "c.pt")
