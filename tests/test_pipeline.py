@@ -229,12 +229,17 @@ def test_checkpoints_cross_modes(reference, tmp_path):
 
 
 @pytest.mark.mpi
-def test_pipeline_prints_its_cut(tmp_path):
-    """--split overrides the balance; the startup line names the grid and the cuts."""
-    done = mpirun(2, [*COMMON, "--max-steps", "2", "--progress", "off",
-                      *pipeline(2, 1, "gpipe", 2), "--split", "6"])
+def test_pipeline_prints_its_cut_and_takes_any_cut(tmp_path):
+    """--split overrides the balance; the startup line names the grid and the cuts. A stage
+    may begin with an in-place layer (digitnet's ReLU at 1) or hold no parameters at all
+    (TinyNet's Flatten)."""
+    done = mpirun(2, [*COMMON, "--max-steps", "6", "--progress", "off",
+                      *pipeline(2, 1, "gpipe", 2), "--split", "1"])
     assert "2 stages x 1 replicas" in done.stdout + done.stderr
-    assert "cut at [6] by --split" in done.stdout + done.stderr
+    assert "cut at [1] by --split" in done.stdout + done.stderr
+    done = mpirun(2, [*COMMON, "--max-steps", "6", "--progress", "off", "--model",
+                      "tests.custom_model:TinyNet", *pipeline(2, 1, "1f1b", 2), "--split", "1"])
+    assert "stage 0: layers 0-0" in done.stdout + done.stderr
 
 
 def test_pipeline_and_allreduce_checkpoints_resume_each_other_ps_ones_do_not():

@@ -194,7 +194,8 @@ class PipelineStrategy(Strategy):
                         else:
                             with timeline.span("pipe_wait"):
                                 grad = t.take(BACKWARD)
-                            out.backward(grad)
+                            if out.requires_grad:  # a first stage without parameters: none
+                                out.backward(grad)
                     if not g.first:
                         t.send(x.grad, BACKWARD)
             t.progress()
