@@ -181,7 +181,8 @@ def reference(tmp_path_factory):
     return train(tmp, "ref", 1, *COMMON, *STEPS, "--batch-size", GLOBAL_BATCH)
 
 
-GRIDS = [(2, 1, "gpipe", 8), (2, 1, "1f1b", 8), (2, 2, "gpipe", 4), (2, 2, "1f1b", 4)]
+GRIDS = [(2, 1, "gpipe", 8), (2, 1, "1f1b", 8), (2, 2, "gpipe", 4), (2, 2, "1f1b", 4),
+         (4, 1, "1f1b", 8)]
 
 
 @pytest.mark.mpi
