@@ -207,7 +207,9 @@ def test_pipeline_equals_single_process(reference, tmp_path, stages, replicas, s
     peak, micro_mb = epoch["stage_activation_peak_mb"], epoch["stage_activation_micro_mb"]
     assert all(m > 0 for m in micro_mb)
     if schedule == "1f1b":         # at most K micro-batches' activations alive per rank
-        assert all(p <= stages * m * 1.001 for p, m in zip(peak, micro_mb)), (peak, micro_mb)
+        # MB rounded to 6 places in the record: allow the rounding of K + 1 values
+        assert all(p <= stages * m + (stages + 1) * 1e-6 for p, m in zip(peak, micro_mb)), \
+            (peak, micro_mb)
     else:                          # GPipe keeps all M on the first stage: the meter sees it
         assert peak[0] >= micro * micro_mb[0] * 0.999, (peak, micro_mb)
 

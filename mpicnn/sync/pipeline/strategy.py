@@ -302,8 +302,8 @@ class PipelineStrategy(Strategy):
                 "stage_wait_ms": [round(v, 3) for v in per_stage[1]],
                 "stage_bubble": [round(v, 4) for v in per_stage[2]],
                 "bubble_ideal": round(ideal_bubble(self.cfg.sync.micro_batches, stages), 4),
-                "stage_activation_peak_mb": [round(v, 4) for v in memory[0]],
-                "stage_activation_micro_mb": [round(v, 4) for v in memory[1]]}
+                "stage_activation_peak_mb": [round(v, 6) for v in memory[0]],
+                "stage_activation_micro_mb": [round(v, 6) for v in memory[1]]}
 
     def rank_labels(self) -> list[str]:
         grids = [Grid(self.grid.size, self.grid.stages, r) for r in range(self.grid.size)]
