@@ -60,7 +60,7 @@ class PipelineStrategy(Strategy):
         self.sub = AllreduceStrategy(replica_world(world, self.replica_comm, grid), cfg)
         self.input_shape = None
         self.layers, self.cuts, self.stage_module, self.transport = [], [], None, None
-        self._compute = self._wall = self._wait_reported = 0.0
+        self._compute = self._wall = 0.0
         self._steps = 0
 
     # --- the grid ------------------------------------------------------------------
