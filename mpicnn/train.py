@@ -46,7 +46,7 @@ def train(world, argv) -> int:
             world.log.warning(f"warning: {label_warning(data)}")
         parts = build_parts(cfg, world, data, strategy)
         checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler,
-                                    parts.layout)
+                                    parts.layout, parts.precision)
         checkpointer.prepare()
         guard = StepGuard(cfg.failure, world)
         preempt.agree = strategy.agree_stop

@@ -33,17 +33,52 @@ class GradientSync:
         """Context for a micro-batch whose gradients are only accumulated locally."""
         return nullcontext()
 
-    def after_backward(self) -> None:
-        """Make every rank's ``.grad`` the average over ranks (may wait for communication)."""
+    def after_backward(self, finalize=None) -> None:
+        """Make every rank's ``.grad`` the average over ranks (may wait for communication).
+
+        ``finalize(params)`` (``Precision.finalize``: unscale, check, clip) runs on the
+        gradient the update uses: here after averaging, so every rank gets the same result.
+        """
+        if finalize is not None:
+            finalize([p for group in self.optimizer.param_groups for p in group["params"]])
 
     @property
     def synced_grads(self) -> bool:
         """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
         return True
 
-    def step(self) -> None:
-        """Apply the averaged gradients (the loop moves the schedule)."""
-        self.optimizer.step()
+    def agreed_skip(self, found):
+        """The flag (device tensor) by which this step's update is dropped, as every rank
+        sharing the update sees it; ``found`` is this rank's verdict on its gradient (after
+        averaging it is everyone's)."""
+        return found
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether ``step(found_inf)`` can drop a non-finite update without a host read.
+
+        The fused optimizers take a ``found_inf`` tensor; until every parameter has its
+        optimizer state they are not trusted with it (a skipped first fused SGD step
+        would leave its momentum buffer uninitialised).
+        """
+        opt = self.optimizer
+        return bool(opt.defaults.get("fused")) and \
+            len(opt.state) == sum(len(g["params"]) for g in opt.param_groups)
+
+    def step(self, found_inf=None) -> None:
+        """Apply the averaged gradients (the loop moves the schedule).
+
+        ``found_inf``: a device flag; where it is 1 the fused optimizer leaves parameters
+        and state as they are (only with ``skips_on_device``).
+        """
+        if found_inf is None:
+            self.optimizer.step()
+            return
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
 
     def skip_step(self) -> None:
         """Drop this step's update (its gradient was not finite)."""

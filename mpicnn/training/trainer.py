@@ -32,6 +32,7 @@ from .optim import (
     peak_lr,
     total_steps,
 )
+from .precision import Precision
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Parts:
     steps_per_epoch: int
     run_steps: int
     layout: shard.Layout             # the global batch and how ranks share it
+    precision: Precision             # --amp (autocast, loss scale) and --clip-grad-norm
 
     @property
     def global_batch(self) -> int:
@@ -64,12 +66,16 @@ def build_parts(cfg, world, data, work) -> Parts:
                                             data.num_classes, world.log.info)).to(world.device)
     optimizer = build_optimizer(cfg.training, model.parameters(), layout.global_batch)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
-    saved = restore(world, cfg, model, optimizer, scheduler)
+    precision = Precision(cfg.training.amp, world.device, cfg.training.clip_grad_norm)
+    if precision.scaler is not None or precision.dtype is not None or precision.clip > 0:
+        world.log.info(f"precision: {precision.describe()}")
+    saved = restore(world, cfg, model, optimizer, scheduler, precision)
     state = RunState()
     if saved is not None:
         state, run_steps = continue_run(cfg, world, scheduler, saved, layout, len(data.train))
     drills.straggle(model, cfg.sync.slow_rank, cfg.sync.slow_factor, world.rank)
-    return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, layout)
+    return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, layout,
+                 precision)
 
 
 def continue_run(cfg, world, scheduler, saved: dict, layout: shard.Layout, n: int):
@@ -181,7 +187,7 @@ class Trainer:
         if not outcome.evaluated:             # no epoch ran here (resumed at the end)
             self.strategy.sync_buffers()
             outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,
-                                                         self.strategy.comm)
+                                                         self.strategy.comm, parts.precision)
         return outcome
 
     def _epoch(self, outcome: Outcome) -> None:
@@ -192,7 +198,8 @@ class Trainer:
                     self.stats, scheduler=parts.scheduler, global_batch=parts.global_batch,
                     guard=self.guard, accum_steps=self.cfg.training.accum_steps,
                     should_stop=self.preempt.should_stop,
-                    label_smoothing=self.cfg.training.label_smoothing)
+                    label_smoothing=self.cfg.training.label_smoothing,
+                    precision=parts.precision)
         summary = self.stats.end_epoch(state)
         strategy.sync_buffers()
         outcome.stopped = self.preempt.stopped
@@ -200,7 +207,7 @@ class Trainer:
             return
         with timeline.span("evaluate"):
             outcome.val_loss, outcome.val_acc = evaluate(parts.model, self.val_loader,
-                                                         strategy.comm)
+                                                         strategy.comm, parts.precision)
         outcome.train_loss, outcome.evaluated = summary.train_loss, True
         state.next_epoch(parts.steps_per_epoch)
         self.metrics.write("epoch", epoch=state.epoch, step=state.global_step,
