@@ -1,0 +1,227 @@
+"""--amp and --clip-grad-norm: the loss scale, the gradient's finalize, the NaN policy's view."""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from mpicnn.checkpoint.state import RunState
+from mpicnn.cluster.errors import MpicnnError
+from mpicnn.config import parse_config
+from mpicnn.config.failure import FailureConfig
+from mpicnn.observe.steps import StepStats
+from mpicnn.resilience.step_guard import StepGuard
+from mpicnn.sync.contract import Strategy
+from mpicnn.training.loop import train_epoch
+from mpicnn.training.optim import build_optimizer
+from mpicnn.training.precision import LossScale, Precision, clip_grad_norm
+
+LOG = logging.getLogger("test_precision")
+
+
+def test_clip_grad_norm_is_torchs():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    expected = torch.nn.utils.clip_grad_norm_(params, 0.5)
+    total = clip_grad_norm(grads, 0.5)
+    assert total == pytest.approx(float(expected))
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad)
+    assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))) == \
+        pytest.approx(0.5, rel=1e-4)
+    small = [torch.full((3,), 0.01)]
+    clip_grad_norm(small, 0.5)                       # under the limit: unchanged
+    assert torch.equal(small[0], torch.full((3,), 0.01))
+
+
+def test_loss_scale_backs_off_grows_and_round_trips():
+    scale = LossScale("cpu", init_scale=8.0, growth_interval=2)
+    grads = [torch.tensor([8.0, 16.0])]
+    found = torch.zeros(())
+    scale.unscale_(grads, found)
+    assert torch.equal(grads[0], torch.tensor([1.0, 2.0])) and float(found) == 0
+    bad = [torch.tensor([1.0, float("inf")])]
+    scale.unscale_(bad, found)
+    assert float(found) == 1
+    scale.update(found)                               # overflow: halve
+    assert float(scale.scale) == 4.0
+    for _ in range(2):                                # two finite steps: double
+        scale.update(torch.zeros(()))
+    assert float(scale.scale) == 8.0
+    state = scale.state_dict()
+    assert state["overflows"] == 1 and state["_growth_tracker"] == 0
+    other = LossScale("cpu")
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+    fresh = torch.amp.GradScaler("cpu")               # the keys of torch's own scaler
+    assert set(fresh.state_dict()) <= set(state)
+
+
+def test_config_rejects_bad_amp_and_clip():
+    cfg = parse_config(["--amp", "bf16", "--clip-grad-norm", "1.5"])
+    assert (cfg.training.amp, cfg.training.clip_grad_norm) == ("bf16", 1.5)
+    with pytest.raises(MpicnnError, match="--amp: invalid choice"):
+        parse_config(["--amp", "fp8"])
+    with pytest.raises(MpicnnError, match="--clip-grad-norm must not be negative"):
+        parse_config(["--clip-grad-norm", "-1"])
+
+
+# --- the loop with a one-rank strategy -------------------------------------------------
+
+class _OneRank:
+    size, rank, log = 1, 0, LOG
+
+    class comm:
+        @staticmethod
+        def Allreduce(_inplace, buf, op=None):
+            return None
+
+
+class _Recording(Strategy):
+    """A one-rank strategy that keeps the parameters as each step begins and its gradients."""
+
+    def __init__(self, model, optimizer):
+        super().__init__(_OneRank(), None)
+        self.model, self.optimizer = model, optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        self.before, self.grads = [], []
+
+    def zero_grad(self):
+        self.before.append([p.detach().clone() for p in self.model.parameters()])
+        super().zero_grad()
+
+    def after_backward(self, finalize=None):
+        super().after_backward(finalize)
+        self.grads.append([p.grad.clone() for p in self.model.parameters()])
+
+
+class _Batches:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def epoch(self, epoch, start_step=0):
+        return iter(self.batches[start_step:])
+
+    def weight(self, epoch, step, worker=None):
+        return 1.0
+
+
+class _Boom(nn.Module):
+    """Linear layer whose weight gradient is Inf at chosen steps (an fp16 overflow)."""
+
+    def __init__(self, boom_steps=()):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+        self.step, self.boom_steps = 0, set(boom_steps)
+        self.body[1].weight.register_hook(self._grad)
+
+    def forward(self, x):
+        self.step += 1
+        return self.body(x)
+
+    def _grad(self, grad):
+        return grad * float("inf") if self.step in self.boom_steps else grad
+
+
+def _batches(n=6, nan_step=None):
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(1, n + 1):
+        x = torch.randn(8, 1, 4, 4, generator=gen)
+        if i == nan_step:
+            x[0, 0, 0, 0] = float("nan")
+        out.append((x, torch.randint(0, 4, (8,), generator=gen)))
+    return out
+
+
+def _train(model, optimizer, batches, precision, policy="abort", every=1000):
+    torch.manual_seed(0)
+    strategy = _Recording(model, torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+                          if optimizer == "adamw" else
+                          build_optimizer(parse_config(["--optimizer", optimizer]).training,
+                                          model.parameters(), 8))
+    guard = StepGuard(FailureConfig(nan_policy=policy), _OneRank())
+    stats = StepStats(every=every)
+    train_epoch(model, _Batches(batches), strategy, strategy, RunState(), len(batches), stats,
+                scheduler=strategy.scheduler, global_batch=8, guard=guard,
+                precision=precision)
+    return strategy, guard, stats
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lars"])   # skipped on the device / by the loop
+def test_an_overflow_is_skipped_without_counting_toward_the_nan_policy(optimizer):
+    torch.manual_seed(0)
+    model = _Boom(boom_steps={3, 4})
+    precision = Precision("fp16", "cpu")
+    strategy, guard, _ = _train(model, optimizer, _batches(6), precision, policy="abort")
+    before = strategy.before
+    for step in (3, 4):                  # the overflowing updates never landed
+        for a, b in zip(before[step - 1], before[step]):
+            assert torch.equal(a, b), step
+    for step in (1, 2, 5):               # the others did
+        assert any(not torch.equal(a, b) for a, b in zip(before[step - 1], before[step]))
+    assert guard.overflows == 2 and guard.policy.skipped == 0 and not guard.pending
+    state = precision.state_dict()
+    assert state["scale"] == 2.0 ** 14 and state["overflows"] == 2     # backed off twice
+
+
+def test_a_nan_loss_under_fp16_is_the_nan_policys():
+    torch.manual_seed(0)
+    model = _Boom()
+    with pytest.raises(MpicnnError, match="non-finite loss or gradient at step 4"):
+        _train(model, "adamw", _batches(6, nan_step=4), Precision("fp16", "cpu"))
+    torch.manual_seed(0)
+    model = _Boom()
+    strategy, guard, stats = _train(model, "adamw", _batches(6, nan_step=4),
+                                    Precision("fp16", "cpu"), policy="skip", every=2)
+    assert guard.policy.skipped == 1 and guard.overflows == 0
+    for a, b in zip(strategy.before[3], strategy.before[4]):
+        assert torch.equal(a, b)
+    assert torch.isfinite(torch.as_tensor(stats.end_epoch(RunState()).train_loss))
+
+
+def test_clipping_applies_to_the_averaged_gradient():
+    torch.manual_seed(0)
+    model = _Boom()
+    batches = _batches(3)
+    strategy, _, _ = _train(model, "sgd", batches, Precision("off", "cpu", clip=0.05))
+    torch.manual_seed(0)
+    plain = _Boom()
+    for step, (x, y) in enumerate(batches):
+        for p, value in zip(plain.parameters(), strategy.before[step]):
+            p.data.copy_(value)
+        plain.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)
+        assert norm > 0.05                                  # clipping acted
+        for ours, theirs in zip(strategy.grads[step], plain.parameters()):
+            torch.testing.assert_close(ours, theirs.grad)
+
+
+def test_bf16_autocast_runs_forward_in_bf16_and_keeps_fp32_gradients():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    precision = Precision("bf16", "cpu")
+    with precision.autocast():
+        out = model(torch.randn(2, 1, 4, 4))
+    assert out.dtype == torch.bfloat16
+    strategy, _, _ = _train(model, "adamw", _batches(2), precision)
+    assert all(g.dtype == torch.float32 for grads in strategy.grads for g in grads)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_step_guard_settles_deferred_verdicts_in_order():
+    guard = StepGuard(FailureConfig(nan_policy="skip"), SimpleNamespace(size=1, rank=0, log=LOG))
+    guard.policy.max_consecutive = 3
+    for step, code in enumerate([0, 1, 2, 1, 0, 1, 1], start=1):
+        guard.defer(torch.tensor(float(code)), step, 0.1, True)
+    guard.settle()                       # an overflow between NaN steps neither counts nor resets
+    assert (guard.policy.skipped, guard.policy.consecutive, guard.overflows) == (4, 2, 1)
+    guard.defer(torch.tensor(1.0), 8, 0.1, True)
+    with pytest.raises(MpicnnError, match="at step 8 .*last 3 updates were all skipped"):
+        guard.settle()
