@@ -64,7 +64,8 @@ def run_one_rank(tmp_path, *extra):
     assert code == 0
 
 
-ARGS = ["--amp", "fp16", "--clip-grad-norm", "1.0", "--nan-policy", "skip"]
+ARGS = ["--amp", "fp16", "--clip-grad-norm", "1.0", "--nan-policy", "skip",
+        "--augment", "crop,flip"]
 
 
 def test_steps_between_log_intervals_read_nothing_back(tmp_path, monkeypatch):
