@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import DIGITS, train
 from torch import nn
 
 from mpicnn.checkpoint.state import RunState
@@ -225,3 +226,62 @@ def test_the_step_guard_settles_deferred_verdicts_in_order():
     guard.defer(torch.tensor(1.0), 8, 0.1, True)
     with pytest.raises(MpicnnError, match="at step 8 .*last 3 updates were all skipped"):
         guard.settle()
+
+
+# --- real MPI runs ------------------------------------------------------------------------
+
+def _final(directory):
+    return torch.load(directory / "final.pt", weights_only=True)
+
+
+def _max_difference(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.mpi
+def test_bf16_with_clipping_at_two_ranks_equals_one_rank_with_the_global_batch(tmp_path):
+    """Autocast and clipping of the averaged gradient: two ranks are one with their batch.
+
+    Clipping each rank's own gradient before averaging would give another update; the
+    validation figures are computed on every rank's own parameters and summed, so they
+    match only when rank 1 holds the same parameters as rank 0.
+    """
+    common = ["--data", DIGITS, "--max-steps", 6, "--deterministic", "--optimizer", "sgd",
+              "--lr", 0.1, "--warmup-epochs", 0, "--amp", "bf16", "--clip-grad-norm", 0.05]
+    two, end2 = train(tmp_path, "n2", 2, *common, "--batch-size", 8)
+    one, end1 = train(tmp_path, "n1", 1, *common, "--batch-size", 16)
+    a, b = _final(two)["model"], _final(one)["model"]
+    assert _max_difference(a, b) <= 1e-4
+    unclipped, _ = train(tmp_path, "n1-unclipped", 1, *common[:-2], "--batch-size", 16)
+    assert _max_difference(_final(unclipped)["model"], b) > 1e-2     # clipping acted
+    assert end2["val_loss"] == pytest.approx(end1["val_loss"], rel=1e-3)
+    assert end2["val_acc"] == pytest.approx(end1["val_acc"], abs=2 / 360)
+    assert "amp_scaler" not in _final(two)                            # bf16: no loss scale
+
+
+@pytest.mark.mpi
+def test_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
+    common = ["--data", DIGITS, "--amp", "fp16", "--batch-size", 8]
+    out, _ = train(tmp_path, "run", 2, *common, "--max-steps", 4)
+    first = _final(out)["amp_scaler"]
+    assert first["scale"] <= 2.0 ** 16 and first["_growth_tracker"] + first["overflows"] >= 1
+    out, end = train(tmp_path, "run", 2, *common, "--max-steps", 7, "--resume", "auto")
+    second = _final(out)["amp_scaler"]
+    assert end["steps"] == 7
+    if second["overflows"] == first["overflows"]:       # no overflow since: the count went on
+        assert second["_growth_tracker"] == first["_growth_tracker"] + 3
+        assert second["scale"] == first["scale"]
+    else:
+        assert second["overflows"] > first["overflows"]
+
+
+@pytest.mark.mpi
+def test_fp16_in_ps_sync_equals_allreduce(tmp_path):
+    """Workers unscale what they send; the servers' verdict moves every worker's scale alike."""
+    common = ["--data", DIGITS, "--amp", "fp16", "--batch-size", 8, "--max-steps", 5,
+              "--optimizer", "sgd", "--lr", 0.1, "--warmup-epochs", 0, "--deterministic"]
+    ps, _ = train(tmp_path, "ps", 3, *common, "--mode", "ps-sync", "--servers", 1)
+    ar, _ = train(tmp_path, "ar", 2, *common)
+    a, b = _final(ps), _final(ar)
+    assert _max_difference(a["model"], b["model"]) <= 1e-4
+    assert a["amp_scaler"] == b["amp_scaler"]
