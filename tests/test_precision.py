@@ -285,3 +285,16 @@ def test_fp16_in_ps_sync_equals_allreduce(tmp_path):
     a, b = _final(ps), _final(ar)
     assert _max_difference(a["model"], b["model"]) <= 1e-4
     assert a["amp_scaler"] == b["amp_scaler"]
+
+
+@pytest.mark.mpi
+def test_fp16_in_ps_async_moves_each_workers_scale_by_its_own_pushes(tmp_path):
+    """ps-async: a push is its own update, so a worker's scale follows its own pushes; with
+    one worker that is serial training, scale included."""
+    common = ["--data", DIGITS, "--amp", "fp16", "--batch-size", 8, "--max-steps", 4,
+              "--optimizer", "sgd", "--lr", 0.1, "--warmup-epochs", 0, "--deterministic"]
+    ps, _ = train(tmp_path, "ps", 2, *common, "--mode", "ps-async", "--servers", 1)
+    one, _ = train(tmp_path, "one", 1, *common)
+    a, b = _final(ps), _final(one)
+    assert _max_difference(a["model"], b["model"]) <= 1e-4
+    assert a["amp_scaler"] == b["amp_scaler"]

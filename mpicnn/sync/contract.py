@@ -1,8 +1,9 @@
 """What the training loop calls: the gradient side and the work side of a sync strategy.
 
 The loop never branches on the mode. It calls a ``GradientSync`` around each step
-(attach, zero_grad, no_sync, after_backward, step or skip_step, sync_buffers, finish,
-timings) and asks a ``WorkPlan`` who trains, which batches this worker gets (and the
+(attach, zero_grad, no_sync, after_backward with the gradient's finalize, agreed_skip,
+step -- with a device found_inf where ``skips_on_device`` -- or skip_step, sync_buffers,
+finish, timings) and asks a ``WorkPlan`` who trains, which batches this worker gets (and the
 weight of each in its step), where the run stands, whether to stop, and what to report.
 A strategy implements both (``Strategy``); the loop owns the run's counters and the
 learning-rate schedule.

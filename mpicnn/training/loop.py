@@ -93,7 +93,10 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
         with stats.phase("comm"):
             if guard is not None:
                 guard.exchanging(step)
+            precision.found = None
             sync.after_backward(precision.finalize)
+            if precision.found is None:       # a strategy that does not finalize
+                precision.finalize(params)
         with stats.phase("optimizer"):
             apply_update(sync, guard, precision, step, loss_sum)
             if guard is not None:
