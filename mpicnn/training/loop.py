@@ -121,17 +121,19 @@ def apply_update(sync, guard, precision: Precision, step: int, loss_sum) -> None
     found = precision.found
     skipped = sync.agreed_skip(found)
     lr = sync.optimizer.param_groups[0]["lr"]
+    # Under a loss scale the policy looks at this rank's own loss: its verdict (and error)
+    # is this rank's, and a stop ends the job from here instead of collectively.
+    agreed = sync.synced_grads and precision.scaler is None
     if sync.skips_on_device:
         if guard is not None:
             loss_bad = (~torch.isfinite(loss_sum)).to(found.dtype)
-            guard.defer(step_code(found, precision.policy_flag(loss_bad)), step, lr,
-                        sync.synced_grads)
+            guard.defer(step_code(found, precision.policy_flag(loss_bad)), step, lr, agreed)
         sync.step(found_inf=skipped)
     else:
         if guard is not None:
             loss_bad = (~torch.isfinite(loss_sum)).to(found.dtype)
             apply = guard.allows_update(step_code(found, precision.policy_flag(loss_bad)),
-                                        step, lr, sync.synced_grads) and not bool(skipped)
+                                        step, lr, agreed) and not bool(skipped)
         else:
             apply = not bool(skipped)
         if apply:
