@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DIGITS, train
+from conftest import DIGITS, records, train
 from torch import nn
 
 from mpicnn.checkpoint.state import RunState
@@ -269,6 +269,9 @@ def test_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
     out, end = train(tmp_path, "run", 2, *common, "--max-steps", 7, "--resume", "auto")
     second = _final(out)["amp_scaler"]
     assert end["steps"] == 7
+    epoch = records(out, "epoch")[-1]
+    assert (epoch["amp_scale"], epoch["amp_overflows"]) == (second["scale"],
+                                                            second["overflows"])
     if second["overflows"] == first["overflows"]:       # no overflow since: the count went on
         assert second["_growth_tracker"] == first["_growth_tracker"] + 3
         assert second["scale"] == first["scale"]

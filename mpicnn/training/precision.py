@@ -135,6 +135,13 @@ class Precision:
         if self.scaler is not None and state is not None:
             self.scaler.load_state_dict(state)
 
+    def report(self) -> dict:
+        """The loss scale's figures for the epoch record (reads the device: epoch ends only)."""
+        if self.scaler is None:
+            return {}
+        return {"amp_scale": self.scaler.scale.item(),
+                "amp_overflows": int(self.scaler.overflows.item())}
+
     def describe(self) -> str:
         parts = [f"amp {self.amp}" + (" (dynamic loss scale)" if self.scaler else "")]
         if self.clip > 0:

@@ -214,7 +214,8 @@ class Trainer:
                            train_loss=summary.train_loss, val_loss=outcome.val_loss,
                            val_acc=outcome.val_acc, lr=self.lr(),
                            images_per_s=self.stats.images_per_s, **summary.phases_ms,
-                           **strategy.timings_ms(), **strategy.report())
+                           **strategy.timings_ms(), **strategy.report(),
+                           **parts.precision.report())
         self.world.log.info(f"epoch {state.epoch}/{self.cfg.training.epochs} step "
                             f"{state.global_step}: train loss {summary.train_loss:.4f}, val loss "
                             f"{outcome.val_loss:.4f}, val acc {outcome.val_acc:.4f}")
