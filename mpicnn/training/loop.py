@@ -124,18 +124,18 @@ def apply_update(sync, guard, precision: Precision, step: int, loss_sum) -> None
     # Under a loss scale the policy looks at this rank's own loss: its verdict (and error)
     # is this rank's, and a stop ends the job from here instead of collectively.
     agreed = sync.synced_grads and precision.scaler is None
+    code = None
+    if guard is not None:
+        loss_bad = (~torch.isfinite(loss_sum)).to(found.dtype)
+        code = step_code(found, precision.policy_flag(loss_bad))
     if sync.skips_on_device:
-        if guard is not None:
-            loss_bad = (~torch.isfinite(loss_sum)).to(found.dtype)
-            guard.defer(step_code(found, precision.policy_flag(loss_bad)), step, lr, agreed)
+        if code is not None:
+            guard.defer(code, step, lr, agreed)
         sync.step(found_inf=skipped)
     else:
-        if guard is not None:
-            loss_bad = (~torch.isfinite(loss_sum)).to(found.dtype)
-            apply = guard.allows_update(step_code(found, precision.policy_flag(loss_bad)),
-                                        step, lr, agreed) and not bool(skipped)
-        else:
-            apply = not bool(skipped)
+        apply = not bool(skipped)
+        if code is not None:
+            apply = guard.allows_update(code, step, lr, agreed) and apply
         if apply:
             sync.step()
         else:
