@@ -15,6 +15,7 @@ from .observe import timeline
 from .resilience.preemption import Preemption
 from .resilience.step_guard import StepGuard
 from .sync import make_strategy
+from .sync.ps.layout import serves
 from .training.trainer import Trainer, build_parts
 
 
@@ -33,7 +34,8 @@ def train(world, argv) -> int:
     with ExitStack() as teardown:
         preempt = teardown.enter_context(Preemption(cfg.failure.stop_check_every))  # before setup
         timeline.start(world, cfg.output.timeline, cfg.output.timeline_steps)
-        bind_device(world, cfg.sync.device, cfg.sync.threads)
+        bind_device(world, cfg.sync.device, cfg.sync.threads,      # PS servers: on the CPU
+                    server=serves(cfg.sync.mode, cfg.sync.servers, world.rank, world.size))
         world.log.info(describe(world))
         world.log.info(f"config: {cfg.summary()}")
         strategy = make_strategy(cfg, world)          # decides which ranks train

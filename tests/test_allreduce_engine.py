@@ -207,10 +207,13 @@ def _no_probe():
 
 def test_cuda_aware_choice_and_reason():
     assert choose_path("on", "cpu", "on", _no_probe)[0] is False        # CPU never stages
-    assert choose_path("on", "cuda", "off", _no_probe) == (True, "--cuda-aware on")
+    unknown = lambda: (None, "no query")
+    assert choose_path("on", "cuda", "off", unknown) == (True, "--cuda-aware on")
     assert choose_path("off", "cuda", "on", _no_probe) == (False, "--cuda-aware off")
-    aware, why = choose_path("auto", "cuda", "on", _no_probe)
+    aware, why = choose_path("auto", "cuda", "on", unknown)
     assert aware and "MPICNN_CUDA_AWARE=on" in why
+    aware, why = choose_path("auto", "cuda", "off", _no_probe)
+    assert not aware and "MPICNN_CUDA_AWARE=off" in why
     aware, why = choose_path("auto", "cuda", None, lambda: (True, "query = 1"))
     assert aware and "query = 1" in why
     aware, why = choose_path("auto", "cuda", None, lambda: (False, "query = 0"))

@@ -43,6 +43,12 @@ def test_causes_from_each_launcher():
     assert (openmpi.rank, openmpi.node, openmpi.signal) == (3, "c5", 9)
     srun = find_cause(137, ["srun: error: n07: task 5: Killed"])
     assert (srun.rank, srun.node, srun.signal) == (5, "n07", signal.SIGKILL)
+    victims_first = find_cause(1, ["srun: error: n01: task 0: Exited with exit code 143",
+                                   "srun: error: n01: tasks 1-3: Terminated",
+                                   "srun: error: n02: task 6: Exited with exit code 1"])
+    assert (victims_first.rank, victims_first.node) == (6, "n02")
+    only_victims = find_cause(143, ["srun: error: n01: task 0: Exited with exit code 143"])
+    assert (only_victims.rank, only_victims.node) == (None, None)       # no node to blame
     ours = find_cause(1, ["noise", "mpicnn: error: rank 2: ValueError: boom (rerun with ...)"])
     assert ours.rank == 2 and ours.message.startswith("mpicnn: error: rank 2: ValueError")
     assert Cause(-9).describe() == "killed by SIGKILL"

@@ -14,6 +14,9 @@
 - ``tta``: wall time to a validation accuracy on Fashion-MNIST, mpicnn against DDP.
 - ``largebatch``: final accuracy at global batches 256 to 8,192 for SGD, LARS, AdamW, LAMB.
 - ``checkpoint``: the step-time stall of a checkpoint, synchronous against asynchronous.
+- ``gpu``: the prepared GPU command: ``pytest -m gpu``, a bare PyTorch loop against
+  mpicnn.train (fp32, bf16, bf16 + channels_last; 1 and 2 ranks), the CUDA-aware choice;
+  ``--dry-run`` on the CPU.
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` and ``cluster`` start on their
   ranks (DDP over gloo, optionally with its fp16 compression hook).
 - ``_tta_ddp``: the DDP + DataLoader script ``tta`` races; ``_gloo``: the DDP peers'

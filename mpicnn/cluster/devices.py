@@ -22,22 +22,30 @@ def cpu_threads_per_rank(local_size: int) -> int:
     return max(1, total // max(1, local_size))
 
 
-def bind_device(world: World, requested: str, threads: int = 0):
-    """Choose this rank's device: GPU = local rank mod GPU count; CPU threads shared fairly."""
+def bind_device(world: World, requested: str, threads: int = 0, server: bool = False):
+    """Choose this rank's device: GPU = local rank mod GPU count; CPU threads shared fairly.
+
+    A parameter server (``server``) is bound to the CPU whatever was requested: its range
+    and optimizer live in host memory, so a CUDA context, a GPU model copy and a fused
+    CUDA optimizer there would only take GPU memory from the workers.
+    """
     import torch
 
     if requested not in ("auto", "cpu", "cuda"):
         raise MpicnnError(f"unknown device {requested!r}; choose auto, cpu or cuda")
-    has_cuda = torch.cuda.is_available()
-    if requested == "cuda" and not has_cuda:
+    has_cuda = requested != "cpu" and torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:     # on every rank alike, servers too
         raise MpicnnError("--device cuda asked for, but torch sees no CUDA GPU "
                           "(use --device cpu or auto)", collective=True)
-    if requested == "cuda" or (requested == "auto" and has_cuda):
-        index = world.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        world.device = torch.device("cuda", index)
-    else:
+    if server:
         world.device = torch.device("cpu")
+    else:
+        if requested == "cuda" or (requested == "auto" and has_cuda):
+            index = world.local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            world.device = torch.device("cuda", index)
+        else:
+            world.device = torch.device("cpu")
     torch.set_num_threads(threads if threads > 0 else cpu_threads_per_rank(world.local_size))
     return world.device
 

@@ -61,6 +61,13 @@ class TrainingConfig:
                                 "every rank); in ps-sync and ps-async each worker's gradient "
                                 "before it is sent (the servers average clipped gradients)",
                                 "training")
+    # --- memory format and normalisation across ranks (issue 13) ---
+    channels_last: bool = opt(False, "model weights and input batches in the channels_last "
+                              "memory format (faster convolutions on GPU tensor cores)",
+                              "training")
+    sync_bn: bool = opt(False, "BatchNorm statistics over the global batch: each forward and "
+                        "backward allreduces them over the training ranks (not ps-async)",
+                        "training")
 
     def validate(self) -> None:
         at_least(1, self, "epochs", "batch_size", "base_batch")

@@ -25,44 +25,92 @@ WARMUP_STEPS_UNTIMED = 5
 
 
 class PhaseTimer:
-    """Seconds per step spent in each phase of the training step (exclusive of nested waits)."""
+    """Seconds per step spent in each phase of the training step (exclusive of nested waits).
 
-    def __init__(self):
+    On the CPU a phase is its wall-clock time. On a CUDA device (``device``) the host only
+    launches kernels, so a phase is the GPU time between two CUDA events recorded on the
+    current stream at its start and end, less the host waits spanned inside it; the
+    events are read once complete (``take``, without blocking) or at the end of an
+    interval or epoch (blocking), never with a synchronisation inside the step.
+    """
+
+    def __init__(self, device=None, event=None):
+        self.events = event is not None or (device is not None and
+                                            getattr(device, "type", device) == "cuda")
+        self._event = event or (self._cuda_event if self.events else None)
+        self._pending = []             # (phase, start event, end event, host waits inside)
+        self._waits = 0.0
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.mark = dict(self.totals)
         self.steps = 0
+
+    @staticmethod
+    def _cuda_event():
+        import torch
+
+        return torch.cuda.Event(enable_timing=True)
 
     @contextmanager
     def phase(self, name: str):
         """Time the block as ``name``; waits spanned inside it are charged to themselves."""
         self.totals.setdefault(name, 0.0)
         previous = timeline.listen(self)
+        start = None
+        if self.events:
+            start, self._waits = self._event(), 0.0
+            start.record()
         try:
             with timeline.span(name):
                 yield
         finally:
             timeline.listen(previous)
+            if start is not None:
+                end = self._event()
+                end.record()
+                self._pending.append((name, start, end, self._waits))
 
     def tracks(self, name: str) -> bool:
         return name in self.totals or name in WAIT_PHASES
 
     def add(self, name: str, seconds: float) -> None:
+        if self.events and name not in WAIT_PHASES:
+            return                     # the phase's GPU time comes from its events
+        if self.events:
+            self._waits += seconds
         self.totals[name] = self.totals.get(name, 0.0) + seconds
 
-    def take(self) -> dict:
+    def resolve(self, block: bool = False) -> None:
+        """Charge the phases whose end event completed (all of them when ``block``)."""
+        done = 0
+        for name, start, end, waits in self._pending:
+            if block:
+                end.synchronize()
+            elif not end.query():
+                break                  # the stream runs in order: later ones are not done
+            gpu = start.elapsed_time(end) / 1000.0
+            self.totals[name] = self.totals.get(name, 0.0) + max(0.0, gpu - waits)
+            done += 1
+        del self._pending[:done]
+
+    def take(self, block: bool = False) -> dict:
         """Seconds per phase since the previous ``take``."""
+        if self.events:
+            self.resolve(block)
         delta = {k: v - self.mark.get(k, 0.0) for k, v in self.totals.items()}
         self.mark = dict(self.totals)
         return delta
 
     def snapshot_ms(self) -> dict:
         """Mean milliseconds per step for each phase since the last reset."""
+        if self.events:
+            self.resolve(block=True)
         steps = max(1, self.steps)
         return {f"{k}_ms": round(1000 * v / steps, 3) for k, v in self.totals.items()}
 
     def reset(self) -> None:
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.mark = dict(self.totals)
+        self._pending = []
         self.steps = 0
 
 
@@ -86,11 +134,12 @@ class StepStats:
     """
 
     def __init__(self, comm=None, writer=None, progress=None, every: int = 0,
-                 steps_per_epoch: int = 1, lr=lambda: 0.0, mid_epoch: bool = True):
+                 steps_per_epoch: int = 1, lr=lambda: 0.0, mid_epoch: bool = True,
+                 device=None):
         self.comm, self.writer, self.progress, self.every = comm, writer, progress, every
         self.steps_per_epoch, self.lr, self.mid_epoch = steps_per_epoch, lr, mid_epoch
         self.names = PHASES + WAIT_PHASES
-        self.timer = PhaseTimer()
+        self.timer = PhaseTimer(device)           # CUDA: GPU time from events
         self.run_images = self.run_seconds = 0.0
         self.clock = time.perf_counter()
         self.shown_loss = math.nan             # the loss of the last interval read, for the bar
@@ -140,17 +189,22 @@ class StepStats:
         self.interval_count += count
         self.interval_seconds += seconds
         self.interval_steps += 1
-        for name, spent in self.timer.take().items():
-            if name in self.interval_split:
-                self.interval_split[name] += spent
+        writes = self.read_due(state)
+        self._split(block=writes)       # GPU phase times are read in full only when written
         self.timer.steps += 1
         if self.progress is not None:
             self.progress.update(state.epoch + 1, state.global_step, self.shown_loss)
-        if self.read_due(state):
+        if writes:
             self._write_interval(state)
+
+    def _split(self, block: bool) -> None:
+        for name, spent in self.timer.take(block).items():
+            if name in self.interval_split:
+                self.interval_split[name] += spent
 
     def end_epoch(self, state) -> EpochSummary:
         """Write the last interval and reduce the epoch's loss (collective)."""
+        self._split(block=True)
         self._write_interval(state)
         total, count = reduce_sums(self.comm, [float(self.epoch_loss), float(self.epoch_count)])
         return EpochSummary(train_loss=total / max(count, 1), steps=self.timer.steps,

@@ -19,6 +19,8 @@ HYDRA_PID = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_SIGNAL = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")
 OPENMPI = re.compile(r"process rank (\d+) with PID (\d+) on node (\S+) exited on signal (\d+)")
 SRUN = re.compile(r"srun: error: ([^:\s]+): tasks? (\d+)(?:[-,][\d,-]*)?: (.+)")
+# How srun reports a task it ended itself (--kill-on-bad-exit, scancel): a victim, not a cause.
+SRUN_TERMINATED = ("Terminated", "Exited with exit code 143")
 MPICNN = re.compile(r"mpicnn: error: (?:rank (\d+): )?(.+)")
 
 
@@ -73,13 +75,18 @@ def read_ranks(text: str) -> dict[int, tuple[int, str]]:
 
 
 def find_cause(exit_code: int, lines, ranks: dict | None = None) -> Cause:
-    """The cause of a launch's end from its output ``lines`` (the first rank that died)."""
+    """The cause of a launch's end from its output ``lines`` (the first rank that died).
+
+    Tasks that srun ended with SIGTERM after another one failed name no rank or node:
+    blaming their node would leave a healthy node out after two such launches.
+    """
     cause = Cause(exit_code)
     for line in lines:
         if (m := OPENMPI.search(line)) and cause.rank is None:
             cause.rank, cause.pid, cause.node = int(m[1]), int(m[2]), m[3]
             cause.signal = int(m[4])
-        elif (m := SRUN.search(line)) and cause.node is None:
+        elif ((m := SRUN.search(line)) and cause.node is None
+              and m[3].strip().rstrip(".") not in SRUN_TERMINATED):
             cause.node, cause.rank = m[1], int(m[2])
             name = m[3].strip().rstrip(".")
             cause.signal = {"Killed": signal.SIGKILL, "Segmentation fault": signal.SIGSEGV,

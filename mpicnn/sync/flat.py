@@ -15,9 +15,32 @@ import torch
 def views(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Cut the 1-D ``flat`` into consecutive views, each shaped like its tensor."""
     # One split rather than a slice per tensor: hot paths build these views every step.
-    # Views that carry each tensor's strides (channels_last) would be made here, and only here.
+    # A dense tensor in another memory format (channels_last) gets a view with its own
+    # strides: gradients bound to such views keep the parameter's layout, which the fused
+    # optimizers require, and the flat order is the tensors' memory order.
     pieces = flat.split([t.numel() for t in tensors])
-    return [piece.view_as(t) for piece, t in zip(pieces, tensors)]
+    return [_like(piece, t) for piece, t in zip(pieces, tensors)]
+
+
+def _like(piece: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``piece`` seen with ``tensor``'s shape and, where it is dense, its strides."""
+    view = piece.view_as(tensor)
+    # also for size-1 dimensions (a 1-channel channels_last weight "is contiguous")
+    if view.stride() != tensor.stride() and _dense(tensor):
+        return piece.as_strided(tensor.shape, tensor.stride())
+    return view
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill its memory without gaps or overlap (any dim order)."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None, *,

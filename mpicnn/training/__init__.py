@@ -7,6 +7,8 @@
 - ``layerwise``: LARS and LAMB, each tensor's step scaled by a trust ratio.
 - ``precision``: ``--amp`` (autocast, the fp16 loss scale) and ``--clip-grad-norm``:
   what happens to a step's gradient between averaging and the update.
+- ``adapt``: what ``--channels-last`` and ``--sync-bn`` make of a built model.
+- ``syncbn``: SyncBatchNorm over MPI (statistics and their gradients summed over ranks).
 - ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.
 - ``trainer``: what a run builds on every rank (``build_parts``) and the ``Trainer`` that
   runs the epochs, evaluates, checkpoints and writes the records on training ranks.

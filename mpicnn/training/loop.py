@@ -41,12 +41,15 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int,
     """
     precision = precision or Precision()
     loss_sum, zeroed = torch.zeros((), device=labels.device), False
+    every = getattr(model, "collective_forward", False)     # --sync-bn: all ranks take part
     pieces = zip(images.tensor_split(accum_steps), labels.tensor_split(accum_steps))
     for i, (x, y) in enumerate(pieces):
-        if not len(y):           # an uneven last step: fewer samples than micro-batches
+        if not len(y) and not every:   # an uneven last step: fewer samples than micro-batches
             continue
         with stats.phase("forward"), precision.autocast():
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing).float()
+            out = model(x)
+            loss = (F.cross_entropy(out, y, label_smoothing=label_smoothing) if len(y)
+                    else out.sum() * 0.0).float()
         with stats.phase("backward"):
             if not zeroed:
                 sync.zero_grad()
@@ -54,7 +57,7 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int,
             if weight == 1.0 and len(y) * accum_steps == len(labels):
                 scaled = loss / accum_steps if accum_steps > 1 else loss
             else:
-                scaled = loss * (weight * len(y) / len(labels))
+                scaled = loss * (weight * len(y) / max(1, len(labels)))
             with sync.no_sync() if i < accum_steps - 1 else nullcontext():
                 precision.scale(scaled).backward()
         loss_sum = loss_sum + loss.detach() * len(y)

@@ -22,6 +22,7 @@ from ..observe.records import MetricsWriter
 from ..observe.steps import StepStats
 from ..observe.tensorboard import TensorBoardSink
 from ..resilience import drills
+from .adapt import adapt_model
 from .loop import evaluate, train_epoch
 from .models import build_model
 from .optim import (
@@ -64,6 +65,8 @@ def build_parts(cfg, world, data, work) -> Parts:
     torch.manual_seed(cfg.training.seed)
     model = world.agree(lambda: build_model(cfg.training.model, data.input_shape,
                                             data.num_classes, world.log.info)).to(world.device)
+    model = adapt_model(model, cfg.training, cfg.sync.mode, work.trains, work.comm,
+                        world.log.info)      # --channels-last, --sync-bn
     optimizer = build_optimizer(cfg.training, model.parameters(), layout.global_batch)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
     precision = Precision(cfg.training.amp, world.device, cfg.training.clip_grad_norm)
@@ -151,7 +154,8 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "", sinks=sinks)
         self.bar = Progress(world.is_root, cfg.output.progress, world.log)
         self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.output.log_every,
-                               parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep)
+                               parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep,
+                               device=world.device)
 
     def lr(self) -> float:
         return self.parts.scheduler.get_last_lr()[0]

