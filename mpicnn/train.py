@@ -49,7 +49,7 @@ def train(world, argv) -> int:
         strategy.expect_samples(data.input_shape)
         parts = build_parts(cfg, world, data, strategy)
         checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler,
-                                    parts.layout)
+                                    parts.layout, parts.precision)
         checkpointer.prepare()
         guard = StepGuard(cfg.failure, world)
         guard.name_ranks(strategy.rank_labels())      # stall reports name pipeline stages

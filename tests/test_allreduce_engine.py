@@ -334,9 +334,10 @@ class _Counting(Strategy):
         self.calls["no_sync"] += 1
         return super().no_sync()
 
-    def after_backward(self):
+    def after_backward(self, finalize=None):
         self.calls["after_backward"] += 1
         self.grads.append([p.grad.clone() for p in self.optimizer.param_groups[0]["params"]])
+        super().after_backward(finalize)
 
 
 class _Batches:

@@ -17,8 +17,8 @@ from .writer import Writer
 class Checkpointer:
     """Writes the training state of ``model``/``optimizer``/``scheduler`` when it is due."""
 
-    def __init__(self, cfg, world, model, optimizer, scheduler, layout=None):
-        self.cfg, self.world, self.layout = cfg, world, layout
+    def __init__(self, cfg, world, model, optimizer, scheduler, layout=None, precision=None):
+        self.cfg, self.world, self.layout, self.precision = cfg, world, layout, precision
         self.parts = (model, optimizer, scheduler)
         self.writes = bool(cfg.output.checkpoint_dir) and world.is_root
         self.saved: Path | None = None          # the newest checkpoint this run wrote
@@ -49,7 +49,7 @@ class Checkpointer:
         if not self.writes:
             return
         path = Path(self.cfg.output.checkpoint_dir) / name
-        saved = training_state(self.cfg, *self.parts, state)
+        saved = training_state(self.cfg, *self.parts, state, self.precision)
         if self.layout is not None:        # where the run stands in samples (resume anywhere)
             saved.update(position.record(state, self.layout))
         directory, keep = self.cfg.output.checkpoint_dir, self.cfg.output.keep_checkpoints

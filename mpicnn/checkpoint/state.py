@@ -71,12 +71,18 @@ def plain_scheduler_state(scheduler) -> dict:
     return state
 
 
-def training_state(cfg, model, optimizer, scheduler, state: RunState) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": plain_scheduler_state(scheduler), "epoch": state.epoch,
-            "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-            "rng": torch.get_rng_state(), "model_name": cfg.training.model, "mode": cfg.sync.mode,
-            "config": cfg.to_dict()}
+def training_state(cfg, model, optimizer, scheduler, state: RunState,
+                   precision=None) -> dict:
+    """What a checkpoint holds; ``precision``'s loss scale (``--amp fp16``) as ``amp_scaler``."""
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": plain_scheduler_state(scheduler), "epoch": state.epoch,
+             "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
+             "rng": torch.get_rng_state(), "model_name": cfg.training.model,
+             "mode": cfg.sync.mode, "config": cfg.to_dict()}
+    scaler = precision.state_dict() if precision is not None else None
+    if scaler is not None:
+        saved["amp_scaler"] = scaler
+    return saved
 
 
 # modes whose checkpoints hold the same whole model and optimizer state
@@ -94,9 +100,10 @@ def check_compatible(saved: dict, cfg, path) -> None:
                               f"--{what} {saved.get(key)}, or start without --resume")
 
 
-def restore(world, cfg, model, optimizer, scheduler) -> dict | None:
+def restore(world, cfg, model, optimizer, scheduler, precision=None) -> dict | None:
     """Load ``--resume`` on rank 0, check it, broadcast it to every rank; returns where it
-    stands (``position.KEYS``), or None when the run starts fresh."""
+    stands (``position.KEYS``), or None when the run starts fresh. ``precision`` takes the
+    saved loss scale (a checkpoint without one leaves it at its start)."""
     def load_on_root():
         if not world.is_root:
             return None
@@ -120,6 +127,8 @@ def restore(world, cfg, model, optimizer, scheduler) -> dict | None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        if precision is not None:
+            precision.load_state_dict(saved.get("amp_scaler"))
     except (KeyError, RuntimeError, ValueError) as exc:
         raise MpicnnError(f"checkpoint {path!r} does not fit this model/optimizer: "
                           f"{str(exc).splitlines()[0]}", collective=True) from None

@@ -51,6 +51,16 @@ class TrainingConfig:
     accum_steps: int = opt(1, "micro-batches per optimizer step: each rank's --batch-size batch "
                            "runs as this many slices, gradients are summed locally and "
                            "communicated once", "distributed")
+    # --- precision and gradient clipping (mpicnn.training.precision) ----------
+    amp: str = opt("off", "mixed precision: forward and loss (and evaluation) under autocast "
+                   "in bf16 or fp16; parameters and gradients stay fp32; fp16 adds a dynamic "
+                   "loss scale (overflowing steps are skipped, not counted by --nan-policy; "
+                   "the scale is checkpointed)", "training", ["off", "bf16", "fp16"])
+    clip_grad_norm: float = opt(0.0, "clip the gradient, after unscaling, to this total 2-norm "
+                                "(0: off): in allreduce the averaged gradient (the same on "
+                                "every rank); in ps-sync and ps-async each worker's gradient "
+                                "before it is sent (the servers average clipped gradients)",
+                                "training")
     # --- memory format and normalisation across ranks (issue 13) ---
     channels_last: bool = opt(False, "model weights and input batches in the channels_last "
                               "memory format (faster convolutions on GPU tensor cores)",
@@ -67,6 +77,7 @@ class TrainingConfig:
         must(len(self.betas) == 2, "--betas takes two numbers, e.g. 0.9,0.999")
         must(self.trust_coefficient > 0,
              f"--trust-coefficient must be positive, got {self.trust_coefficient}")
+        non_negative(self, "clip_grad_norm", hint="0 turns it off")
         must(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         must(self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,

@@ -40,6 +40,15 @@ def sample_draws(rows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
         return mix64(mix64(np.asarray(rows, np.uint64) ^ key) ^ np.uint64(STREAM))
 
 
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """``array`` as a tensor on ``device``; to a GPU through pinned memory, asynchronously
+    (a pageable copy would stall the host every step)."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Augmenter:
     """Apply the chosen augmentations to a normalised (N, C, H, W) float batch."""
 
@@ -59,8 +68,8 @@ class Augmenter:
             dx = ((bits >> np.uint64(16)) % span).astype(np.int64)
             x = self.crop(x, dy, dx)
         if "flip" in self.names:
-            flip = torch.from_numpy(((bits >> np.uint64(32)) & np.uint64(1)).astype(bool))
-            flip = flip.to(x.device).view(-1, 1, 1, 1)
+            flip = to_device(((bits >> np.uint64(32)) & np.uint64(1)).astype(bool), x.device)
+            flip = flip.view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x
 
@@ -69,8 +78,8 @@ class Augmenter:
         n, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, (self.pad,) * 4)
         dev = x.device
-        ys = torch.from_numpy(dy).to(dev).view(n, 1) + torch.arange(h, device=dev)
-        xs = torch.from_numpy(dx).to(dev).view(n, 1) + torch.arange(w, device=dev)
+        ys = to_device(dy, dev).view(n, 1) + torch.arange(h, device=dev)
+        xs = to_device(dx, dev).view(n, 1) + torch.arange(w, device=dev)
         idx = torch.arange(n, device=dev).view(n, 1, 1)
         out = padded.permute(0, 2, 3, 1)[idx, ys.view(n, h, 1), xs.view(n, 1, w)]
         return out.permute(0, 3, 1, 2).contiguous()

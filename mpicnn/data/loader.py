@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import shard
-from .augment import Augmenter
+from .augment import Augmenter, to_device
 from .chunks import unit_rows
 from .memory import check_cache_fits
 from .prefetch import InlineSource, ProcessSource, ThreadSource
@@ -233,11 +233,13 @@ class Loader:
             x = self.normalize(images)
             if epoch is not None and self.augment:
                 x = self.augment(x, rows, epoch)
-            labels = torch.from_numpy(self.split.labels[rows])
-            return x, labels.to(self.device, non_blocking=True)
+            return x, to_device(self.split.labels[rows], self.device)
 
         source = source or self.source(kind)
-        if cuda or isinstance(source, ProcessSource):
+        if cuda:       # batch k+1 goes to the GPU on a copy stream while step k computes
+            yield from ahead_on_stream(device(images, rows) for rows, images in
+                                       zip(rows_list, source.map(rows_list, host)))
+        elif isinstance(source, ProcessSource):
             for rows, images in zip(rows_list, source.map(rows_list, host)):
                 yield device(images, rows)
         else:       # the CPU is the device: the reader thread prepares whole batches
@@ -272,6 +274,25 @@ class Loader:
         for source in self.sources.values():
             source.close()
         self.sources.clear()
+
+
+def ahead_on_stream(batches):
+    """Yield CUDA batches, preparing (copying, normalising, augmenting) the next one on a
+    side stream before handing out the current one, so its copies overlap the step."""
+    stream = torch.cuda.Stream()
+
+    def prepare():
+        with torch.cuda.stream(stream):
+            return next(batches, None)
+
+    upcoming = prepare()
+    while upcoming is not None:
+        compute = torch.cuda.current_stream()
+        compute.wait_stream(stream)                 # the batch is complete before use
+        for tensor in upcoming:
+            tensor.record_stream(compute)           # its memory is not reused meanwhile
+        current, upcoming = upcoming, prepare()
+        yield current
 
 
 def check_cache(loaders_kinds, local_size: int) -> None:

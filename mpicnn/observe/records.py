@@ -41,6 +41,8 @@ OPTIONAL = {   # written when the run has them (parameter-server modes, PS waits
     "staleness_hist": dict,        # {"staleness": updates}, keys are decimal strings
     "updates_per_server": list,    # updates applied by each server rank, in server order
     **{f"{p}_ms": NUMBER for p in WAIT_PHASES},
+    "amp_scale": NUMBER,           # --amp fp16: the loss scale at the epoch's end
+    "amp_overflows": INT,          # --amp fp16: steps skipped for an overflow, in all
 }
 
 

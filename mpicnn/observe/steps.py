@@ -1,7 +1,8 @@
 """Step statistics, kept once: loss, images and time split of every step, reduced over ranks.
 
 One recorder (``StepStats``) feeds the interval records, the epoch record and the end
-record; ``PhaseTimer`` splits a step's time into phases.
+record; ``PhaseTimer`` splits a step's time into phases. Losses may be device tensors:
+they are summed where they are and read only when an interval or the epoch is written.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+import torch
 
 from ..cluster.world import reduce_sums
 from . import timeline
@@ -139,6 +142,7 @@ class StepStats:
         self.timer = PhaseTimer(device)           # CUDA: GPU time from events
         self.run_images = self.run_seconds = 0.0
         self.clock = time.perf_counter()
+        self.shown_loss = math.nan             # the loss of the last interval read, for the bar
         self._clear_interval()
         self._clear_epoch()
 
@@ -159,26 +163,37 @@ class StepStats:
         self.clock = time.perf_counter()
         self._clear_epoch()
 
-    def step_done(self, state, loss_sum: float, count: int, images: int) -> None:
-        """Account one finished step (``state`` already counts it); maybe write an interval."""
+    def read_due(self, state) -> bool:
+        """Whether ``step_done`` just wrote an interval: the step path may read the device."""
+        return self.mid_epoch and bool(self.every) and state.global_step % self.every == 0
+
+    def step_done(self, state, loss_sum, count: int, images: int) -> None:
+        """Account one finished step (``state`` already counts it); maybe write an interval.
+
+        ``loss_sum`` (a float or a device tensor) is not read here: a step takes no host
+        synchronisation between intervals.
+        """
         now = time.perf_counter()
         seconds, self.clock = now - self.clock, now
-        loss = loss_sum / count if count else 0.0      # a rank may get no samples of a step
         if state.global_step - 1 >= WARMUP_STEPS_UNTIMED:
             self.run_seconds += seconds
             self.run_images += images
-        if math.isfinite(loss):        # a skipped non-finite step stays out of the mean
+        if isinstance(loss_sum, torch.Tensor):   # a skipped non-finite step stays out of the mean
+            finite = torch.isfinite(loss_sum)
+            self.epoch_loss = self.epoch_loss + torch.where(finite, loss_sum, 0.0)
+            self.epoch_count = self.epoch_count + finite * count
+        elif math.isfinite(loss_sum):
             self.epoch_loss += loss_sum
             self.epoch_count += count
         self.interval_loss += loss_sum
         self.interval_count += count
         self.interval_seconds += seconds
         self.interval_steps += 1
-        writes = bool(self.mid_epoch and self.every and state.global_step % self.every == 0)
+        writes = self.read_due(state)
         self._split(block=writes)       # GPU phase times are read in full only when written
         self.timer.steps += 1
         if self.progress is not None:
-            self.progress.update(state.epoch + 1, state.global_step, loss)
+            self.progress.update(state.epoch + 1, state.global_step, self.shown_loss)
         if writes:
             self._write_interval(state)
 
@@ -191,7 +206,7 @@ class StepStats:
         """Write the last interval and reduce the epoch's loss (collective)."""
         self._split(block=True)
         self._write_interval(state)
-        total, count = reduce_sums(self.comm, [self.epoch_loss, self.epoch_count])
+        total, count = reduce_sums(self.comm, [float(self.epoch_loss), float(self.epoch_count)])
         return EpochSummary(train_loss=total / max(count, 1), steps=self.timer.steps,
                             phases_ms=self.timer.snapshot_ms())
 
@@ -205,6 +220,7 @@ class StepStats:
         if not self.interval_steps or self.writer is None:
             self._clear_interval()
             return
+        self.interval_loss = float(self.interval_loss)        # the interval's one read
         sums = reduce_sums(self.comm, [self.interval_loss, self.interval_count,
                                        self.interval_steps,
                                        *(self.interval_split[n] for n in self.names)])
@@ -215,7 +231,7 @@ class StepStats:
         images_per_s = images / self.interval_seconds if self.interval_seconds else 0.0
         record = {f"{name}_ms": round(1000 * split[name] / rank_steps, 3)
                   for name in self.names if name in PHASES or split[name] > 0}
-        loss = loss_sum / max(count, 1)
+        loss = self.shown_loss = loss_sum / max(count, 1)
         self.writer.write("interval", epoch=round(state.global_step / self.steps_per_epoch, 4),
                           step=state.global_step, steps=self.interval_steps, loss=loss,
                           lr=self.lr(), images_per_s=images_per_s, **record)

@@ -4,7 +4,9 @@
 - ``watchdog``: heartbeats to rank 0 and its answers, stall warnings naming the missing
   ranks, stall abort, and the end of a job whose node is cut off (``--unreachable-abort``).
 - ``nan_policy``: abort or skip a step whose gradient is not finite.
-- ``step_guard``: the hooks the loop calls by name around each step (the two above, drills).
+- ``step_guard``: the hooks the loop calls by name around each step (the two above, drills);
+  a step's verdict (fine, non-finite, loss-scale overflow), judged at once or deferred to
+  the next log interval where the optimizer skips the update on the device.
 - ``crash``: what ended a launch (status, rank, node, signal) from what it printed.
 - ``supervisor``: relaunch after a crash with ``--resume auto``, back-off, budget,
   ``srun --exclude`` of a failing node (``python -m mpicnn.run``).

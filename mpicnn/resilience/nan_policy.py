@@ -14,15 +14,22 @@ from ..cluster.errors import MpicnnError
 MAX_CONSECUTIVE_SKIPS = 20
 
 
-def grads_finite(params) -> bool:
-    """Whether every gradient element of ``params`` is finite.
+def nonfinite_flag(grads, device=None) -> torch.Tensor:
+    """1.0 (a float 0-d tensor on the device) when some element of ``grads`` is NaN or Inf.
 
     A sum carries any NaN or Inf through and is ~30x cheaper than an elementwise
     isfinite; it also flags sums beyond float32's range (1e38), which only
-    already-diverged gradients reach.
+    already-diverged gradients reach. Nothing is read back to the host.
     """
-    sums = [p.grad.sum(dtype=torch.float32) for p in params if p.grad is not None]
-    return bool(torch.isfinite(torch.stack(sums).sum())) if sums else True
+    sums = [g.sum(dtype=torch.float32) for g in grads]
+    if not sums:
+        return torch.zeros((), device=device)
+    return (~torch.isfinite(torch.stack(sums).sum())).to(torch.float32)
+
+
+def grads_finite(params) -> bool:
+    """Whether every gradient element of ``params`` is finite (reads the device)."""
+    return not bool(nonfinite_flag([p.grad for p in params if p.grad is not None]))
 
 
 class NanGuard:

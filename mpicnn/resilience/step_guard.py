@@ -3,12 +3,32 @@
 The loop marks each step's exchange for the watchdog (from before after_backward()
 until the update is applied), asks the NaN policy whether to apply the update, and
 lets a stall drill (tests only) sleep where it asked to.
+
+A step's verdict is a device tensor (``FINE``, ``NONFINITE`` or ``OVERFLOW``, see
+``step_code``). Where the optimizer skips a non-finite update on the device itself,
+the loop ``defer``s the verdict and the guard judges the deferred steps in order at
+the next ``settle`` (log intervals and the end of the loop), with one host read for
+all of them: the bad update never landed, and the policy aborts (naming the first bad
+step) or counts skips exactly as it would have step by step, only later.
 """
 from __future__ import annotations
 
+import torch
+
 from . import drills
-from .nan_policy import NanGuard, grads_finite
+from .nan_policy import NanGuard
 from .watchdog import COMPUTE, SERVE, WAIT, Watchdog
+
+FINE, NONFINITE, OVERFLOW = 0, 1, 2
+
+
+def step_code(found: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """A step's verdict on the device: FINE, NONFINITE (the NaN policy's) or OVERFLOW.
+
+    ``found``: the update's gradient is not finite; ``policy``: the NaN policy counts it
+    (``found`` unless a loss scale overflowed, see ``Precision.policy_flag``).
+    """
+    return 2 * found - policy
 
 
 class StepGuard:
@@ -16,6 +36,8 @@ class StepGuard:
 
     def __init__(self, failure, world):
         self.policy = NanGuard(failure.nan_policy, world.log)
+        self.pending: list = []         # deferred verdicts: (code, step, lr, agreed)
+        self.overflows = 0              # steps skipped for a loss-scale overflow
         self.sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank)
         limits = (failure.stall_warn, failure.stall_abort, failure.unreachable_abort)
         watch = world.size > 1 and any(limit > 0 for limit in limits)
@@ -39,9 +61,29 @@ class StepGuard:
         drills.stall(self.sleeps, step)
         self._mark(WAIT, step)
 
-    def allows_update(self, params, step: int, lr: float, agreed: bool) -> bool:
-        """Whether to apply step ``step``'s update by the NaN policy (may raise)."""
-        return self.policy.apply(grads_finite(params), step, lr, agreed=agreed)
+    def allows_update(self, code, step: int, lr: float, agreed: bool) -> bool:
+        """Whether to apply step ``step``'s update by its verdict ``code`` (reads it; may raise)."""
+        return self._judge(int(code), step, lr, agreed)
+
+    def defer(self, code: torch.Tensor, step: int, lr: float, agreed: bool) -> None:
+        """Keep step ``step``'s verdict for the next ``settle`` (its update was skipped on the
+        device if it was not FINE)."""
+        self.pending.append((code, step, lr, agreed))
+
+    def settle(self) -> None:
+        """Judge the deferred steps in order: one host read for all of them (may raise)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        codes = torch.stack([code for code, *_ in pending]).tolist()
+        for code, (_, step, lr, agreed) in zip(codes, pending):
+            self._judge(int(code), step, lr, agreed)
+
+    def _judge(self, code: int, step: int, lr: float, agreed: bool) -> bool:
+        if code == OVERFLOW:          # the loss scale backs off; not the NaN policy's business
+            self.overflows += 1
+            return False
+        return self.policy.apply(code == FINE, step, lr, agreed=agreed)
 
     def computing(self, step: int) -> None:
         """Step ``step``'s exchange is over; the rank computes toward step ``step + 1``."""

@@ -1,9 +1,11 @@
 """What the training loop calls: the gradient side and the work side of a sync strategy.
 
 The loop never branches on the mode. It calls a ``GradientSync`` around each step
-(attach, forward_backward, zero_grad, no_sync, after_backward, step or skip_step,
-sync_buffers, evaluate, finish, timings) and asks a ``WorkPlan`` who trains, which batches this worker gets (and the
-weight of each in its step), where the run stands, whether to stop, and what to report.
+(attach, forward_backward, zero_grad, no_sync, after_backward with the gradient's
+finalize, agreed_skip, step -- with a device found_inf where ``skips_on_device`` -- or
+skip_step, sync_buffers, evaluate, finish, timings) and asks a ``WorkPlan`` who trains,
+which batches this worker gets (and the weight of each in its step), where the run
+stands, whether to stop, and what to report.
 A strategy implements both (``Strategy``); the loop owns the run's counters and the
 learning-rate schedule.
 """
@@ -31,30 +33,66 @@ class GradientSync:
         self.optimizer.zero_grad(set_to_none=False)
 
     def forward_backward(self, model, stats, images, labels, accum_steps: int = 1,
-                         label_smoothing: float = 0.0, weight: float = 1.0):
-        """Forward and backward of this rank's batch: (summed loss, samples it counts)."""
+                         label_smoothing: float = 0.0, weight: float = 1.0, precision=None):
+        """Forward and backward of this rank's batch: (summed loss on the device, samples it
+        counts); ``precision`` is ``--amp`` (autocast, loss scale)."""
         return loop.forward_backward(model, self, stats, images, labels, accum_steps,
-                                     label_smoothing, weight), len(labels)
+                                     label_smoothing, weight, precision), len(labels)
 
-    def evaluate(self, model, loader) -> tuple[float, float]:
+    def evaluate(self, model, loader, precision=None) -> tuple[float, float]:
         """(loss, accuracy) on the whole split, equal to a single-process evaluation."""
-        return loop.evaluate(model, loader, self.comm)
+        return loop.evaluate(model, loader, self.comm, precision)
 
     def no_sync(self):
         """Context for a micro-batch whose gradients are only accumulated locally."""
         return nullcontext()
 
-    def after_backward(self) -> None:
-        """Make every rank's ``.grad`` the average over ranks (may wait for communication)."""
+    def after_backward(self, finalize=None) -> None:
+        """Make every rank's ``.grad`` the average over ranks (may wait for communication).
+
+        ``finalize(params)`` (``Precision.finalize``: unscale, check, clip) runs on the
+        gradient the update uses: here after averaging, so every rank gets the same result.
+        """
+        if finalize is not None:
+            finalize([p for group in self.optimizer.param_groups for p in group["params"]])
 
     @property
     def synced_grads(self) -> bool:
         """Whether ``.grad`` after after_backward() is equal on all ranks (NaN checks agree)."""
         return True
 
-    def step(self) -> None:
-        """Apply the averaged gradients (the loop moves the schedule)."""
-        self.optimizer.step()
+    def agreed_skip(self, found):
+        """The flag (device tensor) by which this step's update is dropped, as every rank
+        sharing the update sees it; ``found`` is this rank's verdict on its gradient (after
+        averaging it is everyone's)."""
+        return found
+
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether ``step(found_inf)`` can drop a non-finite update without a host read.
+
+        The fused optimizers take a ``found_inf`` tensor; until every parameter has its
+        optimizer state they are not trusted with it (a skipped first fused SGD step
+        would leave its momentum buffer uninitialised).
+        """
+        opt = self.optimizer
+        return bool(opt.defaults.get("fused")) and \
+            len(opt.state) == sum(len(g["params"]) for g in opt.param_groups)
+
+    def step(self, found_inf=None) -> None:
+        """Apply the averaged gradients (the loop moves the schedule).
+
+        ``found_inf``: a device flag; where it is 1 the fused optimizer leaves parameters
+        and state as they are (only with ``skips_on_device``).
+        """
+        if found_inf is None:
+            self.optimizer.step()
+            return
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
 
     def skip_step(self) -> None:
         """Drop this step's update (its gradient was not finite)."""

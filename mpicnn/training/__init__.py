@@ -5,6 +5,8 @@
 - ``optim``: optimizers (fused where the device has them) and lr schedules, which follow
   training progress after a resume at another global batch.
 - ``layerwise``: LARS and LAMB, each tensor's step scaled by a trust ratio.
+- ``precision``: ``--amp`` (autocast, the fp16 loss scale) and ``--clip-grad-norm``:
+  what happens to a step's gradient between averaging and the update.
 - ``adapt``: what ``--channels-last`` and ``--sync-bn`` make of a built model.
 - ``syncbn``: SyncBatchNorm over MPI (statistics and their gradients summed over ranks).
 - ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.

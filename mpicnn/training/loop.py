@@ -1,4 +1,10 @@
-"""One epoch of training steps and one evaluation pass; no mode-specific branches."""
+"""One epoch of training steps and one evaluation pass; no mode-specific branches.
+
+Between log intervals a step reads nothing back from the device: the loss stays a
+device tensor (``StepStats`` reads it at intervals), and where the optimizer can skip a
+non-finite update itself (``skips_on_device``) the NaN policy's verdict is deferred to
+the next interval (``StepGuard.settle``).
+"""
 from __future__ import annotations
 
 import warnings
@@ -9,6 +15,8 @@ import torch.nn.functional as F
 
 from ..cluster.world import reduce_sums
 from ..observe import timeline
+from ..resilience.step_guard import step_code
+from .precision import Precision
 
 
 def follow_schedule(scheduler, global_step: int) -> None:
@@ -20,25 +28,28 @@ def follow_schedule(scheduler, global_step: int) -> None:
 
 
 def forward_backward(model, sync, stats, images, labels, accum_steps: int,
-                     label_smoothing: float = 0.0, weight: float = 1.0) -> float:
-    """Forward and backward of one rank's batch; returns the summed loss of its samples.
+                     label_smoothing: float = 0.0, weight: float = 1.0,
+                     precision: Precision | None = None) -> torch.Tensor:
+    """Forward and backward of one rank's batch; the summed loss of its samples (on the device).
 
     With ``accum_steps`` k the batch runs as k consecutive slices (micro-batches): the
     loss of each is scaled by its share of the batch and the gradients summed locally,
     and only the last backward communicates, so the step sees the gradient of the whole
     batch. ``weight`` scales the batch's mean loss (a rank's share of an uneven global
     batch, see ``Loader.weight``); a rank with no samples only takes part in the exchange.
+    ``precision`` runs forward and loss under autocast and scales the loss for backward.
     """
-    loss_sum, zeroed = 0.0, False
+    precision = precision or Precision()
+    loss_sum, zeroed = torch.zeros((), device=labels.device), False
     every = getattr(model, "collective_forward", False)     # --sync-bn: all ranks take part
     pieces = zip(images.tensor_split(accum_steps), labels.tensor_split(accum_steps))
     for i, (x, y) in enumerate(pieces):
         if not len(y) and not every:   # an uneven last step: fewer samples than micro-batches
             continue
-        with stats.phase("forward"):
+        with stats.phase("forward"), precision.autocast():
             out = model(x)
-            loss = F.cross_entropy(out, y, label_smoothing=label_smoothing) if len(y) \
-                else out.sum() * 0.0
+            loss = (F.cross_entropy(out, y, label_smoothing=label_smoothing) if len(y)
+                    else out.sum() * 0.0).float()
         with stats.phase("backward"):
             if not zeroed:
                 sync.zero_grad()
@@ -48,8 +59,8 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int,
             else:
                 scaled = loss * (weight * len(y) / max(1, len(labels)))
             with sync.no_sync() if i < accum_steps - 1 else nullcontext():
-                scaled.backward()
-        loss_sum += loss.item() * len(y)
+                precision.scale(scaled).backward()
+        loss_sum = loss_sum + loss.detach() * len(y)
     if not zeroed:
         sync.zero_grad()
     return loss_sum
@@ -57,7 +68,7 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int,
 
 def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, scheduler,
                 global_batch: int, guard=None, accum_steps: int = 1, should_stop=None,
-                label_smoothing: float = 0.0) -> None:
+                label_smoothing: float = 0.0, precision: Precision | None = None) -> None:
     """Run the remaining steps of ``state.epoch``, counting them in ``state`` and ``stats``.
 
     ``sync`` is the gradient side of the strategy and ``work`` its work plan (one
@@ -65,9 +76,11 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
     neither). ``should_stop(state)``, called after every step but the run's last on
     every rank, ends the epoch early when it returns True (the same on all ranks).
     ``label_smoothing`` applies to the training loss; evaluation reports plain cross-entropy.
+    ``precision``: ``--amp`` and ``--clip-grad-norm`` (None: neither).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    precision = precision or Precision("off", params[0].device if params else "cpu")
     batches = work.batches(loader, state, run_steps)
     while state.global_step < run_steps:
         timeline.step(state.global_step)
@@ -78,36 +91,79 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
             break
         images, labels = batch
         loss_sum, counted = sync.forward_backward(model, stats, images, labels, accum_steps,
-                                                  label_smoothing, work.weight(loader, state))
+                                                  label_smoothing, work.weight(loader, state),
+                                                  precision)
         step = state.global_step + 1
         with stats.phase("comm"):
             if guard is not None:
                 guard.exchanging(step)
-            sync.after_backward()
+            precision.found = None
+            sync.after_backward(precision.finalize)
+            if precision.found is None:       # a strategy that does not finalize
+                precision.finalize(params)
         with stats.phase("optimizer"):
-            lr = sync.optimizer.param_groups[0]["lr"]
-            if guard is None or guard.allows_update(params, step, lr, sync.synced_grads):
-                sync.step()
-            else:
-                sync.skip_step()
+            apply_update(sync, guard, precision, step, loss_sum)
             if guard is not None:
                 guard.computing(step)
         state.advance(work.position())
         follow_schedule(scheduler, state.global_step)
         stats.step_done(state, loss_sum, counted, work.trained_images(global_batch))
+        if guard is not None and stats.read_due(state):
+            guard.settle()
         if should_stop is not None and state.global_step < run_steps and should_stop(state):
             break
+    if guard is not None:
+        guard.settle()
+
+
+def apply_update(sync, guard, precision: Precision, step: int, loss_sum) -> None:
+    """Apply step ``step``'s update unless its gradient is not finite; move the loss scale.
+
+    Where the optimizer can drop the update on the device, the NaN policy's verdict is
+    read later (``guard.defer``); otherwise it is read now and the update skipped here.
+    """
+    found = precision.found
+    skipped = sync.agreed_skip(found)
+    lr = sync.optimizer.param_groups[0]["lr"]
+    # Under a loss scale the policy looks at this rank's own loss: its verdict (and error)
+    # is this rank's, and a stop ends the job from here instead of collectively.
+    agreed = sync.synced_grads and precision.scaler is None
+    code = None
+    if guard is not None:
+        loss_bad = (~torch.isfinite(loss_sum)).to(found.dtype)
+        code = step_code(found, precision.policy_flag(loss_bad))
+    if sync.skips_on_device:
+        if code is not None:
+            guard.defer(code, step, lr, agreed)
+        sync.step(found_inf=skipped)
+    else:
+        apply = not bool(skipped)
+        if code is not None:
+            apply = guard.allows_update(code, step, lr, agreed) and apply
+        if apply:
+            sync.step()
+        else:
+            sync.skip_step()
+    precision.update(skipped)
 
 
 @torch.no_grad()
-def evaluate(model, loader, comm) -> tuple[float, float]:
-    """(loss, accuracy) on the whole split, equal to a single-process evaluation."""
+def evaluate(model, loader, comm, precision: Precision | None = None) -> tuple[float, float]:
+    """(loss, accuracy) on the whole split, equal to a single-process evaluation.
+
+    Sums stay on the device until the split is done (one read); ``precision`` runs the
+    forward under the training's autocast.
+    """
     model.eval()
-    loss_sum = correct = count = 0.0
+    precision = precision or Precision()
+    sums, count = None, 0
     for images, labels in loader.eval_batches():
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        with precision.autocast():
+            logits = model(images)
+        batch = torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
+                             (logits.argmax(1) == labels).sum().to(torch.float32)])
+        sums = batch if sums is None else sums + batch
         count += len(labels)
-    loss_sum, correct, count = reduce_sums(comm, [loss_sum, correct, count])
+    loss_sum, correct = sums.tolist() if sums is not None else (0.0, 0.0)
+    loss_sum, correct, count = reduce_sums(comm, [loss_sum, correct, float(count)])
     return loss_sum / count, correct / count

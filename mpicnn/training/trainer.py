@@ -33,6 +33,7 @@ from .optim import (
     peak_lr,
     total_steps,
 )
+from .precision import Precision
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Parts:
     steps_per_epoch: int
     run_steps: int
     layout: shard.Layout             # the global batch and how ranks share it
+    precision: Precision             # --amp (autocast, loss scale) and --clip-grad-norm
 
     @property
     def global_batch(self) -> int:
@@ -67,12 +69,16 @@ def build_parts(cfg, world, data, work) -> Parts:
                         world.log.info)      # --channels-last, --sync-bn
     optimizer = build_optimizer(cfg.training, model.parameters(), layout.global_batch)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
-    saved = restore(world, cfg, model, optimizer, scheduler)
+    precision = Precision(cfg.training.amp, world.device, cfg.training.clip_grad_norm)
+    if precision.scaler is not None or precision.dtype is not None or precision.clip > 0:
+        world.log.info(f"precision: {precision.describe()}")
+    saved = restore(world, cfg, model, optimizer, scheduler, precision)
     state = RunState()
     if saved is not None:
         state, run_steps = continue_run(cfg, world, scheduler, saved, layout, len(data.train))
     drills.straggle(model, cfg.sync.slow_rank, cfg.sync.slow_factor, world.rank)
-    return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, layout)
+    return Parts(model, optimizer, scheduler, state, steps_per_epoch, run_steps, layout,
+                 precision)
 
 
 def continue_run(cfg, world, scheduler, saved: dict, layout: shard.Layout, n: int):
@@ -184,8 +190,8 @@ class Trainer:
         self.checkpointer.finish()            # the last write is complete before the end
         if not outcome.evaluated:             # no epoch ran here (resumed at the end)
             self.strategy.sync_buffers()
-            outcome.val_loss, outcome.val_acc = self.strategy.evaluate(parts.model,
-                                                                       self.val_loader)
+            outcome.val_loss, outcome.val_acc = self.strategy.evaluate(
+                parts.model, self.val_loader, parts.precision)
         return outcome
 
     def _epoch(self, outcome: Outcome) -> None:
@@ -196,22 +202,24 @@ class Trainer:
                     self.stats, scheduler=parts.scheduler, global_batch=parts.global_batch,
                     guard=self.guard, accum_steps=self.cfg.training.accum_steps,
                     should_stop=self.preempt.should_stop,
-                    label_smoothing=self.cfg.training.label_smoothing)
+                    label_smoothing=self.cfg.training.label_smoothing,
+                    precision=parts.precision)
         summary = self.stats.end_epoch(state)
         strategy.sync_buffers()
         outcome.stopped = self.preempt.stopped
         if outcome.stopped:
             return
         with timeline.span("evaluate"):
-            outcome.val_loss, outcome.val_acc = strategy.evaluate(parts.model,
-                                                                  self.val_loader)
+            outcome.val_loss, outcome.val_acc = strategy.evaluate(parts.model, self.val_loader,
+                                                                  parts.precision)
         outcome.train_loss, outcome.evaluated = summary.train_loss, True
         state.next_epoch(parts.steps_per_epoch)
         self.metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                            train_loss=summary.train_loss, val_loss=outcome.val_loss,
                            val_acc=outcome.val_acc, lr=self.lr(),
                            images_per_s=self.stats.images_per_s, **summary.phases_ms,
-                           **strategy.timings_ms(), **strategy.report())
+                           **strategy.timings_ms(), **strategy.report(),
+                           **parts.precision.report())
         self.world.log.info(f"epoch {state.epoch}/{self.cfg.training.epochs} step "
                             f"{state.global_step}: train loss {summary.train_loss:.4f}, val loss "
                             f"{outcome.val_loss:.4f}, val acc {outcome.val_acc:.4f}")

@@ -183,7 +183,12 @@ class AllreduceStrategy(Strategy):
         self.runner.submit(partial(self.reducer, bucket.index, bucket.flat,
                                    self.reducer.ready_event()))
 
-    def after_backward(self) -> None:
+    def after_backward(self, finalize=None) -> None:
+        self._average()
+        if finalize is not None:          # on the average: the same on every rank
+            finalize(self.params)
+
+    def _average(self) -> None:
         if self.reducer is None:
             return
         self._steps += 1

@@ -22,6 +22,7 @@ from ...cluster.errors import MpicnnError
 from ...cluster.world import reduce_sums
 from ...data.loader import EVAL_BATCH
 from ...observe import timeline
+from ...resilience.nan_policy import nonfinite_flag
 from ...training.models import sequential_form
 from ..allreduce.strategy import AllreduceStrategy
 from ..contract import Strategy
@@ -150,8 +151,12 @@ class PipelineStrategy(Strategy):
 
     # --- the step ----------------------------------------------------------------
     def forward_backward(self, model, stats, images, labels, accum_steps: int = 1,
-                         label_smoothing: float = 0.0, weight: float = 1.0):
-        """Run this stage's part of the schedule for one batch; (loss sum, samples counted)."""
+                         label_smoothing: float = 0.0, weight: float = 1.0, precision=None):
+        """Run this stage's part of the schedule for one batch; (loss sum, samples counted).
+
+        The loss sum stays on the device (zero on stages other than the last). ``precision``
+        is unused: ``check_settings`` admits only ``--amp off`` without clipping.
+        """
         g, t, m = self.grid, self.transport, self.cfg.sync.micro_batches
         start, wait0 = time.perf_counter(), t.wait_seconds
         xs, ys = images.tensor_split(m), labels.tensor_split(m)
@@ -165,7 +170,7 @@ class PipelineStrategy(Strategy):
             t.expect(FORWARD, [len(ys[i]) for i in live])
         if not g.last:
             t.expect(BACKWARD, [len(ys[i]) for i in live])
-        saved, loss_sum = {}, 0.0
+        saved, loss_sum = {}, torch.zeros((), device=labels.device)
         for k, (op, i) in enumerate(ops):
             if op == "F":
                 with stats.phase("forward"):
@@ -181,7 +186,7 @@ class PipelineStrategy(Strategy):
                             loss = F.cross_entropy(out, ys[i], label_smoothing=label_smoothing)
                             out = loss * (weight * len(ys[i]) / len(labels))
                     if g.last:
-                        loss_sum += loss.item() * len(ys[i])
+                        loss_sum = loss_sum + loss.detach() * len(ys[i])
                     else:
                         t.send(out, FORWARD)
                     saved[i] = (x, out)
@@ -213,20 +218,30 @@ class PipelineStrategy(Strategy):
     def no_sync(self):
         return self.sub.no_sync()
 
-    def after_backward(self) -> None:
+    def after_backward(self, finalize=None) -> None:
         """Average the stage's gradients over its replicas; agree on finiteness over all.
 
-        Each stage sees only its own gradients, so a non-finite one anywhere is made
-        visible to every rank (the NaN policy then skips or stops on all ranks alike).
+        Each stage sees only its own gradients, so the verdict of ``finalize`` (or of the
+        plain check) is made every rank's: the NaN policy then skips or stops on all ranks
+        alike. ``finalize`` keeps its verdict as the tensor it returns, which is set here.
         """
         self.sub.after_backward()
-        grads = [p.grad for p in self.stage_module.parameters() if p.grad is not None]
-        local = float(bool(torch.isfinite(torch.stack(
-            [g.sum(dtype=torch.float32) for g in grads]).sum()))) if grads else 1.0
-        if reduce_sums(self.world.comm, [1.0 - local])[0] > 0 and grads:
-            grads[0].view(-1)[0] = float("nan")
+        params = list(self.stage_module.parameters())
+        if finalize is not None:
+            found = finalize(params)
+        else:
+            found = nonfinite_flag([p.grad for p in params if p.grad is not None],
+                                   self.transport.device)
+        # one host read and world allreduce a step (the stages' verdicts differ otherwise)
+        found.fill_(float(reduce_sums(self.world.comm, [float(found)])[0] > 0))
 
-    def step(self) -> None:
+    @property
+    def skips_on_device(self) -> bool:
+        # The verdict is read on the host each step anyway; and rank 0's optimizer holds the
+        # other stages' state after a gather, so the base rule would differ between ranks.
+        return False
+
+    def step(self, found_inf=None) -> None:
         self.sub.step()
 
     def skip_step(self) -> None:
@@ -234,7 +249,7 @@ class PipelineStrategy(Strategy):
 
     # --- evaluation, buffers, checkpoints ---------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model, loader) -> tuple[float, float]:
+    def evaluate(self, model, loader, precision=None) -> tuple[float, float]:
         """(loss, accuracy) of the pipelined model over the whole split (last stages count)."""
         g, t = self.grid, self.transport
         model.eval()

@@ -23,7 +23,8 @@ TAG_REQUEST, TAG_REPLY, TAG_PAYLOAD = 101, 102, 103
 
 HEADER_LEN = 7
 KIND, CLOCK, EPOCH, FIRST, END, BASE, FLAGS = range(HEADER_LEN)    # request fields
-VERSION, ITEM, STEP, COUNT, STOP_AT = range(5)    # reply fields (COUNT: arrays or length)
+VERSION, ITEM, STEP, COUNT, STOP_AT, SKIPPED = range(6)   # reply fields (COUNT: arrays or
+# length; SKIPPED: the update the worker's last push went into was dropped as non-finite)
 NO_ITEM = -1         # no batch for you: this epoch's batches are all handed out
 NONFINITE, STOP = 1, 2    # request flags: the gradient holds NaN/Inf; a stop signal arrived
 

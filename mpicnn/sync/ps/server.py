@@ -63,6 +63,7 @@ class PSServer(PSRole):
         self.clocks, self.seen = [0] * workers, [self.version] * workers
         self.done, self.deferred, self.arrived = [False] * workers, set(), 0
         self.round_finite = True           # ps-sync: every push of this step was finite
+        self.dropped = [False] * workers   # the update of each worker's last push was dropped
         # Server 0 decides what all workers must agree on: who computes which batch
         # (ps-async, unbounded) and the global step at which a stop signal takes effect.
         self.decides = index == 0
@@ -155,6 +156,7 @@ class PSServer(PSRole):
                 total += other
             with timeline.span("ps_apply", workers=self.workers):
                 self._apply(total, 1, self.round_finite)
+            self.dropped = [not self.round_finite] * self.workers
             self.arrived, self.round_finite = 0, True
             for w in range(self.workers):
                 self._proceed(w)
@@ -162,6 +164,7 @@ class PSServer(PSRole):
         lr_divisor = max(1, staleness) if self.cfg.sync.staleness_lr else 1
         with timeline.span("ps_apply", worker=worker, staleness=staleness):
             self._apply(grad, lr_divisor, finite)
+        self.dropped[worker] = not finite
         if self._may_proceed(worker):
             self._proceed(worker)
         else:
@@ -221,6 +224,7 @@ class PSServer(PSRole):
         head[P.ITEM] = self.dispatcher.take(worker) if dispatch and self.dispatcher \
             is not None else P.NO_ITEM
         head[P.STOP_AT] = self.stop_at
+        head[P.SKIPPED] = self.dropped[worker]
         self.sends[worker] = [self.ps_comm.Isend(head, dest=worker, tag=P.TAG_REPLY),
                               *P.isend_array(self.ps_comm, out, worker)]
         self.seen[worker] = self.version

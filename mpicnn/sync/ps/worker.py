@@ -30,7 +30,7 @@ class PSWorker(PSRole):
         self.replies = [P.header() for _ in self.ranges]
         self.clock = self.version = self.counted = 0
         self.item, self.window = P.NO_ITEM, (0, 0)
-        self.flags, self.stop_at = 0, -1
+        self.flags, self.stop_at, self.skipped = 0, -1, False
         # images one update trains on: a global batch (ps-sync) or one worker's batch
         self.images_per_update = self.cfg.training.batch_size * (self.workers if self.sync else 1)
 
@@ -38,14 +38,28 @@ class PSWorker(PSRole):
     def synced_grads(self) -> bool:
         return False          # .grad is this worker's own gradient: NaN checks may differ
 
-    def after_backward(self) -> None:
-        # Checked before pushing so that a non-finite gradient never reaches a server.
-        self.flags = self.flags & P.STOP | (0 if grads_finite(self.params) else P.NONFINITE)
+    def after_backward(self, finalize=None) -> None:
+        # Unscaled, clipped and checked before pushing: the servers apply what workers send,
+        # and a non-finite gradient never reaches a server.
+        finite = not bool(finalize(self.params)) if finalize is not None \
+            else grads_finite(self.params)
+        self.flags = self.flags & P.STOP | (0 if finite else P.NONFINITE)
         self.staging.gradients_out(self.params)
         self.clock += 1
         self._exchange(P.PUSH)
+        self.skipped = bool(self.replies[0][P.SKIPPED])
 
-    def step(self) -> None:
+    def agreed_skip(self, found: torch.Tensor) -> torch.Tensor:
+        """Whether the servers dropped the update this push went into: in ps-sync the whole
+        step's (any worker's gradient was not finite: the same on every worker), in
+        ps-async this push's own."""
+        return torch.full((), float(self.skipped), device=found.device)
+
+    @property
+    def skips_on_device(self) -> bool:
+        return False          # the servers decided; the worker takes their parameters
+
+    def step(self, found_inf=None) -> None:
         self.staging.parameters_in(self.params)
 
     def skip_step(self) -> None:
