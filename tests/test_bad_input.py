@@ -204,6 +204,8 @@ CASES = [
          "does not cut 9 layers into 2 stages", needs="pipeline"),
     Case("pipeline-flags-without-mode", lambda t, c: ["--stages", "2"],
          "need --mode pipeline", n=1, needs="pipeline"),
+    Case("pipeline-amp", lambda t, c: ["--mode", "pipeline", "--stages", "2", "--amp", "fp16"],
+         "--amp fp16 is not supported with --mode pipeline", needs="pipeline"),
 ]
 
 

@@ -9,8 +9,9 @@ import torch
 from conftest import DIGITS, final, max_diff, mpirun, records, train
 
 from mpicnn.cluster.errors import MpicnnError
+from mpicnn.config import parse_config
 from mpicnn.sync.pipeline import partition
-from mpicnn.sync.pipeline.grid import Grid, check_grid
+from mpicnn.sync.pipeline.grid import Grid, check_grid, check_settings
 from mpicnn.sync.pipeline.schedule import SCHEDULES, ideal_bubble, in_flight
 from mpicnn.training.models import MODELS, build_model, sequential_form
 
@@ -104,6 +105,20 @@ def test_grid_is_replica_major():
     check_grid(4, 8)
     with pytest.raises(MpicnnError, match="does not divide the 6 ranks"):
         check_grid(4, 6)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--accum-steps", "2"], "--accum-steps"), (["--sync-bn"], "--sync-bn"),
+    (["--channels-last"], "--channels-last"), (["--amp", "bf16"], "--amp bf16"),
+    (["--amp", "fp16"], "--amp fp16"), (["--clip-grad-norm", "1.0"], "--clip-grad-norm")])
+def test_settings_pipeline_cannot_take_are_one_line(flags, named):
+    base = ["--mode", "pipeline", "--stages", "2"]
+    check_settings(parse_config(base))
+    check_settings(parse_config(base + ["--amp", "off", "--clip-grad-norm", "0"]))
+    with pytest.raises(MpicnnError, match=f"^{named} is not supported with --mode pipeline") \
+            as raised:
+        check_settings(parse_config(base + flags))
+    assert "\n" not in str(raised.value) and raised.value.collective
 
 
 # --- the sequential form and the balance -------------------------------------------------

@@ -65,3 +65,11 @@ def check_settings(cfg) -> None:
         if on:
             raise MpicnnError(f"{name} is not supported with --mode pipeline (micro-batches "
                               f"take the place of --accum-steps)", collective=True)
+    # Each stage holds a part of the gradient: a loss scale's overflow check and the total
+    # norm would both need every stage's part, and activations cross stages in fp32.
+    for name, on in ((f"--amp {t.amp}", t.amp != "off"),
+                     ("--clip-grad-norm", t.clip_grad_norm > 0)):
+        if on:
+            raise MpicnnError(f"{name} is not supported with --mode pipeline (its stages "
+                              f"each hold part of the gradient): use --amp off and no "
+                              f"--clip-grad-norm", collective=True)
