@@ -28,8 +28,8 @@ from ..allreduce.strategy import AllreduceStrategy
 from ..contract import Strategy
 from ..replicas import average_buffers
 from . import partition
-from .memory import ActivationMeter
 from .grid import Grid, check_grid, check_settings
+from .memory import ActivationMeter
 from .schedule import SCHEDULES, ideal_bubble
 from .transport import BACKWARD, EVAL, FORWARD, Transport
 

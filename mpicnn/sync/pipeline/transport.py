@@ -14,7 +14,6 @@ from collections import deque
 
 import torch
 
-
 FORWARD, BACKWARD, EVAL = 11, 12, 13
 SLOTS = 2
 
