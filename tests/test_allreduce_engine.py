@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import mpirun, read_jsonl
+from conftest import ListLoader, mpirun, read_jsonl
 from torch import nn
 
 from mpicnn.checkpoint.state import RunState
@@ -340,17 +340,6 @@ class _Counting(Strategy):
         super().after_backward(finalize)
 
 
-class _Batches:
-    def __init__(self, batches):
-        self.batches = batches
-
-    def epoch(self, epoch, start_step=0):
-        return iter(self.batches[start_step:])
-
-    def weight(self, epoch, step, worker=None):
-        return 1.0                  # every step a whole global batch
-
-
 def test_accumulation_syncs_once_and_equals_the_whole_batch():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -362,7 +351,7 @@ def test_accumulation_syncs_once_and_equals_the_whole_batch():
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
         strategy = _Counting(torch.optim.SGD(model.parameters(), lr=0.1))
         stats = StepStats()
-        train_epoch(model, _Batches(batches), strategy, strategy, RunState(), 3, stats,
+        train_epoch(model, ListLoader(batches), strategy, strategy, RunState(), 3, stats,
                     scheduler=strategy.scheduler, global_batch=8, accum_steps=k)
         runs[k] = (strategy, stats.end_epoch(RunState()))
     one, four = runs[1][0], runs[4][0]

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DIGITS, records, train
+from conftest import DIGITS, ListLoader, records, train
 from torch import nn
 
 from mpicnn.checkpoint.state import RunState
@@ -102,17 +102,6 @@ class _Recording(Strategy):
         self.grads.append([p.grad.clone() for p in self.model.parameters()])
 
 
-class _Batches:
-    def __init__(self, batches):
-        self.batches = batches
-
-    def epoch(self, epoch, start_step=0):
-        return iter(self.batches[start_step:])
-
-    def weight(self, epoch, step, worker=None):
-        return 1.0
-
-
 class _Boom(nn.Module):
     """Linear layer whose weight gradient is Inf at chosen steps (an fp16 overflow)."""
 
@@ -149,7 +138,7 @@ def _train(model, optimizer, batches, precision, policy="abort", every=1000):
                                           model.parameters(), 8))
     guard = StepGuard(FailureConfig(nan_policy=policy), _OneRank())
     stats = StepStats(every=every)
-    train_epoch(model, _Batches(batches), strategy, strategy, RunState(), len(batches), stats,
+    train_epoch(model, ListLoader(batches), strategy, strategy, RunState(), len(batches), stats,
                 scheduler=strategy.scheduler, global_batch=8, guard=guard,
                 precision=precision)
     return strategy, guard, stats
@@ -279,26 +268,25 @@ def test_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
         assert second["overflows"] > first["overflows"]
 
 
+def _fp16_ps_equals(tmp_path, mode: str, steps: int, ps_ranks: int, reference_ranks: int):
+    """A ps run in fp16 ends with the parameters and loss scale of an allreduce run."""
+    common = ["--data", DIGITS, "--amp", "fp16", "--batch-size", 8, "--max-steps", steps,
+              "--optimizer", "sgd", "--lr", 0.1, "--warmup-epochs", 0, "--deterministic"]
+    ps, _ = train(tmp_path, "ps", ps_ranks, *common, "--mode", mode, "--servers", 1)
+    reference, _ = train(tmp_path, "reference", reference_ranks, *common)
+    a, b = _final(ps), _final(reference)
+    assert _max_difference(a["model"], b["model"]) <= 1e-4
+    assert a["amp_scaler"] == b["amp_scaler"]
+
+
 @pytest.mark.mpi
 def test_fp16_in_ps_sync_equals_allreduce(tmp_path):
     """Workers unscale what they send; the servers' verdict moves every worker's scale alike."""
-    common = ["--data", DIGITS, "--amp", "fp16", "--batch-size", 8, "--max-steps", 5,
-              "--optimizer", "sgd", "--lr", 0.1, "--warmup-epochs", 0, "--deterministic"]
-    ps, _ = train(tmp_path, "ps", 3, *common, "--mode", "ps-sync", "--servers", 1)
-    ar, _ = train(tmp_path, "ar", 2, *common)
-    a, b = _final(ps), _final(ar)
-    assert _max_difference(a["model"], b["model"]) <= 1e-4
-    assert a["amp_scaler"] == b["amp_scaler"]
+    _fp16_ps_equals(tmp_path, "ps-sync", steps=5, ps_ranks=3, reference_ranks=2)
 
 
 @pytest.mark.mpi
 def test_fp16_in_ps_async_moves_each_workers_scale_by_its_own_pushes(tmp_path):
     """ps-async: a push is its own update, so a worker's scale follows its own pushes; with
     one worker that is serial training, scale included."""
-    common = ["--data", DIGITS, "--amp", "fp16", "--batch-size", 8, "--max-steps", 4,
-              "--optimizer", "sgd", "--lr", 0.1, "--warmup-epochs", 0, "--deterministic"]
-    ps, _ = train(tmp_path, "ps", 2, *common, "--mode", "ps-async", "--servers", 1)
-    one, _ = train(tmp_path, "one", 1, *common)
-    a, b = _final(ps), _final(one)
-    assert _max_difference(a["model"], b["model"]) <= 1e-4
-    assert a["amp_scaler"] == b["amp_scaler"]
+    _fp16_ps_equals(tmp_path, "ps-async", steps=4, ps_ranks=2, reference_ranks=1)
