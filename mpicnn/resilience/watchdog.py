@@ -33,6 +33,8 @@ ANSWER_TAG = 18                           # rank 0's answer to a heartbeat
 STALL_EXIT = 3
 MAX_LISTED = 8                            # missing ranks described one by one
 CUT_OFF_FACTOR = 1.5                      # a cut-off rank waits longer than rank 0's verdict
+FAREWELL = 1                              # rank 0's last answer to a rank (others are 0)
+FAREWELL_WAIT = 10.0                      # seconds a finished rank waits for it
 
 
 @dataclass
@@ -182,6 +184,25 @@ class Watchdog:
             request = self.comm.Isend(buf, dest=0, tag=TAG)
             if stopping:
                 request.Wait()
+                self._take_farewell(answer)
+                return
+
+    def _take_farewell(self, answer: np.ndarray) -> None:
+        """Receive rank 0's answers up to its farewell to our DONE status.
+
+        An answer left unreceived at MPI_Finalize makes UCX print "unexpected tag-receive
+        descriptor ... was not matched" on this rank's node. Rank 0 answers DONE with
+        ``FAREWELL`` (after any earlier answer, same tag: they arrive in order); if it
+        never comes (rank 0 is gone), give up after ``FAREWELL_WAIT`` seconds.
+        """
+        deadline = time.monotonic() + FAREWELL_WAIT
+        while time.monotonic() < deadline and not self.abandon:
+            message = self.comm.Improbe(0, ANSWER_TAG)
+            if message is None:
+                time.sleep(0.001)
+                continue
+            message.Recv(answer)
+            if answer[0] == FAREWELL:
                 return
 
     def _cut_off(self, quiet: float) -> None:
@@ -201,6 +222,7 @@ class Watchdog:
         seen = [Seen(since=start, heard=start) for _ in range(self.world.size)]
         finished, buf, probe = set(), np.empty(3, np.int64), MPI.Status()
         answers, token = {}, np.zeros(1, np.int64)      # rank -> its answer still in flight
+        farewells, farewell = [], np.full(1, FAREWELL, np.int64)
         while not self.abandon:
             if self.stop.is_set():
                 time.sleep(min(self.interval, 0.05))
@@ -213,13 +235,14 @@ class Watchdog:
                 seen[source] = Seen(int(buf[0]), int(buf[1]), now - buf[2] / 1000, now)
                 if buf[0] == DONE:
                     finished.add(source)
+                    farewells.append(self.comm.Isend(farewell, dest=source, tag=ANSWER_TAG))
                 elif source not in answers or answers[source].Test():
                     answers[source] = self.comm.Isend(token, dest=source, tag=ANSWER_TAG)
             state, step, since = self.status
             seen[0] = Seen(state, step, since, now)
             self._check(seen, finished, now)
             if self.stop.is_set() and len(finished) == self.world.size - 1:
-                MPI.Request.Waitall(list(answers.values()))
+                MPI.Request.Waitall(list(answers.values()) + farewells)
                 return
 
     def _check(self, seen: list[Seen], finished, now: float) -> None:
