@@ -52,7 +52,7 @@ def train(world, argv) -> int:
                                     parts.layout, parts.precision)
         checkpointer.prepare()
         guard = StepGuard(cfg.failure, world)
-        guard.name_ranks(strategy.rank_labels())      # stall reports name pipeline stages
+        strategy.watched_by(guard)          # stall reports name stages and their waits
         preempt.agree = strategy.agree_stop
         strategy.attach(parts.model, parts.optimizer, parts.scheduler)
         trainer = None

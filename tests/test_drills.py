@@ -92,6 +92,23 @@ def test_stall_warning_names_the_stuck_pipeline_stage(tmp_path):
     assert "missing: rank 1 (stage 1 of 2, replica 0; computing step 3" in warnings[0]
 
 
+def test_stall_warning_names_a_stage_stuck_before_its_forward(tmp_path):
+    """Stage 0 waits inside the step for the gradients stage 1 owes it: it is the waiting
+    rank (at the pipeline exchange), and stage 1 the missing one."""
+    needs_mode("pipeline")
+    outcome = run_job(2, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "5",
+                          "--mode", "pipeline", "--stages", "2", "--micro-batches", "2",
+                          "--stall-warn", "1", "--progress", "off"],
+                      env={"MPICNN_TEST_SLEEP": "1:3:6:forward"})
+    record("stall/warn pipeline (stage 1 sleeps 6 s before step 3's forward)", outcome)
+    assert outcome.returncode == 0, outcome.output[-3000:]
+    warnings = [line for line in outcome.stdout.splitlines() if "stall:" in line]
+    assert warnings, outcome.stdout
+    assert ("rank 0 (stage 0 of 2, replica 0) has waited" in warnings[0]
+            and "at the pipeline exchange of step 3" in warnings[0]), warnings[0]
+    assert "missing: rank 1 (stage 1 of 2, replica 0; computing step 3" in warnings[0]
+
+
 def test_stall_abort_ends_the_job(tmp_path):
     outcome = run_job(3, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "6",
                           "--stall-warn", "1", "--stall-abort", "4", "--progress", "off"],

@@ -20,6 +20,7 @@ from mpicnn.resilience.nan_policy import NanGuard, grads_finite
 from mpicnn.resilience.watchdog import (
     COMPUTE,
     DONE,
+    PEER,
     SERVE,
     WAIT,
     Seen,
@@ -173,6 +174,18 @@ def test_diagnose_quiet_cases():
     assert point == (DONE, 9) and "rank 0 has waited 60 s at the end of the run" in text
 
 
+def test_diagnose_names_the_stage_its_neighbours_wait_for():
+    # a 3-stage pipeline whose last stage is stuck in its forward: stages 0 and 1 wait for
+    # the gradients of their outputs (without PEER marks all three would look computing)
+    labels = [f"stage {k} of 3, replica 0" for k in range(3)]
+    ranks = [seen(PEER, 5, 20.0), seen(PEER, 5, 25.0), seen(COMPUTE, 5, 18.0)]
+    waited, point, text = diagnose(ranks, 100.0, silent_after=10, labels=labels)
+    assert waited == 80 and point == (PEER, 5)
+    assert text == ("ranks 0-1 have waited 80 s at the pipeline exchange of step 5 (a "
+                    "neighbouring stage's activations or gradients); missing: rank 2 (stage 2 "
+                    "of 3, replica 0; computing step 5 for 82 s)")
+
+
 def test_diagnose_lists_at_most_a_few_ranks():
     ranks = [seen(WAIT, 2, 0.0)] + [seen(COMPUTE, 2, 0.0)] * 20
     _, _, text = diagnose(ranks, 100.0, 10)
@@ -249,8 +262,11 @@ def test_failure_options_parse():
 def test_drill_sleep_spec():
     assert faults.parse_sleeps("1:3:2.5, 0:4:1,1:3:1", rank=1) == {3: 3.5}
     assert faults.parse_sleeps("", rank=0) == {}
-    with pytest.raises(MpicnnError, match="rank:step:seconds"):
-        faults.parse_sleeps("1:3", rank=0)
+    assert faults.parse_sleeps("1:3:2:forward,1:4:1", rank=1, where="forward") == {3: 2.0}
+    assert faults.parse_sleeps("1:3:2:forward,1:4:1", rank=1) == {4: 1.0}
+    for bad in ("1:3", "1:3:2:backward"):
+        with pytest.raises(MpicnnError, match="rank:step:seconds"):
+            faults.parse_sleeps(bad, rank=0)
 
 
 class OneRank:

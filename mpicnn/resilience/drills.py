@@ -12,7 +12,8 @@ import torch
 
 from ..cluster.errors import MpicnnError
 
-# Testing aid: 'rank:step:seconds[,...]' makes that rank stall before that step's exchange.
+# Testing aid: 'rank:step:seconds[:forward][,...]' makes that rank stall before that step's
+# exchange (or, with ':forward', before its forward).
 TEST_SLEEP_ENV = "MPICNN_TEST_SLEEP"
 
 
@@ -21,16 +22,20 @@ def drill_sleep_spec() -> str:
     return os.environ.get(TEST_SLEEP_ENV, "")
 
 
-def parse_sleeps(spec: str, rank: int) -> dict[int, float]:
-    """{step: seconds} for ``rank`` from ``'rank:step:seconds[,...]'`` (steps count from 1)."""
+def parse_sleeps(spec: str, rank: int, where: str = "exchange") -> dict[int, float]:
+    """{step: seconds} for ``rank`` at ``where`` ("exchange" or "forward") from
+    ``'rank:step:seconds[:forward][,...]'`` (steps count from 1)."""
     sleeps = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         try:
-            r, step, seconds = item.split(":")
+            r, step, seconds, *at = item.split(":")
             r, step, seconds = int(r), int(step), float(seconds)
+            if at not in ([], ["forward"]):
+                raise ValueError
         except ValueError:
-            raise MpicnnError(f"test sleep {item!r} is not 'rank:step:seconds'") from None
-        if r == rank:
+            raise MpicnnError(f"test sleep {item!r} is not 'rank:step:seconds[:forward]'") \
+                from None
+        if r == rank and (at[0] if at else "exchange") == where:
             sleeps[step] = sleeps.get(step, 0.0) + seconds
     return sleeps
 

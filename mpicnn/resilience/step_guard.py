@@ -13,11 +13,13 @@ step) or counts skips exactly as it would have step by step, only later.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from . import drills
 from .nan_policy import NanGuard
-from .watchdog import COMPUTE, SERVE, WAIT, Watchdog
+from .watchdog import COMPUTE, PEER, SERVE, WAIT, Watchdog
 
 FINE, NONFINITE, OVERFLOW = 0, 1, 2
 
@@ -39,6 +41,8 @@ class StepGuard:
         self.pending: list = []         # deferred verdicts: (code, step, lr, agreed)
         self.overflows = 0              # steps skipped for a loss-scale overflow
         self.sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank)
+        self.forward_sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank,
+                                                  where="forward")
         limits = (failure.stall_warn, failure.stall_abort, failure.unreachable_abort)
         watch = world.size > 1 and any(limit > 0 for limit in limits)
         self.watchdog = Watchdog(world, *limits) if watch else None
@@ -55,6 +59,27 @@ class StepGuard:
     def serving(self) -> None:
         """This rank serves the others (a parameter server): it waits by design."""
         self._mark(SERVE, 0)
+
+    @contextmanager
+    def waiting_for_peer(self):
+        """Within a step, this rank waits for a neighbouring rank (a pipeline stage's input).
+
+        Without the mark such a wait would count as computing, and a pipeline whose stage is
+        stuck mid-step would show no rank waiting at all.
+        """
+        if self.watchdog is None:
+            yield
+            return
+        state, step, _ = self.watchdog.status
+        self.watchdog.mark(PEER, step)
+        try:
+            yield
+        finally:
+            self.watchdog.mark(state, step)
+
+    def forwarding(self, step: int) -> None:
+        """Step ``step``'s forward begins (a stall drill may sleep here)."""
+        drills.stall(self.forward_sleeps, step)
 
     def exchanging(self, step: int) -> None:
         """Step ``step``'s gradient exchange begins (a stall drill may sleep first)."""

@@ -27,7 +27,9 @@ import numpy as np
 from ..cluster.errors import print_error
 from ..cluster.world import spans
 
-COMPUTE, WAIT, SERVE, DONE = range(4)     # what a rank's main thread is doing
+COMPUTE, WAIT, SERVE, DONE, PEER = range(5)   # what a rank's main thread is doing
+# PEER: within a step, waiting for a neighbouring rank's message (a pipeline stage's
+# activations or their gradients); WAIT: at the step's gradient exchange
 TAG = 17
 ANSWER_TAG = 18                           # rank 0's answer to a heartbeat
 STALL_EXIT = 3
@@ -52,6 +54,8 @@ def _describe(seen: Seen, now: float) -> str:
         return f"computing step {seen.step} for {now - seen.since:.0f} s"
     if seen.state == WAIT:
         return f"waiting at step {seen.step}"
+    if seen.state == PEER:
+        return f"waiting for a neighbouring stage at step {seen.step}"
     return "finished" if seen.state == DONE else "serving"
 
 
@@ -60,7 +64,7 @@ def diagnose(seen: list[Seen], now: float, silent_after: float, labels=None):
 
     ``labels`` (one per rank, e.g. its pipeline stage) are named beside the ranks.
     """
-    waiting = [r for r, s in enumerate(seen) if s.state in (WAIT, DONE)]
+    waiting = [r for r, s in enumerate(seen) if s.state in (WAIT, PEER, DONE)]
     if not waiting:
         return None
     first = min(waiting, key=lambda r: seen[r].since)
@@ -68,8 +72,9 @@ def diagnose(seen: list[Seen], now: float, silent_after: float, labels=None):
     waited = now - seen[first].since
     there = [r for r in waiting if (seen[r].state, seen[r].step) == point]
     missing = [r for r, s in enumerate(seen) if r not in there and s.state != SERVE]
-    where = (f"the gradient exchange of step {point[1]}" if point[0] == WAIT
-             else "the end of the run")
+    where = {WAIT: f"the gradient exchange of step {point[1]}",
+             PEER: f"the pipeline exchange of step {point[1]} (a neighbouring stage's "
+                   f"activations or gradients)"}.get(point[0], "the end of the run")
     if not missing:
         return waited, point, (f"all ranks have waited {waited:.0f} s at {where} and none "
                                f"is missing (a server or the network may be stuck)")

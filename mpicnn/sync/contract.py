@@ -176,6 +176,11 @@ class WorkPlan:
         """What each rank of the world is, for stall reports (None: ranks are alike)."""
         return None
 
+    def watched_by(self, guard) -> None:
+        """Show the stall watch what each rank is (and, where a mode waits for other ranks
+        within a step, let it mark those waits: ``guard.waiting_for_peer``)."""
+        guard.name_ranks(self.rank_labels())
+
     def report(self) -> dict:
         """Mode-specific fields for the epoch and end metrics records."""
         return {}

@@ -90,10 +90,12 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
         if batch is None:
             break
         images, labels = batch
+        step = state.global_step + 1
+        if guard is not None:
+            guard.forwarding(step)
         loss_sum, counted = sync.forward_backward(model, stats, images, labels, accum_steps,
                                                   label_smoothing, work.weight(loader, state),
                                                   precision)
-        step = state.global_step + 1
         with stats.phase("comm"):
             if guard is not None:
                 guard.exchanging(step)

@@ -61,6 +61,7 @@ class PipelineStrategy(Strategy):
         self.sub = AllreduceStrategy(replica_world(world, self.replica_comm, grid), cfg)
         self.input_shape = None
         self.layers, self.cuts, self.stage_module, self.transport = [], [], None, None
+        self.peer_wait = nullcontext        # the stall watch's mark for waits on neighbours
         self._compute = self._wall = 0.0
         self._steps = 0
 
@@ -109,7 +110,7 @@ class PipelineStrategy(Strategy):
         dtype = next(model.parameters()).dtype
         self.transport = Transport(self.pipe_comm, grid.stage, stages, shapes[first],
                                    shapes[end], rows, EVAL_BATCH, dtype,
-                                   next(model.parameters()).device)
+                                   next(model.parameters()).device, self.peer_wait)
         self.meter = ActivationMeter(model.parameters())
         self.world.log.info(self.describe())
         self.sub.attach(self.stage_module, optimizer, scheduler)
@@ -323,6 +324,12 @@ class PipelineStrategy(Strategy):
     def rank_labels(self) -> list[str]:
         grids = [Grid(self.grid.size, self.grid.stages, r) for r in range(self.grid.size)]
         return [f"stage {g.stage} of {g.stages}, replica {g.replica}" for g in grids]
+
+    def watched_by(self, guard) -> None:
+        """Stages wait for each other within a step: those waits are marked, so a stage
+        stuck mid-step shows as the one its neighbours wait for."""
+        super().watched_by(guard)
+        self.peer_wait = guard.waiting_for_peer
 
     def report(self) -> dict:
         params = partition.stage_sums(partition.param_bytes(self.layers), self.cuts)

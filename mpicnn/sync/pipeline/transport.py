@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 
 import torch
 
@@ -22,8 +23,9 @@ class Transport:
     """Point-to-point of one stage with the stages before (``prev``) and after (``next``)."""
 
     def __init__(self, comm, stage: int, stages: int, in_shape, out_shape, rows: int,
-                 eval_rows: int, dtype, device):
+                 eval_rows: int, dtype, device, waiting=nullcontext):
         self.comm, self.device = comm, device
+        self.waiting = waiting             # marks each wait for the stall watch
         self.prev = stage - 1 if stage > 0 else None
         self.next = stage + 1 if stage < stages - 1 else None
         self.buffers, self.expected, self.posted, self.turn = {}, {}, {}, {}
@@ -63,7 +65,8 @@ class Transport:
         """The next message on ``tag`` as a tensor of its own on the device (waits for it)."""
         request, view = self.posted[tag].popleft()
         start = time.perf_counter()
-        request.Wait()
+        with self.waiting():
+            request.Wait()
         self.wait_seconds += time.perf_counter() - start
         tensor = view.to(self.device, copy=True)
         self._post(tag)                    # the slot is free again
@@ -95,7 +98,8 @@ class Transport:
         from mpi4py import MPI
 
         start = time.perf_counter()
-        MPI.Request.Waitall([r for r, _ in self.sends])
+        with self.waiting():
+            MPI.Request.Waitall([r for r, _ in self.sends])
         self.wait_seconds += time.perf_counter() - start
         self.sends = []
 
