@@ -6,7 +6,10 @@ limited by ``tc``); on it, for each per-rank batch, these run side by side in
 rotating order, and the table reports medians of ``--reps``:
 
 * ``mpicnn``            - ``mpicnn.train`` defaults: shared-memory windows within each
-  node, each rank's slice allreduced across nodes (flat Allreduce at 1 rank per node);
+  node, each rank's slice allreduced across nodes (flat at 1 rank per node); from 3
+  nodes on, large buffers cross nodes on mpicnn's ring;
+* ``mpicnn MPI across`` - the same with ``--cross-node mpi``: the MPI library's Allreduce
+  across nodes instead of the ring;
 * ``mpicnn flat``       - ``--shared-memory off``: one Allreduce over every rank;
 * ``mpicnn hier``       - ``--hierarchical``: Reduce, leaders' Allreduce, Bcast;
 * ``mpicnn hier bf16``  - the same with bf16 on the wire;
@@ -48,6 +51,7 @@ from .scale import gradient_bytes
 # name: (what runs, its flags, bytes on the wire per gradient byte, traffic pattern)
 VARIANTS = {
     "mpicnn": ("train", [], 1.0, "nodes"),
+    "mpicnn MPI across": ("train", ["--cross-node", "mpi"], 1.0, "nodes"),
     "mpicnn flat": ("train", ["--shared-memory", "off"], 1.0, "ring"),
     "mpicnn hier": ("train", ["--hierarchical"], 1.0, "nodes"),
     "mpicnn hier bf16": ("train", ["--hierarchical", "--compression", "bf16"], 0.5, "nodes"),

@@ -32,6 +32,9 @@ class SyncConfig:
                              "shared-memory windows (and allreduce their slices across "
                              "nodes); off: always MPI Allreduce", "distributed",
                              ["auto", "off"])
+    cross_node: str = opt("ring", "how large buckets are summed across 3 or more nodes: "
+                          "mpicnn's ring (2(P-1)/P of a bucket through each node's link) or "
+                          "the MPI library's Allreduce (mpi)", "distributed", ["ring", "mpi"])
     # parameter-server modes (ps-sync, ps-async) and straggler simulation
     servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "
                        "others are workers", "distributed")

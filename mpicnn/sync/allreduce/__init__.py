@@ -8,4 +8,5 @@
 - ``transport``: device buffers to MPI, directly (CUDA-aware) or staged through pinned memory.
 - ``scratch``: per-bucket buffers (wire casts, host staging) made once and reused.
 - ``collectives``: the ``Collective`` family: flat, hierarchical, shared-memory windows.
+- ``ring``: mpicnn's ring allreduce of point-to-point messages, across 3 or more nodes.
 """

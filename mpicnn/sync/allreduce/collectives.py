@@ -3,12 +3,25 @@
 Flat (one Allreduce), hierarchical (node by node) and shared-memory (MPI-3 windows of
 one node on CPU). Each owns duplicated communicators, so the engine's collectives
 (issued from the communication thread) can never match a collective of the main thread.
+Across 3 or more nodes, large buffers go around mpicnn's ring (``ring``) instead of the
+MPI library's Allreduce unless ``--cross-node mpi``.
 """
 from __future__ import annotations
 
 import torch
 
 from ..messages import chunks
+from .ring import ring_allreduce, worth_a_ring
+
+
+def _sum(comm, part: torch.Tensor, datatype, op, spec, ring: bool) -> None:
+    """Sum ``part`` over ``comm`` in place: the ring where asked and worth it, else MPI."""
+    from mpi4py import MPI
+
+    if ring and worth_a_ring(part, comm.Get_size()):
+        ring_allreduce(comm, part, datatype, spec)
+    else:
+        comm.Allreduce(MPI.IN_PLACE, spec(part, datatype), op=op)
 
 
 class Collective:
@@ -27,19 +40,17 @@ class Collective:
 
 
 class FlatAllreduce(Collective):
-    """One ``Allreduce`` over every rank."""
+    """One ``Allreduce`` over every rank (``ring``: mpicnn's ring for large buffers)."""
 
-    def __init__(self, comm):
-        self.comm = comm.Dup()
+    def __init__(self, comm, ring: bool = False):
+        self.comm, self.ring = comm.Dup(), ring
 
     def describe(self) -> str:
-        return "flat Allreduce"
+        return "flat ring (mpicnn's, large buckets)" if self.ring else "flat Allreduce"
 
     def __call__(self, buf, datatype, op, spec) -> None:
-        from mpi4py import MPI
-
         for part in chunks(buf):
-            self.comm.Allreduce(MPI.IN_PLACE, spec(part, datatype), op=op)
+            _sum(self.comm, part, datatype, op, spec, self.ring)
 
     def free(self) -> None:
         self.comm.Free()
@@ -48,16 +59,18 @@ class FlatAllreduce(Collective):
 class HierarchicalAllreduce(Collective):
     """Reduce within each node, allreduce across node leaders, broadcast within the node."""
 
-    def __init__(self, comm, local_comm):
+    def __init__(self, comm, local_comm, ring: bool = False):
         from mpi4py import MPI
 
+        self.ring = ring
         self.local = local_comm.Dup()
         self.leader = self.local.Get_rank() == 0
         self.leaders = comm.Split(0 if self.leader else MPI.UNDEFINED, comm.Get_rank())
         self.nodes = comm.allreduce(int(self.leader))
 
     def describe(self) -> str:
-        return f"hierarchical ({self.nodes} node(s): Reduce, leaders' Allreduce, Bcast)"
+        across = "leaders' ring" if self.ring else "leaders' Allreduce"
+        return f"hierarchical ({self.nodes} node(s): Reduce, {across}, Bcast)"
 
     def __call__(self, buf, datatype, op, spec) -> None:
         from mpi4py import MPI
@@ -70,7 +83,7 @@ class HierarchicalAllreduce(Collective):
                 else:
                     self.local.Reduce(part, None, op=op, root=0)
             if self.leader and self.leaders.Get_size() > 1:
-                self.leaders.Allreduce(MPI.IN_PLACE, part, op=op)
+                _sum(self.leaders, chunk, datatype, op, spec, self.ring)
             if self.local.Get_size() > 1:
                 self.local.Bcast(part, root=0)
 
@@ -104,21 +117,23 @@ class SharedMemoryAllreduce(Collective):
     allreduce, not the flat ring's.
     """
 
-    def __init__(self, local_comm, comm=None):
+    def __init__(self, local_comm, comm=None, ring: bool = False):
+        self.ring = ring
         self.comm = local_comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.total = self.size if comm is None else comm.Get_size()
         self.nodes = self.total // self.size
         # the owners of one slice, one per node, in node order
         self.across = comm.Split(self.rank, comm.Get_rank()) if self.nodes > 1 else None
-        self.fallback = FlatAllreduce(self.comm if comm is None else comm)
+        self.fallback = FlatAllreduce(self.comm if comm is None else comm, ring)
         self._windows = {}       # data_ptr of this rank's segment -> (window, all segments)
 
     def describe(self) -> str:
         if self.across is None:
             return f"MPI shared-memory windows ({self.size} ranks of one node)"
+        how = "mpicnn's ring" if self.ring else "MPI Allreduce"
         return (f"MPI shared-memory windows within each of {self.nodes} nodes ({self.size} "
-                f"ranks each), each rank's slice summed across nodes by MPI Allreduce")
+                f"ranks each), each rank's slice summed across nodes by {how}")
 
     def allocate(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         from mpi4py import MPI
@@ -186,8 +201,11 @@ class SharedMemoryAllreduce(Collective):
         """Sum ``sums`` with the same slice of every other node."""
         from mpi4py import MPI
 
-        for part in chunks(sums.numpy()):
-            self.across.Allreduce(MPI.IN_PLACE, part, op=MPI.SUM)
+        from .transport import mpi_buffer
+
+        datatype = MPI.DOUBLE if sums.dtype == torch.float64 else MPI.FLOAT
+        for part in chunks(sums):
+            _sum(self.across, part, datatype, MPI.SUM, mpi_buffer, self.ring)
 
     def _fence(self, window) -> None:
         window.Sync()

@@ -33,6 +33,7 @@ from .codec import HALF_DTYPES, Codec
 from .collectives import FlatAllreduce, HierarchicalAllreduce, SharedMemoryAllreduce
 from .comm_thread import make_runner
 from .reducer import Reducer
+from .ring import uses_ring
 from .transport import choose_path, probe_cuda_support
 
 PLAIN_KEY = "plain"
@@ -65,16 +66,17 @@ class AllreduceStrategy(Strategy):
 
     def _make_reducer(self, device: torch.device) -> Reducer:
         codec = Codec(self.cfg.sync.compression, self.world.size)
+        ring = uses_ring(self.cfg.sync.cross_node, self.world.num_nodes)
         if self.cfg.sync.hierarchical:
-            collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm)
+            collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm, ring)
         elif (self.cfg.sync.shared_memory == "auto" and self.world.local_size > 1
               and self.world.even_nodes and device.type == "cpu" and codec.wire_dtype is None
               and self.cfg.sync.bucket_mb > 0
               and self.params[0].dtype in (torch.float32, torch.float64)):
             # windows within each node; across nodes each rank's slice goes through MPI
-            collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm)
+            collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm, ring)
         else:
-            collective = FlatAllreduce(self.world.comm)
+            collective = FlatAllreduce(self.world.comm, ring)
         # agreed: a refused --cuda-aware on ends every rank with one line, never a crash
         aware, self._buffers_why = self.world.agree(lambda: choose_path(
             self.cfg.sync.cuda_aware, device.type, cuda_aware_override(), probe_cuda_support))
