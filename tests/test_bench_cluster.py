@@ -108,3 +108,22 @@ def test_tiny_cluster_benchmark_and_model_check(tmp_path, emulated_cluster):
     predicted = json.loads(check.read_text())["runs"]
     assert [r["variant"] for r in predicted] == ["mpicnn", "DDP gloo fp16"]
     assert all(r["predicted"] > 0 for r in predicted)
+
+
+@pytest.mark.cluster
+@pytest.mark.mpi
+def test_ps_benchmark_across_emulated_nodes_places_ranks_one_per_node(tmp_path,
+                                                                       emulated_cluster):
+    """2 workers and a server on 2 nodes: the straggler (worker 1) has node 2 to itself."""
+    out = tmp_path / "ps.json"
+    run = run_command([sys.executable, "-m", "mpicnn.bench", "ps", "--workers", 2,
+                       "--epochs", 1, "--reps", 1, "--modes", "allreduce,ps-sync",
+                       "--nodes", 2, "--rate", "1gbit", "--out", out, "--",
+                       "--max-steps", 12],
+                      timeout=900, env=job_env(), check=True)
+    assert "2 node(s)" in run.stdout and "links 1gbit" in run.stdout
+    assert "ranks placed one per node in turn" in run.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["straggler"], r["ranks"]) for r in rows] == [
+        ("allreduce", 1.0, 2), ("ps-sync", 1.0, 3), ("allreduce", 2.0, 2), ("ps-sync", 2.0, 3)]
+    assert all(r["images_per_s"] > 0 and r["val_acc"] > 0 for r in rows)

@@ -46,6 +46,7 @@ from ..cluster.errors import MpicnnError
 from ..cluster.netns import Cluster, free_subnet, rate_bits
 from ..observe.report import load_run
 from .comm import write_data
+from .launch import check, train_across
 from .scale import gradient_bytes
 
 # name: (what runs, its flags, bytes on the wire per gradient byte, traffic pattern)
@@ -126,13 +127,6 @@ def link_bound(variant: str, nodes: int, per_node: int, gradient: int, batch: in
     return rate_bits(rate) / 8 / moved * nodes * per_node * batch
 
 
-def check(done, what: str) -> None:
-    if done.hung:
-        raise MpicnnError(f"{what} hung; killed it")
-    if done.returncode != 0:
-        raise MpicnnError(done.describe(f"({what}) exited {done.returncode}"))
-
-
 class Bench:
     """The runs of one shape on one emulated cluster."""
 
@@ -162,11 +156,8 @@ class Bench:
             line = [x for x in done.stdout.splitlines() if x.startswith("{")][-1]
             return {"images_per_s": json.loads(line)["images_per_s"]}
         metrics = self.work / f"run-{time.monotonic_ns()}.jsonl"
-        command = jobs.python_command("-m", "mpicnn.train", *args, *flags, "--metrics", metrics)
-        done = hydra.run(self.cluster, command, self.per_node, ranks, self.opts.netmod,
-                         self.opts.timeout, capture=True)
-        check(done, variant)
-        run = load_run(str(metrics))
+        run = train_across(self.cluster, ranks, [*args, *flags], metrics, self.opts.netmod,
+                           self.per_node, self.opts.timeout)
         epoch = run.epochs[-1] if run.epochs else {}
         return {"images_per_s": run.end["images_per_s"], "comm_ms": epoch.get("comm_ms"),
                 "comm_busy_ms": epoch.get("comm_busy_ms")}

@@ -4,16 +4,25 @@ Each configuration is one real ``mpirun ... python -m mpicnn.train`` job on the 
 model and epochs; allreduce runs on the workers alone, the PS modes on workers + servers.
 Reported per job: training images/s (the end record's, and whole-run: trained images over
 the time from the first to the last metrics record), final validation accuracy, wall time.
+
+With ``--nodes N`` (root) every job runs across N emulated nodes instead
+(``mpicnn.cluster``), ranks placed one per node in turn: with 2 workers, 1 server and 2
+nodes, worker 0 and the server share node 1, and the straggler (the last worker) has
+node 2 to itself. Where each node has a core of its own, a slowed worker's idle time is
+not handed to the other ranks, as it is when all ranks share the machine's cores.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
+from ..cluster.netns import Cluster, free_subnet, rate_bits
 from . import launch
 
 
@@ -31,12 +40,40 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=3,
                    help="repetitions of every job, in rotating order; medians reported")
     p.add_argument("--out", default="", help="also write the results as JSON here")
-    return launch.parse_with_train_args(p, argv, "after --: more mpicnn.train flags for every "
+    p.add_argument("--nodes", type=int, default=0,
+                   help="run every job across this many emulated nodes, ranks placed one per "
+                        "node in turn (root; default 0: plain mpirun on this machine)")
+    p.add_argument("--rate", default="", help="with --nodes: link rate, e.g. 1gbit (default "
+                                              "unshaped)")
+    p.add_argument("--netmod", default="ucx", choices=["ucx", "ofi"],
+                   help="with --nodes: MPICH's netmod across nodes (default ucx)")
+    args = launch.parse_with_train_args(p, argv, "after --: more mpicnn.train flags for every "
                                                  "job (e.g. --model lenet)")
+    if args.rate:
+        rate_bits(args.rate)
+    return args
 
 
-def run_job(mode: str, args, slow: bool, workdir: Path, rep: int = 0) -> dict:
-    """One training job; returns its figures from the metrics it wrote."""
+@contextmanager
+def launcher(args):
+    """How jobs start: plain mpirun, or across emulated nodes made for this benchmark."""
+    if not args.nodes:
+        yield launch.train
+        return
+    cluster = Cluster(f"ps{os.getpid() % 10000}", args.nodes, free_subnet(os.getpid() % 256),
+                      rate=args.rate or None).up()
+    try:
+        print(f"bench ps: {cluster.describe(1)}; ranks placed one per node in turn",
+              flush=True)
+        yield lambda n, train, metrics: launch.train_across(cluster, n, train, metrics,
+                                                            args.netmod, cycle=True)
+    finally:
+        cluster.down()
+
+
+def run_job(mode: str, args, slow: bool, workdir: Path, rep: int = 0,
+            start=launch.train) -> dict:
+    """One training job (``start``: its launcher); its figures from the metrics it wrote."""
     ranks = args.workers + (args.servers if mode.startswith("ps") else 0)
     metrics = workdir / f"{mode}-{'slow' if slow else 'even'}-{rep}.jsonl"
     train = ["--mode", mode, "--epochs", args.epochs, "--progress", "off", *args.train_args]
@@ -44,7 +81,7 @@ def run_job(mode: str, args, slow: bool, workdir: Path, rep: int = 0) -> dict:
         train += ["--servers", args.servers]
     if slow:
         train += ["--slow-rank", args.workers - 1, "--slow-factor", args.slow_factor]
-    run = launch.train(ranks, train, metrics)
+    run = start(ranks, train, metrics)
     config, end = run.config, run.end
     trained = end["steps"] * config["batch_size"] * args.workers
     return {"mode": mode, "straggler": args.slow_factor if slow else 1.0, "ranks": ranks,
@@ -71,11 +108,11 @@ def main(argv=None) -> int:
     print(f"{args.workers} workers (+{args.servers} server(s) in PS modes), {args.epochs} "
           f"epochs, {args.reps} rotating repetitions; straggler = worker {args.workers - 1} "
           f"at {args.slow_factor}x compute", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, launcher(args) as start:
         for rep in range(args.reps):
             shift = rep % len(jobs)                  # no job always first
             for mode, slow in jobs[shift:] + jobs[:shift]:
-                r = run_job(mode, args, slow, Path(tmp), rep)
+                r = run_job(mode, args, slow, Path(tmp), rep, start)
                 runs[mode, slow].append(r)
                 print(f"  rep {rep + 1} {mode:<10} {r['straggler']:.1f}x "
                       f"{r['run_images_per_s']:7.0f} images/s  val acc {r['val_acc']:.4f}",
