@@ -66,47 +66,39 @@ def test_sigkill_of_one_rank_ends_the_job(mode, n, extra, victim, tmp_path):
 
 # --- stall detection -------------------------------------------------------------------
 
+PIPELINE_2X1 = ["--mode", "pipeline", "--stages", "2", "--micro-batches", "2"]
+
+
+def first_stall_warning(tmp_path, flags, sleep: str, what: str) -> str:
+    """Run 2 ranks for 5 steps with ``MPICNN_TEST_SLEEP=sleep``; the first stall warning."""
+    outcome = run_job(2, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "5",
+                          *flags, "--stall-warn", "1", "--progress", "off"],
+                      env={"MPICNN_TEST_SLEEP": sleep})
+    record(f"stall/warn {what}", outcome)
+    assert outcome.returncode == 0, outcome.output[-3000:]
+    warnings = [line for line in outcome.stdout.splitlines() if "stall:" in line]
+    assert warnings, outcome.stdout
+    return warnings[0]
+
+
 def test_stall_warning_names_the_missing_rank(tmp_path):
-    outcome = run_job(2, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "5",
-                          "--stall-warn", "1", "--progress", "off"],
-                      env={"MPICNN_TEST_SLEEP": "1:3:6"})
-    record("stall/warn (rank 1 sleeps 6 s before step 3)", outcome)
-    assert outcome.returncode == 0, outcome.output[-3000:]
-    warnings = [line for line in outcome.stdout.splitlines() if "stall:" in line]
-    assert warnings, outcome.stdout
-    assert "rank 0 has waited" in warnings[0]
-    assert "gradient exchange of step 3; missing: rank 1 (computing step 3" in warnings[0]
+    warning = first_stall_warning(tmp_path, [], "1:3:6", "(rank 1 sleeps 6 s before step 3)")
+    assert "rank 0 has waited" in warning
+    assert "gradient exchange of step 3; missing: rank 1 (computing step 3" in warning
 
 
-def test_stall_warning_names_the_stuck_pipeline_stage(tmp_path):
+@pytest.mark.parametrize("sleep,where", [
+    ("1:3:6", "the gradient exchange of step 3"),
+    # stage 0 waits inside the step for the gradients stage 1 owes it
+    ("1:3:6:forward", "the pipeline exchange of step 3"),
+])
+def test_stall_warning_names_the_stuck_pipeline_stage(tmp_path, sleep, where):
     needs_mode("pipeline")
-    outcome = run_job(2, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "5",
-                          "--mode", "pipeline", "--stages", "2", "--micro-batches", "2",
-                          "--stall-warn", "1", "--progress", "off"],
-                      env={"MPICNN_TEST_SLEEP": "1:3:6"})
-    record("stall/warn pipeline (stage 1 sleeps 6 s before step 3's exchange)", outcome)
-    assert outcome.returncode == 0, outcome.output[-3000:]
-    warnings = [line for line in outcome.stdout.splitlines() if "stall:" in line]
-    assert warnings, outcome.stdout
-    assert "rank 0 (stage 0 of 2, replica 0) has waited" in warnings[0]
-    assert "missing: rank 1 (stage 1 of 2, replica 0; computing step 3" in warnings[0]
-
-
-def test_stall_warning_names_a_stage_stuck_before_its_forward(tmp_path):
-    """Stage 0 waits inside the step for the gradients stage 1 owes it: it is the waiting
-    rank (at the pipeline exchange), and stage 1 the missing one."""
-    needs_mode("pipeline")
-    outcome = run_job(2, ["--data", small_digits(tmp_path / "d.h5"), "--max-steps", "5",
-                          "--mode", "pipeline", "--stages", "2", "--micro-batches", "2",
-                          "--stall-warn", "1", "--progress", "off"],
-                      env={"MPICNN_TEST_SLEEP": "1:3:6:forward"})
-    record("stall/warn pipeline (stage 1 sleeps 6 s before step 3's forward)", outcome)
-    assert outcome.returncode == 0, outcome.output[-3000:]
-    warnings = [line for line in outcome.stdout.splitlines() if "stall:" in line]
-    assert warnings, outcome.stdout
-    assert ("rank 0 (stage 0 of 2, replica 0) has waited" in warnings[0]
-            and "at the pipeline exchange of step 3" in warnings[0]), warnings[0]
-    assert "missing: rank 1 (stage 1 of 2, replica 0; computing step 3" in warnings[0]
+    warning = first_stall_warning(tmp_path, PIPELINE_2X1, sleep,
+                                  f"pipeline (stage 1 sleeps 6 s: {sleep})")
+    assert "rank 0 (stage 0 of 2, replica 0) has waited" in warning
+    assert f"at {where}" in warning, warning
+    assert "missing: rank 1 (stage 1 of 2, replica 0; computing step 3" in warning
 
 
 def test_stall_abort_ends_the_job(tmp_path):
