@@ -28,7 +28,7 @@ def mpiexec_command(cluster: Cluster, command, ranks_per_node: int = 1, ranks: i
     if ranks_per_node < 1:
         raise ClusterError(f"--ranks-per-node must be at least 1, got {ranks_per_node}")
     ranks = cluster.nodes * ranks_per_node if ranks is None else ranks
-    if not 1 <= ranks <= (ranks if cycle else cluster.nodes * ranks_per_node):
+    if ranks < 1 or (not cycle and ranks > cluster.nodes * ranks_per_node):
         raise ClusterError(f"{ranks} ranks do not fit {cluster.nodes} node(s) x "
                            f"{ranks_per_node} rank(s)")
     mpiexec = mpiexec or shutil.which("mpiexec")

@@ -40,9 +40,9 @@ class StepGuard:
         self.policy = NanGuard(failure.nan_policy, world.log)
         self.pending: list = []         # deferred verdicts: (code, step, lr, agreed)
         self.overflows = 0              # steps skipped for a loss-scale overflow
-        self.sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank)
-        self.forward_sleeps = drills.parse_sleeps(drills.drill_sleep_spec(), world.rank,
-                                                  where="forward")
+        spec = drills.drill_sleep_spec()
+        self.sleeps = drills.parse_sleeps(spec, world.rank)
+        self.forward_sleeps = drills.parse_sleeps(spec, world.rank, where="forward")
         limits = (failure.stall_warn, failure.stall_abort, failure.unreachable_abort)
         watch = world.size > 1 and any(limit > 0 for limit in limits)
         self.watchdog = Watchdog(world, *limits) if watch else None

@@ -12,6 +12,7 @@ import torch
 
 from ..messages import chunks
 from .ring import ring_allreduce, worth_a_ring
+from .transport import mpi_buffer
 
 
 def _sum(comm, part: torch.Tensor, datatype, op, spec, ring: bool) -> None:
@@ -200,8 +201,6 @@ class SharedMemoryAllreduce(Collective):
     def _across_nodes(self, sums: torch.Tensor) -> None:
         """Sum ``sums`` with the same slice of every other node."""
         from mpi4py import MPI
-
-        from .transport import mpi_buffer
 
         datatype = MPI.DOUBLE if sums.dtype == torch.float64 else MPI.FLOAT
         for part in chunks(sums):
