@@ -53,10 +53,12 @@ from .scale import gradient_bytes
 VARIANTS = {
     "mpicnn": ("train", [], 1.0, "nodes"),
     "mpicnn MPI across": ("train", ["--cross-node", "mpi"], 1.0, "nodes"),
+    "mpicnn spin": ("train", ["--comm-wait", "spin"], 1.0, "nodes"),
+    "mpicnn bf16 spin": ("train", ["--compression", "bf16", "--comm-wait", "spin"], 0.5, "nodes"),
     "mpicnn flat": ("train", ["--shared-memory", "off"], 1.0, "ring"),
     "mpicnn hier": ("train", ["--hierarchical"], 1.0, "nodes"),
     "mpicnn hier bf16": ("train", ["--hierarchical", "--compression", "bf16"], 0.5, "nodes"),
-    "mpicnn bf16": ("train", ["--compression", "bf16"], 0.5, "ring"),
+    "mpicnn bf16": ("train", ["--compression", "bf16"], 0.5, "nodes"),
     "mpicnn plain": ("train", ["--bucket-mb", "0"], 1.0, "ring"),
     "DDP gloo": ("ddp", [], 1.0, "ring"),
     "DDP gloo fp16": ("ddp", ["--ddp-hook", "fp16"], 0.5, "ring"),

@@ -13,16 +13,15 @@ import torch
 from ..messages import chunks
 from .ring import ring_allreduce, worth_a_ring
 from .transport import mpi_buffer
+from .waiting import Spinning
 
 
-def _sum(comm, part: torch.Tensor, datatype, op, spec, ring: bool) -> None:
+def _sum(comm, part: torch.Tensor, datatype, op, spec, ring: bool, wait) -> None:
     """Sum ``part`` over ``comm`` in place: the ring where asked and worth it, else MPI."""
-    from mpi4py import MPI
-
     if ring and worth_a_ring(part, comm.Get_size()):
-        ring_allreduce(comm, part, datatype, spec)
+        ring_allreduce(comm, part, datatype, spec, wait)
     else:
-        comm.Allreduce(MPI.IN_PLACE, spec(part, datatype), op=op)
+        wait.allreduce(comm, spec(part, datatype), op)
 
 
 class Collective:
@@ -43,15 +42,15 @@ class Collective:
 class FlatAllreduce(Collective):
     """One ``Allreduce`` over every rank (``ring``: mpicnn's ring for large buffers)."""
 
-    def __init__(self, comm, ring: bool = False):
-        self.comm, self.ring = comm.Dup(), ring
+    def __init__(self, comm, ring: bool = False, wait=Spinning()):
+        self.comm, self.ring, self.wait = comm.Dup(), ring, wait
 
     def describe(self) -> str:
         return "flat ring (mpicnn's, large buckets)" if self.ring else "flat Allreduce"
 
     def __call__(self, buf, datatype, op, spec) -> None:
         for part in chunks(buf):
-            _sum(self.comm, part, datatype, op, spec, self.ring)
+            _sum(self.comm, part, datatype, op, spec, self.ring, self.wait)
 
     def free(self) -> None:
         self.comm.Free()
@@ -60,10 +59,10 @@ class FlatAllreduce(Collective):
 class HierarchicalAllreduce(Collective):
     """Reduce within each node, allreduce across node leaders, broadcast within the node."""
 
-    def __init__(self, comm, local_comm, ring: bool = False):
+    def __init__(self, comm, local_comm, ring: bool = False, wait=Spinning()):
         from mpi4py import MPI
 
-        self.ring = ring
+        self.ring, self.wait = ring, wait
         self.local = local_comm.Dup()
         self.leader = self.local.Get_rank() == 0
         self.leaders = comm.Split(0 if self.leader else MPI.UNDEFINED, comm.Get_rank())
@@ -74,19 +73,14 @@ class HierarchicalAllreduce(Collective):
         return f"hierarchical ({self.nodes} node(s): Reduce, {across}, Bcast)"
 
     def __call__(self, buf, datatype, op, spec) -> None:
-        from mpi4py import MPI
-
         for chunk in chunks(buf):
             part = spec(chunk, datatype)
             if self.local.Get_size() > 1:
-                if self.leader:
-                    self.local.Reduce(MPI.IN_PLACE, part, op=op, root=0)
-                else:
-                    self.local.Reduce(part, None, op=op, root=0)
+                self.wait.reduce(self.local, part, op, self.leader)
             if self.leader and self.leaders.Get_size() > 1:
-                _sum(self.leaders, chunk, datatype, op, spec, self.ring)
+                _sum(self.leaders, chunk, datatype, op, spec, self.ring, self.wait)
             if self.local.Get_size() > 1:
-                self.local.Bcast(part, root=0)
+                self.wait.bcast(self.local, part)
 
     def free(self) -> None:
         from mpi4py import MPI
@@ -118,15 +112,15 @@ class SharedMemoryAllreduce(Collective):
     allreduce, not the flat ring's.
     """
 
-    def __init__(self, local_comm, comm=None, ring: bool = False):
-        self.ring = ring
+    def __init__(self, local_comm, comm=None, ring: bool = False, wait=Spinning()):
+        self.ring, self.wait = ring, wait
         self.comm = local_comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.total = self.size if comm is None else comm.Get_size()
         self.nodes = self.total // self.size
         # the owners of one slice, one per node, in node order
         self.across = comm.Split(self.rank, comm.Get_rank()) if self.nodes > 1 else None
-        self.fallback = FlatAllreduce(self.comm if comm is None else comm, ring)
+        self.fallback = FlatAllreduce(self.comm if comm is None else comm, ring, wait)
         self._windows = {}       # data_ptr of this rank's segment -> (window, all segments)
 
     def describe(self) -> str:
@@ -160,19 +154,25 @@ class SharedMemoryAllreduce(Collective):
     def averages(self, tensor: torch.Tensor) -> bool:
         return tensor.data_ptr() in self._windows
 
-    def average(self, flat: torch.Tensor) -> None:
-        """Replace this rank's bucket ``flat`` by the mean of all ranks' buckets."""
+    def average(self, flat: torch.Tensor, codec=None) -> None:
+        """Replace this rank's bucket ``flat`` by the mean of all ranks' buckets.
+
+        With a compressing ``codec`` only the exchange across nodes is compressed: each
+        node's sums are exact, then cast (already divided) for the wire.
+        """
         window, segments = self._windows[flat.data_ptr()]
         n, size = flat.numel(), self.size
         lo, hi = n * self.rank // size, n * (self.rank + 1) // size
         step = max(1, SLICE_BYTES // flat.element_size())
+        divisor = self.total
         self._fence(window)                          # every rank's gradients are written
         if self.across is not None:                  # the node's sums, then one Allreduce
             sums = torch.empty(max(hi - lo, 1), dtype=flat.dtype)
             for start in range(lo, hi, step):
                 self._sum_local(segments, start, min(hi, start + step),
                                 sums[start - lo: min(hi, start + step) - lo])
-            self._across_nodes(sums[: hi - lo])
+            if self._across_nodes(sums[: hi - lo], codec):
+                divisor = 1                          # the wire carried means already
         else:
             sums = torch.empty(min(step, max(hi - lo, 1)), dtype=flat.dtype)
         for start in range(lo, hi, step):
@@ -183,7 +183,7 @@ class SharedMemoryAllreduce(Collective):
                 total = sums[: stop - start]
                 self._sum_local(segments, start, stop, total)
             mean = flat[start:stop]
-            torch.div(total, self.total, out=mean)
+            torch.div(total, divisor, out=mean)
             for segment in segments:                 # the owner of a slice writes it everywhere
                 if segment is not flat:
                     segment[start:stop].copy_(mean)
@@ -198,17 +198,26 @@ class SharedMemoryAllreduce(Collective):
         for other in segments[2:]:
             total.add_(other[start:stop])
 
-    def _across_nodes(self, sums: torch.Tensor) -> None:
-        """Sum ``sums`` with the same slice of every other node."""
+    def _across_nodes(self, sums: torch.Tensor, codec=None) -> bool:
+        """Sum ``sums`` with the same slice of every other node; True when ``codec``
+        compressed them, which leaves the means (divided before the cast) in ``sums``."""
         from mpi4py import MPI
 
-        datatype = MPI.DOUBLE if sums.dtype == torch.float64 else MPI.FLOAT
-        for part in chunks(sums):
-            _sum(self.across, part, datatype, MPI.SUM, mpi_buffer, self.ring)
+        if codec is None or codec.wire_dtype is None:
+            datatype = MPI.DOUBLE if sums.dtype == torch.float64 else MPI.FLOAT
+            for part in chunks(sums):
+                _sum(self.across, part, datatype, MPI.SUM, mpi_buffer, self.ring, self.wait)
+            return False
+        wire = codec.encode(("slice", self.rank), sums)
+        datatype, op = codec.mpi_spec(wire.dtype)
+        for part in chunks(wire):
+            _sum(self.across, part, datatype, op, mpi_buffer, self.ring, self.wait)
+        sums.copy_(wire)
+        return True
 
     def _fence(self, window) -> None:
         window.Sync()
-        self.comm.Barrier()
+        self.wait.barrier(self.comm)
         window.Sync()
 
     def __call__(self, buf, datatype, op, spec) -> None:

@@ -43,8 +43,8 @@ class Reducer:
             return done
 
     def _reduce(self, key, flat: torch.Tensor) -> None:
-        if self.codec.wire_dtype is None and self.collective.averages(flat):
-            self.collective.average(flat)
+        if self.collective.averages(flat):
+            self.collective.average(flat, self.codec)
             return
         wire = self.codec.encode(key, flat)
         buf = self.buffers.to_mpi(key, wire)

@@ -36,10 +36,11 @@ def _sync(tensor: torch.Tensor) -> None:
         torch.cuda.current_stream(tensor.device).synchronize()
 
 
-def ring_allreduce(comm, buf: torch.Tensor, datatype, spec) -> None:
+def ring_allreduce(comm, buf: torch.Tensor, datatype, spec, wait) -> None:
     """Sum the 1-D ``buf`` over the ranks of ``comm``, in place.
 
-    ``spec(tensor, datatype)`` turns a tensor into an mpi4py buffer (``transport.mpi_buffer``).
+    ``spec(tensor, datatype)`` turns a tensor into an mpi4py buffer (``transport.mpi_buffer``);
+    ``wait`` (``waiting``) does each step's exchange.
     The sums are the tensor dtype's own additions (fp32, or fp16/bf16 on the wire).
     """
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -55,10 +56,9 @@ def ring_allreduce(comm, buf: torch.Tensor, datatype, spec) -> None:
     for step in range(size - 1):                  # reduce-scatter
         send, target = segment(rank - step), segment(rank - step - 1)
         incoming = scratch[: target.numel()]
-        comm.Sendrecv(spec(send, datatype), dest=right, sendtag=TAG,
-                      recvbuf=spec(incoming, datatype), source=left, recvtag=TAG)
+        wait.sendrecv(comm, spec(send, datatype), right, spec(incoming, datatype), left, TAG)
         target.add_(incoming)
         _sync(target)
     for step in range(size - 1):                  # allgather: rank r owns segment r + 1
-        comm.Sendrecv(spec(segment(rank + 1 - step), datatype), dest=right, sendtag=TAG,
-                      recvbuf=spec(segment(rank - step), datatype), source=left, recvtag=TAG)
+        wait.sendrecv(comm, spec(segment(rank + 1 - step), datatype), right,
+                      spec(segment(rank - step), datatype), left, TAG)

@@ -35,6 +35,7 @@ from .comm_thread import make_runner
 from .reducer import Reducer
 from .ring import uses_ring
 from .transport import choose_path, probe_cuda_support
+from .waiting import choose_wait
 
 PLAIN_KEY = "plain"
 
@@ -67,16 +68,20 @@ class AllreduceStrategy(Strategy):
     def _make_reducer(self, device: torch.device) -> Reducer:
         codec = Codec(self.cfg.sync.compression, self.world.size)
         ring = uses_ring(self.cfg.sync.cross_node, self.world.num_nodes)
+        wait = choose_wait(self.cfg.sync.comm_wait, device.type)
         if self.cfg.sync.hierarchical:
-            collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm, ring)
+            collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm, ring, wait)
         elif (self.cfg.sync.shared_memory == "auto" and self.world.local_size > 1
-              and self.world.even_nodes and device.type == "cpu" and codec.wire_dtype is None
+              and self.world.even_nodes and device.type == "cpu"
+              and (codec.wire_dtype is None or self.world.num_nodes > 1)
               and self.cfg.sync.bucket_mb > 0
               and self.params[0].dtype in (torch.float32, torch.float64)):
-            # windows within each node; across nodes each rank's slice goes through MPI
-            collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm, ring)
+            # windows within each node; across nodes each rank's slice goes through MPI, and
+            # only there is it compressed (on one node nothing crosses a network: a
+            # compressed run keeps the flat collective it asked to compress)
+            collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm, ring, wait)
         else:
-            collective = FlatAllreduce(self.world.comm, ring)
+            collective = FlatAllreduce(self.world.comm, ring, wait)
         # agreed: a refused --cuda-aware on ends every rank with one line, never a crash
         aware, self._buffers_why = self.world.agree(lambda: choose_path(
             self.cfg.sync.cuda_aware, device.type, cuda_aware_override(), probe_cuda_support))
@@ -125,8 +130,13 @@ class AllreduceStrategy(Strategy):
         """One line for the startup log: path, buckets, thread, collective, precision, buffers."""
         reducer = self.reducer
         codec = reducer.codec
-        precision = ("full precision, divided after the sum" if codec.wire_dtype is None else
-                     f"{codec.name} on the wire, divided before the sum")
+        if codec.wire_dtype is None:
+            precision = "full precision, divided after the sum"
+        elif isinstance(reducer.collective, SharedMemoryAllreduce):
+            precision = (f"{codec.name} across nodes (exact sums within each node), divided "
+                         f"before the cast")
+        else:
+            precision = f"{codec.name} on the wire, divided before the sum"
         buffers = ""
         if reducer.device.type == "cuda":
             how = ("staged through pinned host memory" if reducer.buffers.staged
@@ -144,7 +154,8 @@ class AllreduceStrategy(Strategy):
             first = min(FIRST_BUCKET_BYTES / MB, self.cfg.sync.bucket_mb)
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
                     f"{self.cfg.sync.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
-        return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
+        collective = reducer.collective
+        return f"{path}; {collective.describe()}; {precision}; {collective.wait.describe}{buffers}"
 
     def _sizes(self) -> str:
         return "[" + ", ".join(f"{b.nbytes / MB:.2f}" for b in self.buckets) + "]"
