@@ -398,13 +398,6 @@ def test_engine_averages_exactly_on_real_ranks(n, per_node, tmp_path):
     assert f"hierarchical ({nodes} node(s)" in r["hierarchical"]["describe"]
     for case in ("hierarchical", "plain", "mpi_engine"):
         assert _max_param_difference(r[case]["params"], r["engine"]["params"]) <= 1e-6, case
-    # --comm-wait: CPU yields by default; spinning in MPI's blocking calls gives the same sums
-    # (the nonblocking collectives may add in another order)
-    for spun, yielded in (("spin", "engine"), ("mpi_spin", "mpi_engine"),
-                          ("hierarchical_spin", "hierarchical")):
-        assert "waits test and sleep" in r[yielded]["describe"], yielded
-        assert "waits spin in MPI" in r[spun]["describe"], spun
-        assert _max_param_difference(r[spun]["params"], r[yielded]["params"]) <= 1e-6, spun
     # across nodes compression keeps the windows and compresses only the node-to-node sums
     for case in ("fp16", "bf16", "fp16_near_max"):
         across = f"{case[:4]} across nodes (exact sums within each node)"
@@ -497,7 +490,7 @@ def test_ring_sums_like_mpi_and_ends_bitwise_equal_on_every_rank(ranks):
     """Empty segments (fewer elements than ranks), fp32 and the bf16 wire dtype."""
     run = mpirun(ranks, [], script=ROOT / "tests" / "ring_check.py", timeout=120, check=False)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.count("close=True same_on_all=True") == 24, run.stdout
+    assert run.stdout.count("close=True same_on_all=True") == 12, run.stdout
     assert "failures=0" in run.stdout
 
 

@@ -35,10 +35,6 @@ class SyncConfig:
     cross_node: str = opt("ring", "how large buckets are summed across 3 or more nodes: "
                           "mpicnn's ring (2(P-1)/P of a bucket through each node's link) or "
                           "the MPI library's Allreduce (mpi)", "distributed", ["ring", "mpi"])
-    comm_wait: str = opt("auto", "how reductions wait for MPI: yield (test, then sleep: the "
-                         "core goes to backward), spin (MPI's blocking calls: the lowest "
-                         "latency where a core is free); auto: yield on CPU, spin beside a "
-                         "GPU", "distributed", ["auto", "yield", "spin"])
     # parameter-server modes (ps-sync, ps-async) and straggler simulation
     servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "
                        "others are workers", "distributed")

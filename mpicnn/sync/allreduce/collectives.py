@@ -13,15 +13,16 @@ import torch
 from ..messages import chunks
 from .ring import ring_allreduce, worth_a_ring
 from .transport import mpi_buffer
-from .waiting import Spinning
 
 
-def _sum(comm, part: torch.Tensor, datatype, op, spec, ring: bool, wait) -> None:
+def _sum(comm, part: torch.Tensor, datatype, op, spec, ring: bool) -> None:
     """Sum ``part`` over ``comm`` in place: the ring where asked and worth it, else MPI."""
+    from mpi4py import MPI
+
     if ring and worth_a_ring(part, comm.Get_size()):
-        ring_allreduce(comm, part, datatype, spec, wait)
+        ring_allreduce(comm, part, datatype, spec)
     else:
-        wait.allreduce(comm, spec(part, datatype), op)
+        comm.Allreduce(MPI.IN_PLACE, spec(part, datatype), op=op)
 
 
 class Collective:
@@ -42,15 +43,15 @@ class Collective:
 class FlatAllreduce(Collective):
     """One ``Allreduce`` over every rank (``ring``: mpicnn's ring for large buffers)."""
 
-    def __init__(self, comm, ring: bool = False, wait=Spinning()):
-        self.comm, self.ring, self.wait = comm.Dup(), ring, wait
+    def __init__(self, comm, ring: bool = False):
+        self.comm, self.ring = comm.Dup(), ring
 
     def describe(self) -> str:
         return "flat ring (mpicnn's, large buckets)" if self.ring else "flat Allreduce"
 
     def __call__(self, buf, datatype, op, spec) -> None:
         for part in chunks(buf):
-            _sum(self.comm, part, datatype, op, spec, self.ring, self.wait)
+            _sum(self.comm, part, datatype, op, spec, self.ring)
 
     def free(self) -> None:
         self.comm.Free()
@@ -59,10 +60,10 @@ class FlatAllreduce(Collective):
 class HierarchicalAllreduce(Collective):
     """Reduce within each node, allreduce across node leaders, broadcast within the node."""
 
-    def __init__(self, comm, local_comm, ring: bool = False, wait=Spinning()):
+    def __init__(self, comm, local_comm, ring: bool = False):
         from mpi4py import MPI
 
-        self.ring, self.wait = ring, wait
+        self.ring = ring
         self.local = local_comm.Dup()
         self.leader = self.local.Get_rank() == 0
         self.leaders = comm.Split(0 if self.leader else MPI.UNDEFINED, comm.Get_rank())
@@ -73,14 +74,19 @@ class HierarchicalAllreduce(Collective):
         return f"hierarchical ({self.nodes} node(s): Reduce, {across}, Bcast)"
 
     def __call__(self, buf, datatype, op, spec) -> None:
+        from mpi4py import MPI
+
         for chunk in chunks(buf):
             part = spec(chunk, datatype)
             if self.local.Get_size() > 1:
-                self.wait.reduce(self.local, part, op, self.leader)
+                if self.leader:
+                    self.local.Reduce(MPI.IN_PLACE, part, op=op, root=0)
+                else:
+                    self.local.Reduce(part, None, op=op, root=0)
             if self.leader and self.leaders.Get_size() > 1:
-                _sum(self.leaders, chunk, datatype, op, spec, self.ring, self.wait)
+                _sum(self.leaders, chunk, datatype, op, spec, self.ring)
             if self.local.Get_size() > 1:
-                self.wait.bcast(self.local, part)
+                self.local.Bcast(part, root=0)
 
     def free(self) -> None:
         from mpi4py import MPI
@@ -112,15 +118,15 @@ class SharedMemoryAllreduce(Collective):
     allreduce, not the flat ring's.
     """
 
-    def __init__(self, local_comm, comm=None, ring: bool = False, wait=Spinning()):
-        self.ring, self.wait = ring, wait
+    def __init__(self, local_comm, comm=None, ring: bool = False):
+        self.ring = ring
         self.comm = local_comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.total = self.size if comm is None else comm.Get_size()
         self.nodes = self.total // self.size
         # the owners of one slice, one per node, in node order
         self.across = comm.Split(self.rank, comm.Get_rank()) if self.nodes > 1 else None
-        self.fallback = FlatAllreduce(self.comm if comm is None else comm, ring, wait)
+        self.fallback = FlatAllreduce(self.comm if comm is None else comm, ring)
         self._windows = {}       # data_ptr of this rank's segment -> (window, all segments)
 
     def describe(self) -> str:
@@ -206,18 +212,18 @@ class SharedMemoryAllreduce(Collective):
         if codec is None or codec.wire_dtype is None:
             datatype = MPI.DOUBLE if sums.dtype == torch.float64 else MPI.FLOAT
             for part in chunks(sums):
-                _sum(self.across, part, datatype, MPI.SUM, mpi_buffer, self.ring, self.wait)
+                _sum(self.across, part, datatype, MPI.SUM, mpi_buffer, self.ring)
             return False
         wire = codec.encode(("slice", self.rank), sums)
         datatype, op = codec.mpi_spec(wire.dtype)
         for part in chunks(wire):
-            _sum(self.across, part, datatype, op, mpi_buffer, self.ring, self.wait)
+            _sum(self.across, part, datatype, op, mpi_buffer, self.ring)
         sums.copy_(wire)
         return True
 
     def _fence(self, window) -> None:
         window.Sync()
-        self.wait.barrier(self.comm)
+        self.comm.Barrier()
         window.Sync()
 
     def __call__(self, buf, datatype, op, spec) -> None:

@@ -36,11 +36,10 @@ def _sync(tensor: torch.Tensor) -> None:
         torch.cuda.current_stream(tensor.device).synchronize()
 
 
-def ring_allreduce(comm, buf: torch.Tensor, datatype, spec, wait) -> None:
+def ring_allreduce(comm, buf: torch.Tensor, datatype, spec) -> None:
     """Sum the 1-D ``buf`` over the ranks of ``comm``, in place.
 
-    ``spec(tensor, datatype)`` turns a tensor into an mpi4py buffer (``transport.mpi_buffer``);
-    ``wait`` (``waiting``) does each step's exchange.
+    ``spec(tensor, datatype)`` turns a tensor into an mpi4py buffer (``transport.mpi_buffer``).
     The sums are the tensor dtype's own additions (fp32, or fp16/bf16 on the wire).
     """
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -56,9 +55,10 @@ def ring_allreduce(comm, buf: torch.Tensor, datatype, spec, wait) -> None:
     for step in range(size - 1):                  # reduce-scatter
         send, target = segment(rank - step), segment(rank - step - 1)
         incoming = scratch[: target.numel()]
-        wait.sendrecv(comm, spec(send, datatype), right, spec(incoming, datatype), left, TAG)
+        comm.Sendrecv(spec(send, datatype), dest=right, sendtag=TAG,
+                      recvbuf=spec(incoming, datatype), source=left, recvtag=TAG)
         target.add_(incoming)
         _sync(target)
     for step in range(size - 1):                  # allgather: rank r owns segment r + 1
-        wait.sendrecv(comm, spec(segment(rank + 1 - step), datatype), right,
-                      spec(segment(rank - step), datatype), left, TAG)
+        comm.Sendrecv(spec(segment(rank + 1 - step), datatype), dest=right, sendtag=TAG,
+                      recvbuf=spec(segment(rank - step), datatype), source=left, recvtag=TAG)

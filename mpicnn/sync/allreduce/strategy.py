@@ -35,7 +35,6 @@ from .comm_thread import make_runner
 from .reducer import Reducer
 from .ring import uses_ring
 from .transport import choose_path, probe_cuda_support
-from .waiting import choose_wait
 
 PLAIN_KEY = "plain"
 
@@ -68,9 +67,8 @@ class AllreduceStrategy(Strategy):
     def _make_reducer(self, device: torch.device) -> Reducer:
         codec = Codec(self.cfg.sync.compression, self.world.size)
         ring = uses_ring(self.cfg.sync.cross_node, self.world.num_nodes)
-        wait = choose_wait(self.cfg.sync.comm_wait, device.type)
         if self.cfg.sync.hierarchical:
-            collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm, ring, wait)
+            collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm, ring)
         elif (self.cfg.sync.shared_memory == "auto" and self.world.local_size > 1
               and self.world.even_nodes and device.type == "cpu"
               and (codec.wire_dtype is None or self.world.num_nodes > 1)
@@ -79,9 +77,9 @@ class AllreduceStrategy(Strategy):
             # windows within each node; across nodes each rank's slice goes through MPI, and
             # only there is it compressed (on one node nothing crosses a network: a
             # compressed run keeps the flat collective it asked to compress)
-            collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm, ring, wait)
+            collective = SharedMemoryAllreduce(self.world.local_comm, self.world.comm, ring)
         else:
-            collective = FlatAllreduce(self.world.comm, ring, wait)
+            collective = FlatAllreduce(self.world.comm, ring)
         # agreed: a refused --cuda-aware on ends every rank with one line, never a crash
         aware, self._buffers_why = self.world.agree(lambda: choose_path(
             self.cfg.sync.cuda_aware, device.type, cuda_aware_override(), probe_cuda_support))
@@ -154,8 +152,7 @@ class AllreduceStrategy(Strategy):
             first = min(FIRST_BUCKET_BYTES / MB, self.cfg.sync.bucket_mb)
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
                     f"{self.cfg.sync.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
-        collective = reducer.collective
-        return f"{path}; {collective.describe()}; {precision}; {collective.wait.describe}{buffers}"
+        return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
 
     def _sizes(self) -> str:
         return "[" + ", ".join(f"{b.nbytes / MB:.2f}" for b in self.buckets) + "]"
