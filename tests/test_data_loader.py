@@ -184,10 +184,36 @@ def test_crop_and_flip_move_pixels_as_expected():
     assert torch.equal(out[flipped], batch[flipped].flip(3))
 
 
+def test_erase_zeroes_one_square_of_half_the_side_in_about_half_the_samples():
+    aug = Augmenter(("erase",), (1, 28, 28), seed=3)
+    x = torch.ones(4000, 1, 28, 28)
+    rows = np.arange(4000)
+    out = aug(x, rows, epoch=1)
+    holes = out[:, 0] == 0
+    erased = holes.flatten(1).any(1)
+    assert 0.45 < float(erased.float().mean()) < 0.55
+    for hole in holes[erased][:200]:           # one axis-aligned square (clipped at the border)
+        ys, xs = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+        assert len(ys) <= 14 and len(xs) <= 14
+        assert int(hole.sum()) == len(ys) * len(xs)
+        assert ys[-1] - ys[0] + 1 == len(ys) and xs[-1] - xs[0] + 1 == len(xs)
+    assert int(holes.flatten(1).sum(1).max()) == 14 * 14       # some squares lie whole inside
+    assert torch.equal(out[~erased], x[~erased])
+    assert torch.equal(out, aug(x, rows, epoch=1))               # a pure function of the row
+    assert not torch.equal(out, aug(x, rows, epoch=2))
+    crop_flip = Augmenter(("crop", "flip"), (1, 28, 28), seed=3)(x[:64] * rows[:64, None, None,
+                                                                         None], rows[:64], 1)
+    all_three = Augmenter(("crop", "flip", "erase"), (1, 28, 28), seed=3)(
+        x[:64] * rows[:64, None, None, None], rows[:64], 1)
+    kept = (all_three != 0)                    # erasing leaves crop and flip's draws alone
+    assert torch.equal(all_three[kept], crop_flip[kept])
+
+
 def test_augment_names_are_checked():
     assert parse_augment("crop, flip") == ("crop", "flip")
+    assert parse_augment("crop,flip,erase") == ("crop", "flip", "erase")
     assert parse_augment("") == ()
-    with pytest.raises(MpicnnError, match="choose from crop, flip"):
+    with pytest.raises(MpicnnError, match="choose from crop, flip, erase"):
         parse_augment("crop,rotate")
 
 

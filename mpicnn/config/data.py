@@ -34,7 +34,8 @@ class DataConfig:
     cache: bool = opt(False, "keep rows in RAM once read (the rank's shard with --shuffle "
                       "local, else the split); checked against node memory", "data")
     augment: str = opt("", "comma-separated augmentations: crop (pad and random crop), flip "
-                       "(horizontal); e.g. crop,flip", "data", metavar="LIST")
+                       "(horizontal), erase (cutout: zero a random square of half the side "
+                       "in half the samples); e.g. crop,flip", "data", metavar="LIST")
 
     def validate(self) -> None:
         must(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")

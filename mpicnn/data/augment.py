@@ -1,4 +1,9 @@
-"""``--augment crop,flip``: random crop with padding and horizontal flip, on the device.
+"""``--augment crop,flip,erase``: random crop with padding, horizontal flip and cutout, on
+the device.
+
+``erase`` (cutout, DeVries and Taylor 2017; random erasing's square form) zeroes, in half
+of the samples, a square of half the image's side centred anywhere in it (clipped at the
+border); zero is the mean pixel after normalising.
 
 The random choices of a sample are a pure function of (seed, epoch, sample row), so a
 run is reproducible, a resumed run continues identically, and the augmented global
@@ -11,8 +16,9 @@ import torch
 
 from ..cluster.errors import MpicnnError
 
-AUGMENTATIONS = ("crop", "flip")
+AUGMENTATIONS = ("crop", "flip", "erase")
 STREAM = 0xA5A5_0001          # keeps these draws apart from any other use of the seed
+ERASE_STREAM = 0xA5A5_0002    # the cutout's own draws, independent of the crop's and flip's
 
 
 def parse_augment(spec: str) -> tuple[str, ...]:
@@ -71,7 +77,24 @@ class Augmenter:
             flip = to_device(((bits >> np.uint64(32)) & np.uint64(1)).astype(bool), x.device)
             flip = flip.view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
+        if "erase" in self.names:
+            x = self.erase(x, mix64(bits ^ np.uint64(ERASE_STREAM)))
         return x
+
+    def erase(self, x: torch.Tensor, bits: np.ndarray) -> torch.Tensor:
+        """Zero a (side x side) square centred at a random pixel in half of the samples."""
+        n, _, h, w = x.shape
+        side = max(1, min(h, w) // 2)
+        on = (bits & np.uint64(1)).astype(bool)
+        top = ((bits >> np.uint64(8)) % np.uint64(h)).astype(np.int64) - side // 2
+        left = ((bits >> np.uint64(32)) % np.uint64(w)).astype(np.int64) - side // 2
+        dev = x.device
+        top, left = to_device(top, dev).view(n, 1), to_device(left, dev).view(n, 1)
+        ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        rows = (ys >= top) & (ys < top + side)                  # (n, h)
+        cols = (xs >= left) & (xs < left + side)                # (n, w)
+        hole = rows.view(n, h, 1) & cols.view(n, 1, w) & to_device(on, dev).view(n, 1, 1)
+        return x.masked_fill(hole.unsqueeze(1), 0.0)
 
     def crop(self, x: torch.Tensor, dy: np.ndarray, dx: np.ndarray) -> torch.Tensor:
         """Zero-pad by ``pad`` (zero = the mean pixel after normalising), cut H x W at (dy, dx)."""
