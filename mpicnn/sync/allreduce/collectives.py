@@ -214,7 +214,7 @@ class SharedMemoryAllreduce(Collective):
             for part in chunks(sums):
                 _sum(self.across, part, datatype, MPI.SUM, mpi_buffer, self.ring)
             return False
-        wire = codec.encode(("slice", self.rank), sums)
+        wire = codec.encode(("slice", sums.numel()), sums)     # one buffer per bucket size
         datatype, op = codec.mpi_spec(wire.dtype)
         for part in chunks(wire):
             _sum(self.across, part, datatype, op, mpi_buffer, self.ring)
