@@ -201,10 +201,9 @@ def test_erase_zeroes_one_square_of_half_the_side_in_about_half_the_samples():
     assert torch.equal(out[~erased], x[~erased])
     assert torch.equal(out, aug(x, rows, epoch=1))               # a pure function of the row
     assert not torch.equal(out, aug(x, rows, epoch=2))
-    crop_flip = Augmenter(("crop", "flip"), (1, 28, 28), seed=3)(x[:64] * rows[:64, None, None,
-                                                                         None], rows[:64], 1)
-    all_three = Augmenter(("crop", "flip", "erase"), (1, 28, 28), seed=3)(
-        x[:64] * rows[:64, None, None, None], rows[:64], 1)
+    ramp = x[:64] * torch.arange(64.0).view(64, 1, 1, 1)          # distinct nonzero pixels
+    crop_flip = Augmenter(("crop", "flip"), (1, 28, 28), seed=3)(ramp, rows[:64], 1)
+    all_three = Augmenter(("crop", "flip", "erase"), (1, 28, 28), seed=3)(ramp, rows[:64], 1)
     kept = (all_three != 0)                    # erasing leaves crop and flip's draws alone
     assert torch.equal(all_three[kept], crop_flip[kept])
 

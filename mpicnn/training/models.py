@@ -78,23 +78,26 @@ def conv_bn(cin: int, cout: int) -> list:
             nn.ReLU(inplace=True)]
 
 
+def _fashion_body(channels: int, fifth_conv: bool) -> nn.Sequential:
+    """conv32-pool-conv64-conv64-pool-conv128[-conv128]-pool, each conv with BatchNorm."""
+    fifth = conv_bn(128, 128) if fifth_conv else []
+    return nn.Sequential(*conv_bn(channels, 32), nn.MaxPool2d(2),
+                         *conv_bn(32, 64), *conv_bn(64, 64), nn.MaxPool2d(2),
+                         *conv_bn(64, 128), *fifth, nn.MaxPool2d(2))
+
+
 def fashionnet(input_shape, num_classes):
     """A small Fashion-MNIST net: conv32-pool-conv64-conv64-pool-conv128-pool, BatchNorm,
     dropout, one linear layer; sized for two CPU cores (about 15 M multiply-adds a sample)."""
-    body = nn.Sequential(*conv_bn(input_shape[0], 32), nn.MaxPool2d(2),
-                         *conv_bn(32, 64), *conv_bn(64, 64), nn.MaxPool2d(2),
-                         *conv_bn(64, 128), nn.MaxPool2d(2))
-    return ConvClassifier(body, [], input_shape, num_classes, dropout=0.3)
+    return ConvClassifier(_fashion_body(input_shape[0], False), [], input_shape, num_classes,
+                          dropout=0.3)
 
 
 def fashionnet5(input_shape, num_classes):
     """fashionnet with a fifth convolution (conv128 at 1/4 resolution, where it is cheap)
     and no dropout: the Fashion-MNIST recipe's net (about 22 M multiply-adds a sample on
     28x28)."""
-    body = nn.Sequential(*conv_bn(input_shape[0], 32), nn.MaxPool2d(2),
-                         *conv_bn(32, 64), *conv_bn(64, 64), nn.MaxPool2d(2),
-                         *conv_bn(64, 128), *conv_bn(128, 128), nn.MaxPool2d(2))
-    return ConvClassifier(body, [], input_shape, num_classes)
+    return ConvClassifier(_fashion_body(input_shape[0], True), [], input_shape, num_classes)
 
 
 class BasicBlock(nn.Module):
