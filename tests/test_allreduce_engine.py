@@ -22,6 +22,7 @@ from mpicnn.sync.allreduce.buckets import (
 )
 from mpicnn.sync.allreduce.codec import Codec, sum_into
 from mpicnn.sync.allreduce.comm_thread import CommThread, InlineRunner, make_runner
+from mpicnn.sync.allreduce.deferred import DeferredUpdate
 from mpicnn.sync.allreduce.strategy import AllreduceStrategy
 from mpicnn.sync.allreduce.transport import (
     DirectBuffers,
@@ -512,3 +513,77 @@ def test_ring_across_three_fake_nodes_equals_the_mpi_allreduce(tmp_path, per_nod
     mpi_run, mpi, _ = _train(ranks, tmp_path, "mpi", [*common, "--cross-node", "mpi"], env=env)
     assert "ring" not in mpi_run.stdout.split("gradient sync:")[1].splitlines()[0]
     assert _difference(ring, mpi) <= 1e-6
+
+
+# --- --overlap-forward ---------------------------------------------------------------------
+def _two_layer_run(deferred: bool):
+    """Two steps of a 2-layer model; with ``deferred`` the second layer's update waits for
+    its forward, while the schedule changes the lr in between (as the loop does)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    waits = []
+    update = DeferredUpdate(model, optimizer, lambda: waits.append(1)) if deferred else None
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    seen = []
+    for lr in (0.1, 0.05):
+        optimizer.param_groups[0]["lr"] = lr
+        if update is not None:
+            update.land()                  # as zero_grad does, before the grads go
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        if update is None:
+            optimizer.step()
+        else:
+            update.hold(list(model[2].parameters()))
+            before = model[2].weight.clone()
+            update.step(optimizer.step)
+            seen.append(torch.equal(before, model[2].weight))   # not yet updated
+        optimizer.param_groups[0]["lr"] = 99.0                   # the schedule moved on
+    model(x)                                                     # lands the last update
+    return [p.detach().clone() for p in model.parameters()], seen, waits
+
+
+def test_deferred_update_lands_at_forward_with_its_own_step_settings():
+    plain, _, _ = _two_layer_run(False)
+    deferred, held, waits = _two_layer_run(True)
+    assert held == [True, True] and len(waits) == 2
+    assert all(torch.equal(a, b) for a, b in zip(plain, deferred))      # bitwise
+
+
+def test_deferred_update_refuses_a_non_finite_pending_gradient():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    update = DeferredUpdate(model, optimizer, lambda: None)
+    model(torch.ones(1, 2)).sum().backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    update.hold(list(model[1].parameters()))
+    update.step(optimizer.step)
+    with pytest.raises(MpicnnError, match="non-finite gradient in the update that "
+                                          "--overlap-forward deferred"):
+        model(torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("flags", [["--clip-grad-norm", "1"], ["--amp", "fp16"],
+                                   ["--nan-policy", "skip"], ["--mode", "ps-sync"],
+                                   ["--bucket-mb", "0"]])
+def test_overlap_forward_refuses_what_needs_the_whole_step(flags):
+    with pytest.raises(MpicnnError, match="--overlap-forward"):
+        parse_config(["--overlap-forward", *flags])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n,per_node", [(2, ""), (4, "2")])
+def test_overlap_forward_trains_bitwise_like_the_synchronous_step(n, per_node, tmp_path):
+    """Two fake nodes: windows within each, slices across; AdamW with a warmup + cosine
+    schedule (the lr changes every step) and an evaluation and checkpoint mid-run."""
+    env = {"MPICNN_RANKS_PER_NODE": per_node}
+    flags = ["--bucket-mb", 0.05, "--optimizer", "adamw", "--lr", 0.01, "--warmup-epochs", 1,
+             "--max-steps", 50, "--epochs", 2, "--batch-size", 64 // n]
+    _, synchronous, _ = _train(n, tmp_path, "sync", flags, env=env)
+    run, overlapped, records = _train(n, tmp_path, "overlap", [*flags, "--overlap-forward"],
+                                      env=env)
+    assert "each layer's update lands as its forward begins" in run.stdout
+    assert _difference(overlapped, synchronous) == 0.0
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert len(epochs) == 2 and all(r["comm_in_forward_ms"] >= 0 for r in epochs)

@@ -60,6 +60,9 @@ VARIANTS = {
     "mpicnn flat bf16": ("train", ["--shared-memory", "off", "--compression", "bf16"], 0.5,
                          "ring"),
     "mpicnn plain": ("train", ["--bucket-mb", "0"], 1.0, "ring"),
+    "mpicnn overlap": ("train", ["--overlap-forward"], 1.0, "nodes"),
+    "mpicnn bf16 overlap": ("train", ["--compression", "bf16", "--overlap-forward"], 0.5,
+                            "nodes"),
     "DDP gloo": ("ddp", [], 1.0, "ring"),
     "DDP gloo fp16": ("ddp", ["--ddp-hook", "fp16"], 0.5, "ring"),
     "no-comm ceiling": ("ceiling", [], 0.0, None),
@@ -162,7 +165,8 @@ class Bench:
                            self.per_node, self.opts.timeout)
         epoch = run.epochs[-1] if run.epochs else {}
         return {"images_per_s": run.end["images_per_s"], "comm_ms": epoch.get("comm_ms"),
-                "comm_busy_ms": epoch.get("comm_busy_ms")}
+                "comm_busy_ms": epoch.get("comm_busy_ms"),
+                "comm_in_forward_ms": epoch.get("comm_in_forward_ms")}
 
     def ceiling(self, args) -> dict:
         """Independent single-rank runs, ``per_node`` inside each node at once, summed."""
@@ -201,6 +205,7 @@ def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
                "runs": [r["images_per_s"] for r in rs],
                "comm_ms": median([r.get("comm_ms") for r in rs]),
                "comm_busy_ms": median([r.get("comm_busy_ms") for r in rs]),
+               "comm_in_forward_ms": median([r.get("comm_in_forward_ms") for r in rs]),
                "x_ddp": (med[variant] / med[peer] if variant != CEILING and med.get(peer)
                          else None),
                "of_ceiling": (med[variant] / med[CEILING] if variant != CEILING
@@ -219,15 +224,16 @@ def runs_text(runs) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'shape':>5} {'rate':>7} {'batch':>5}  {'variant':<17} {'images/s':>9} "
-            f"{'x DDP':>6} {'x ceil':>6} {'comm ms':>8} {'busy ms':>8} {'link bound':>10} "
-            f"{'x bound':>7}  runs")
+    head = (f"{'shape':>5} {'rate':>7} {'batch':>5}  {'variant':<19} {'images/s':>9} "
+            f"{'x DDP':>6} {'x ceil':>6} {'comm ms':>8} {'fwd wait':>8} {'busy ms':>8} "
+            f"{'link bound':>10} {'x bound':>7}  runs")
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['nodes']}x{r['ranks_per_node']:<3} {r['rate']:>7} {r['batch']:>5}  "
-            f"{r['variant']:<17} {r['images_per_s']:>9.1f} {_cell(r['x_ddp'], '6.2f'):>6} "
+            f"{r['variant']:<19} {r['images_per_s']:>9.1f} {_cell(r['x_ddp'], '6.2f'):>6} "
             f"{_cell(r['of_ceiling'], '6.3f'):>6} {_cell(r['comm_ms'], '8.2f'):>8} "
+            f"{_cell(r.get('comm_in_forward_ms'), '8.2f'):>8} "
             f"{_cell(r['comm_busy_ms'], '8.2f'):>8} {_cell(r['link_bound'], '10.0f'):>10} "
             f"{_cell(r['of_link_bound'], '7.3f'):>7}  {runs_text(r['runs'])}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from .data import SHIPPED_DATA, DataConfig
 from .failure import FailureConfig
 from .fields import coerce, flag
 from .output import OutputConfig
-from .sync import SyncConfig
+from .sync import SyncConfig, check_overlap_forward
 from .training import TrainingConfig
 
 __all__ = ["Config", "FIELDS", "SHIPPED_DATA", "build_parser", "load_toml", "parse_config"]
@@ -54,6 +54,7 @@ class Config:
         """Reject values that cannot work, before anything starts (each section its own)."""
         for section in SECTIONS:
             getattr(self, section).validate()
+        check_overlap_forward(self)
 
     def to_dict(self) -> dict:
         """Every setting under its flat name (the metrics record, checkpoints, config.toml)."""

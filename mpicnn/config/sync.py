@@ -35,6 +35,9 @@ class SyncConfig:
     cross_node: str = opt("ring", "how large buckets are summed across 3 or more nodes: "
                           "mpicnn's ring (2(P-1)/P of a bucket through each node's link) or "
                           "the MPI library's Allreduce (mpi)", "distributed", ["ring", "mpi"])
+    overlap_forward: bool = opt(False, "allreduce engine: the first buckets' exchange goes on "
+                                "into the next forward, each layer's update landing as its "
+                                "forward begins (the same training, bitwise)", "distributed")
     # parameter-server modes (ps-sync, ps-async) and straggler simulation
     servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "
                        "others are workers", "distributed")
@@ -75,3 +78,16 @@ class SyncConfig:
         from ..sync.pipeline.partition import parse_split
 
         parse_split(self.split)
+
+
+def check_overlap_forward(cfg) -> None:
+    """``--overlap-forward`` applies an update layer by layer: refuse what needs it whole."""
+    if not cfg.sync.overlap_forward:
+        return
+    must(cfg.sync.mode == "allreduce" and cfg.sync.bucket_mb > 0,
+         "--overlap-forward needs --mode allreduce and --bucket-mb > 0")
+    must(cfg.training.clip_grad_norm == 0 and cfg.training.amp != "fp16"
+         and cfg.failure.nan_policy == "abort",
+         "--overlap-forward updates layers at different times, so it cannot take the whole "
+         "gradient's norm (--clip-grad-norm) or skip a whole step (--amp fp16, --nan-policy "
+         "skip)")

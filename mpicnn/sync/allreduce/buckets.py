@@ -94,6 +94,9 @@ def same_plan(a: list[list[int]], b: list[list[int]]) -> bool:
 def build_buckets(params: list, plan: list[list[int]], allocate=None) -> list[Bucket]:
     """The buckets of ``plan``, each member's ``.grad`` rebound as a view (values kept).
 
-    ``allocate(numel, dtype, device)`` gives each bucket's zeroed memory (default: torch).
+    ``allocate(numel, dtype, device)`` gives each bucket's zeroed memory (default: torch);
+    a list gives one allocator per bucket.
     """
-    return [Bucket(index, params, members, allocate) for index, members in enumerate(plan)]
+    allocators = allocate if isinstance(allocate, list) else [allocate] * len(plan)
+    return [Bucket(index, params, members, allocators[index])
+            for index, members in enumerate(plan)]

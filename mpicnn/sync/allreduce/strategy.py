@@ -13,6 +13,11 @@ tensor fusion:
 * after the first step the buckets are rebuilt in the order the gradients
   actually became ready (rank 0's observation, broadcast so all ranks agree).
 
+``--overlap-forward`` goes further (``deferred``): the last bucket is averaged at once on
+a channel of its own (its own communicators and windows, past the thread's queue), and
+the buckets still in flight are waited for, and their parameters updated, only when the
+next forward reaches the modules that own them.
+
 ``--bucket-mb 0`` keeps the plain path: all gradients concatenated, one blocking
 Allreduce after backward, copied back (also the benchmark's simple baseline).
 """
@@ -32,6 +37,7 @@ from .buckets import FIRST_BUCKET_BYTES, MB, bucket_plan, build_buckets, same_pl
 from .codec import HALF_DTYPES, Codec
 from .collectives import FlatAllreduce, HierarchicalAllreduce, SharedMemoryAllreduce
 from .comm_thread import make_runner
+from .deferred import DeferredUpdate
 from .reducer import Reducer
 from .ring import uses_ring
 from .transport import choose_path, probe_cuda_support
@@ -47,6 +53,7 @@ class AllreduceStrategy(Strategy):
     def __init__(self, world, cfg):
         super().__init__(world, cfg)
         self.params, self.buckets, self.reducer, self.runner = [], [], None, None
+        self.late, self.deferred = None, None     # --overlap-forward: the last bucket's channel
         self._hooks, self._sync, self._recorded = [], True, None
         self._steps, self._busy_reported, self._inline_seconds = 0, 0.0, 0.0
 
@@ -98,6 +105,13 @@ class AllreduceStrategy(Strategy):
                 f"warning: the MPI library provides thread level {level}, not "
                 f"MPI_THREAD_MULTIPLE ({MPI.THREAD_MULTIPLE}); gradients are reduced after "
                 f"backward, without overlap")
+        if self.cfg.sync.overlap_forward:
+            if self.runner.overlaps:
+                self.late = self._make_reducer(self.params[0].device)
+                self.deferred = DeferredUpdate(self.model, self.optimizer, self._wait_thread)
+            else:
+                self.world.log.warning("warning: --overlap-forward needs MPI_THREAD_MULTIPLE; "
+                                       "updates land after each exchange instead")
         order = list(reversed(range(len(self.params))))   # autograd runs roughly backwards
         self._recorded = []
         self._build(self._plan(order))
@@ -109,14 +123,23 @@ class AllreduceStrategy(Strategy):
 
     def _build(self, plan: list[list[int]]) -> None:
         old = self.buckets
-        self.buckets = build_buckets(self.params, plan, self.reducer.collective.allocate)
+        self.buckets = build_buckets(self.params, plan, [
+            self._channel(i, len(plan)).collective.allocate for i in range(len(plan))])
         for bucket in old:                 # after the new views took over their values
-            self.reducer.collective.release(bucket.flat)
+            self._channel(bucket.index, len(old)).collective.release(bucket.flat)
         self._bucket_of = [None] * len(self.params)
         for bucket in self.buckets:
             for i in bucket.members:
                 self._bucket_of[i] = bucket
         self._reset()
+
+    def _channel(self, index: int, count: int) -> Reducer:
+        """The reducer of bucket ``index`` of ``count``: the late channel for the last one."""
+        return self.late if self.late is not None and index == count - 1 else self.reducer
+
+    def _wait_thread(self) -> None:
+        for done in self.runner.wait():
+            Reducer.consume(done)
 
     def _reset(self) -> None:
         for bucket in self.buckets:
@@ -152,6 +175,9 @@ class AllreduceStrategy(Strategy):
             first = min(FIRST_BUCKET_BYTES / MB, self.cfg.sync.bucket_mb)
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
                     f"{self.cfg.sync.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
+            if self.deferred is not None:
+                path += (", and on into the next forward: each layer's update lands as its "
+                         "forward begins (--overlap-forward)")
         return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
 
     def _sizes(self) -> str:
@@ -159,6 +185,7 @@ class AllreduceStrategy(Strategy):
 
     # --- the step ----------------------------------------------------------------
     def zero_grad(self) -> None:
+        self._land()
         if not self.buckets:
             return super().zero_grad()
         for bucket in self.buckets:
@@ -196,7 +223,7 @@ class AllreduceStrategy(Strategy):
     def after_backward(self, finalize=None) -> None:
         self._average()
         if finalize is not None:          # on the average: the same on every rank
-            finalize(self.params)
+            finalize(self.settled_params())
 
     def _average(self) -> None:
         if self.reducer is None:
@@ -204,17 +231,54 @@ class AllreduceStrategy(Strategy):
         self._steps += 1
         if not self.buckets:
             return self._plain_allreduce()
-        for done in self.runner.wait():
-            Reducer.consume(done)
+        if self.deferred is not None and self._recorded is None:
+            return self._average_deferred()
+        self._wait_thread()
         # What is left (the last bucket, buckets of unused parameters) runs here, in bucket
         # order after everything the thread did, so all ranks issue the same sequence.
         start = time.perf_counter()
         for bucket in self.buckets[self._next:]:
-            Reducer.consume(self.reducer(bucket.index, bucket.flat, self.reducer.ready_event()))
+            reducer = self._channel(bucket.index, len(self.buckets))
+            Reducer.consume(reducer(bucket.index, bucket.flat, reducer.ready_event()))
         self._inline_seconds += time.perf_counter() - start
         self._reset()
         if self._recorded is not None:
             self._rebuild(self._recorded)
+
+    def _average_deferred(self) -> None:
+        """Average the last bucket now on its own channel; leave the others in flight."""
+        last = self.buckets[-1]
+        for bucket in self.buckets[self._next:-1]:    # unused parameters: zeros, in order
+            self._launch(bucket)
+        start = time.perf_counter()
+        Reducer.consume(self.late(last.index, last.flat, self.late.ready_event()))
+        self._inline_seconds += time.perf_counter() - start
+        self.deferred.hold([p for bucket in self.buckets[:-1] for p in bucket.params])
+        self._reset()
+
+    def settled_params(self) -> list:
+        """The parameters whose averaged gradient is in ``.grad`` now (``finalize``'s)."""
+        if self.deferred is None or not self.deferred.pending:
+            return self.params
+        return [p for p in self.params if id(p) not in self.deferred.pending_ids]
+
+    def _land(self) -> None:
+        if self.deferred is not None:
+            self.deferred.land()
+
+    def step(self, found_inf=None) -> None:
+        if self.deferred is None:
+            return super().step(found_inf)
+        self.deferred.step(partial(super().step, found_inf))
+
+    def skip_step(self) -> None:
+        if self.deferred is not None:
+            self.deferred.drop()
+        super().skip_step()
+
+    def evaluate(self, model, loader, precision=None) -> tuple[float, float]:
+        self._land()
+        return super().evaluate(model, loader, precision)
 
     def _rebuild(self, recorded: list[int]) -> None:
         """Re-bucket in the order gradients became ready on rank 0 (values kept)."""
@@ -239,6 +303,7 @@ class AllreduceStrategy(Strategy):
         unflatten_into(flat, grads)
 
     def sync_buffers(self) -> None:
+        self._land()
         average_buffers(self.world.comm, self.model)
 
     def timings_ms(self) -> dict:
@@ -249,21 +314,32 @@ class AllreduceStrategy(Strategy):
         steps, self._steps = self._steps, 0
         ms = 1000 * (busy - self._busy_reported) / max(1, steps)
         self._busy_reported = busy
-        return {"comm_busy_ms": round(ms, 3)}
+        timings = {"comm_busy_ms": round(ms, 3)}
+        if self.deferred is not None:     # the wait moved into the next forward
+            waited, self.deferred.wait_seconds = self.deferred.wait_seconds, 0.0
+            timings["comm_in_forward_ms"] = round(1000 * waited / max(1, steps), 3)
+        return timings
 
     def finish(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
         if self.runner is not None:
+            if self.deferred is not None and self.deferred.pending:
+                return                     # failed mid-step: the in-flight exchange may hang
             if not self.runner.idle:       # failed mid-step: a collective may never return
                 return
             self.runner.close()
             self.runner = None
+        if self.deferred is not None:
+            self.deferred.close()
+            self.deferred = None
         if self.reducer is not None:
             for bucket in self.buckets:    # .grad must outlive the (shared) bucket memory
                 bucket.detach()
             self.buckets = []
-            self.reducer.collective.free()
-            self.reducer.codec.close()
-            self.reducer = None
+            for reducer in (self.reducer, self.late):
+                if reducer is not None:
+                    reducer.collective.free()
+                    reducer.codec.close()
+            self.reducer = self.late = None
