@@ -98,9 +98,9 @@ class HierarchicalAllreduce(Collective):
 SLICE_BYTES = 256 << 10          # summed then divided while still in cache
 # Across nodes a slice travels in pieces: a message on another channel (--overlap-forward's
 # last bucket) then waits behind one piece in the shared connection, not a whole slice.
-# Measured at 2x2, 1 Gbit/s, seednet batch 8: 256 KiB 278, 512 KiB 286, 1 MiB 295,
-# 2 MiB 285, whole 265 images/s.
-ACROSS_PIECE_BYTES = 1 << 20
+# Measured at 2x2, 1 Gbit/s, seednet batch 8, --overlap-forward, medians of 3 images/s:
+# fp32 pieces of 256 KiB 262, 1 MiB 276; bf16 256 KiB 389, 512 KiB 392, 1 MiB 371.
+ACROSS_PIECE_ELEMENTS = 1 << 18
 
 
 class SharedMemoryAllreduce(Collective):
@@ -216,12 +216,12 @@ class SharedMemoryAllreduce(Collective):
 
         if codec is None or codec.wire_dtype is None:
             datatype = MPI.DOUBLE if sums.dtype == torch.float64 else MPI.FLOAT
-            for part in chunks(sums, ACROSS_PIECE_BYTES):
+            for part in chunks(sums, ACROSS_PIECE_ELEMENTS * sums.element_size()):
                 _sum(self.across, part, datatype, MPI.SUM, mpi_buffer, self.ring)
             return False
         wire = codec.encode(("slice", sums.numel()), sums)     # one buffer per bucket size
         datatype, op = codec.mpi_spec(wire.dtype)
-        for part in chunks(wire, ACROSS_PIECE_BYTES):
+        for part in chunks(wire, ACROSS_PIECE_ELEMENTS * wire.element_size()):
             _sum(self.across, part, datatype, op, mpi_buffer, self.ring)
         sums.copy_(wire)
         return True
