@@ -1,6 +1,7 @@
 """The allreduce engine: bucket layout, threads, compression, staging, hierarchy, accumulation."""
 import json
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,10 @@ from torch import nn
 from mpicnn.checkpoint.state import RunState
 from mpicnn.cluster.errors import MpicnnError
 from mpicnn.config import parse_config
+from mpicnn.config.failure import FailureConfig
 from mpicnn.observe.steps import StepStats
+from mpicnn.resilience.step_guard import StepGuard
+from mpicnn.resilience.watchdog import COMPUTE, WAIT
 from mpicnn.sync.allreduce.buckets import (
     MB,
     Bucket,
@@ -587,3 +591,29 @@ def test_overlap_forward_trains_bitwise_like_the_synchronous_step(n, per_node, t
     assert _difference(overlapped, synchronous) == 0.0
     epochs = [r for r in records if r["event"] == "epoch"]
     assert len(epochs) == 2 and all(r["comm_in_forward_ms"] >= 0 for r in epochs)
+
+
+def test_the_wait_for_a_deferred_update_is_marked_as_the_last_exchange():
+    """The stall watch sees a rank waiting in forward for the last step's exchange as
+    waiting at that exchange (so --stall-abort applies), and computing again after it."""
+    class Recorder:
+        status = (0, 1, 0.0)
+
+        def mark(self, state, step):
+            self.status = (state, step, 0.0)
+            marks.append((state, step))
+
+    marks = []
+    guard = StepGuard(FailureConfig(), SimpleNamespace(size=1, rank=0, log=None))
+    guard.watchdog = Recorder()
+    guard.computing(5)                                   # step 5 done: computing step 6
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    during = []
+    update = DeferredUpdate(model, optimizer, lambda: during.append(guard.watchdog.status[:2]),
+                            guard.waiting_at_last_exchange)
+    model(torch.ones(1, 2)).sum().backward()
+    update.hold(list(model[1].parameters()))
+    update.step(optimizer.step)
+    model(torch.ones(1, 2))
+    assert during == [(WAIT, 5)] and guard.watchdog.status[:2] == (COMPUTE, 6)

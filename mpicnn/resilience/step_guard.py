@@ -77,6 +77,21 @@ class StepGuard:
         finally:
             self.watchdog.mark(state, step)
 
+    @contextmanager
+    def waiting_at_last_exchange(self):
+        """This rank waits, in the next step, for the last step's gradient exchange
+        (``--overlap-forward``): marked as that exchange, so a stuck one is reported and,
+        past ``--stall-abort``, ends the job as it would after backward."""
+        if self.watchdog is None:
+            yield
+            return
+        state, step, _ = self.watchdog.status
+        self.watchdog.mark(WAIT, max(1, step - 1))
+        try:
+            yield
+        finally:
+            self.watchdog.mark(state, step)
+
     def forwarding(self, step: int) -> None:
         """Step ``step``'s forward begins (a stall drill may sleep here)."""
         drills.stall(self.forward_sleeps, step)

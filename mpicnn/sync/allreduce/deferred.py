@@ -12,7 +12,7 @@ overlap, for optimizers that update each parameter on its own (torch's, LARS, LA
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 from ...cluster.errors import MpicnnError
@@ -22,13 +22,14 @@ from ...training.precision import nonfinite_flag
 class DeferredUpdate:
     """Holds back the update of parameters whose averaged gradient is still in flight.
 
-    ``wait()`` returns once every pending average is in ``.grad``. A parameter is made
-    current when the module that owns it starts its forward: one used outside its own
-    module's forward (weights tied across modules) would be read stale.
+    ``wait()`` returns once every pending average is in ``.grad``; ``watch()`` is the
+    context that wait runs in (the stall watch's mark). A parameter is made current when
+    the module that owns it starts its forward: one used outside its own module's forward
+    (weights tied across modules) would be read stale.
     """
 
-    def __init__(self, model, optimizer, wait):
-        self.optimizer, self.wait = optimizer, wait
+    def __init__(self, model, optimizer, wait, watch=nullcontext):
+        self.optimizer, self.wait, self.watch = optimizer, wait, watch
         self.pending, self.pending_ids, self.settings = [], frozenset(), []
         self.wait_seconds = 0.0
         self._hooks = []
@@ -54,7 +55,8 @@ class DeferredUpdate:
         if not self.pending:
             return
         start = time.perf_counter()
-        self.wait()
+        with self.watch():
+            self.wait()
         self.wait_seconds += time.perf_counter() - start
         pending, ids = self.pending, self.pending_ids
         self.hold([])
@@ -77,7 +79,8 @@ class DeferredUpdate:
     def drop(self) -> None:
         """Wait for the pending averages and discard their update (a skipped step)."""
         if self.pending:
-            self.wait()
+            with self.watch():
+                self.wait()
             self.hold([])
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ Allreduce after backward, copied back (also the benchmark's simple baseline).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
@@ -54,6 +54,7 @@ class AllreduceStrategy(Strategy):
         super().__init__(world, cfg)
         self.params, self.buckets, self.reducer, self.runner = [], [], None, None
         self.late, self.deferred = None, None     # --overlap-forward: the last bucket's channel
+        self._watch_landing = nullcontext         # the stall watch's mark for its waits
         self._hooks, self._sync, self._recorded = [], True, None
         self._steps, self._busy_reported, self._inline_seconds = 0, 0.0, 0.0
 
@@ -108,7 +109,8 @@ class AllreduceStrategy(Strategy):
         if self.cfg.sync.overlap_forward:
             if self.runner.overlaps:
                 self.late = self._make_reducer(self.params[0].device)
-                self.deferred = DeferredUpdate(self.model, self.optimizer, self._wait_thread)
+                self.deferred = DeferredUpdate(self.model, self.optimizer, self._wait_thread,
+                                               self._watch_landing)
             else:
                 self.world.log.warning("warning: --overlap-forward needs MPI_THREAD_MULTIPLE; "
                                        "updates land after each exchange instead")
@@ -279,6 +281,11 @@ class AllreduceStrategy(Strategy):
     def evaluate(self, model, loader, precision=None) -> tuple[float, float]:
         self._land()
         return super().evaluate(model, loader, precision)
+
+    def watched_by(self, guard) -> None:
+        """With --overlap-forward the next forward waits for the last exchange: marked so."""
+        super().watched_by(guard)
+        self._watch_landing = guard.waiting_at_last_exchange
 
     def _rebuild(self, recorded: list[int]) -> None:
         """Re-bucket in the order gradients became ready on rank 0 (values kept)."""
