@@ -27,6 +27,10 @@ UNREACHABLE = 60                 # --unreachable-abort in the partition drill (d
 KILLED_WITHIN = 30               # every rank of a node killed: the job ends within this
 EPOCH_RECORD = '"event": "epoch"'     # a checkpoint exists once it does
 COMMON = ["--device", "cpu", "--threads", "1", "--progress", "off", "--deterministic"]
+# the default engine, and the exchange going on into the next forward (small buckets, so
+# that some are still in flight when a step ends)
+ENGINES = pytest.mark.parametrize("engine", [[], ["--overlap-forward", "--bucket-mb", "0.05"]],
+                                  ids=["default", "overlap-forward"])
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +96,13 @@ def test_a_stop_signal_on_one_node_stops_both_and_resume_ends_as_if_uninterrupte
     assert all(torch.equal(ours[k], plain[k]) for k in plain)
 
 
-def test_partition_ends_the_job_naming_the_node_and_resume_continues(tmp_path, cluster):
+@ENGINES
+def test_partition_ends_the_job_naming_the_node_and_resume_continues(tmp_path, cluster, engine):
     out = tmp_path / "run"
     metrics = out / "m.jsonl"
     node2 = cluster.node_list[1].hostname
     try:
-        with start(cluster, [*COMMON, "--epochs", 1000, "--checkpoint-dir", out,
+        with start(cluster, [*COMMON, *engine, "--epochs", 1000, "--checkpoint-dir", out,
                              "--metrics", metrics, "--unreachable-abort", UNREACHABLE]) as job:
             job.wait_until(lambda: file_contains(metrics, EPOCH_RECORD), HANG, "an epoch record")
             cut = time.monotonic()
@@ -110,7 +115,8 @@ def test_partition_ends_the_job_naming_the_node_and_resume_continues(tmp_path, c
             outcome = job.finish(timeout=10, since=cut)
     finally:
         cluster.set_link(2, up=True)
-    record(f"partition: link of node 2 of 2 down, --unreachable-abort {UNREACHABLE}", outcome)
+    record(f"partition: link of node 2 of 2 down, --unreachable-abort {UNREACHABLE} "
+           f"{' '.join(engine)}", outcome)
     assert cut_off_gone, "the cut-off node's ranks never ended"
     assert not left, f"processes left outside the cut-off node: {left}"
     outcome.survivors = {}        # the cut-off node's launcher proxy cannot hear mpiexec
@@ -120,14 +126,16 @@ def test_partition_ends_the_job_naming_the_node_and_resume_continues(tmp_path, c
     # silence counts from the last heartbeat, up to one interval (5 s) before the cut
     assert UNREACHABLE - 5 <= outcome.seconds <= UNREACHABLE + 30, outcome.seconds
     epoch = trained_epoch(out)
-    stdout = resume(cluster, out, "--epochs", 1000, "--stop-epoch", epoch + 1)
+    stdout = resume(cluster, out, *engine, "--epochs", 1000, "--stop-epoch", epoch + 1)
     assert f"at epoch {epoch}," in stdout and trained_epoch(out) == epoch + 1
 
 
-def test_every_rank_of_a_node_killed_ends_the_job_and_resume_continues(tmp_path, cluster):
+@ENGINES
+def test_every_rank_of_a_node_killed_ends_the_job_and_resume_continues(tmp_path, cluster,
+                                                                         engine):
     out = tmp_path / "run"
     metrics = out / "m.jsonl"
-    with start(cluster, [*COMMON, "--epochs", 1000, "--checkpoint-dir", out,
+    with start(cluster, [*COMMON, *engine, "--epochs", 1000, "--checkpoint-dir", out,
                          "--metrics", metrics]) as job:
         job.wait_until(lambda: file_contains(metrics, EPOCH_RECORD), HANG, "an epoch record")
         victims = [pid for rank, pid in rank_pids(job.processes()).items() if rank in (2, 3)]
@@ -136,12 +144,12 @@ def test_every_rank_of_a_node_killed_ends_the_job_and_resume_continues(tmp_path,
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         outcome = job.finish(timeout=HANG, since=killed)
-    record("node lost: SIGKILL to both ranks of node 2 of 2", outcome)
+    record(f"node lost: SIGKILL to both ranks of node 2 of 2 {' '.join(engine)}", outcome)
     assert outcome.returncode != 0
     assert outcome.seconds <= KILLED_WITHIN, outcome.seconds
     assert not outcome.survivors, f"processes left: {outcome.survivors}"
     epoch = trained_epoch(out)
-    stdout = resume(cluster, out, "--epochs", 1000, "--stop-epoch", epoch + 1)
+    stdout = resume(cluster, out, *engine, "--epochs", 1000, "--stop-epoch", epoch + 1)
     assert f"at epoch {epoch}," in stdout and trained_epoch(out) == epoch + 1
 
 
