@@ -177,9 +177,11 @@ class AllreduceStrategy(Strategy):
             first = min(FIRST_BUCKET_BYTES / MB, self.cfg.sync.bucket_mb)
             path = (f"{len(self.buckets)} bucket(s) of {self._sizes()} MB (cap "
                     f"{self.cfg.sync.bucket_mb:g} MB, first {first:g} MB), reduced on {thread}")
-            if self.deferred is not None:
+            if self.deferred is not None and len(self.buckets) > 1:
                 path += (", and on into the next forward: each layer's update lands as its "
                          "forward begins (--overlap-forward)")
+            elif self.deferred is not None:
+                path += "; --overlap-forward has nothing to defer"
         return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
 
     def _sizes(self) -> str:
