@@ -60,37 +60,32 @@ class StepGuard:
         """This rank serves the others (a parameter server): it waits by design."""
         self._mark(SERVE, 0)
 
-    @contextmanager
     def waiting_for_peer(self):
         """Within a step, this rank waits for a neighbouring rank (a pipeline stage's input).
 
         Without the mark such a wait would count as computing, and a pipeline whose stage is
         stuck mid-step would show no rank waiting at all.
         """
-        if self.watchdog is None:
-            yield
-            return
-        state, step, _ = self.watchdog.status
-        self.watchdog.mark(PEER, step)
-        try:
-            yield
-        finally:
-            self.watchdog.mark(state, step)
+        return self._marked_while(PEER, steps_back=0)
 
-    @contextmanager
     def waiting_at_last_exchange(self):
         """This rank waits, in the next step, for the last step's gradient exchange
         (``--overlap-forward``): marked as that exchange, so a stuck one is reported and,
         past ``--stall-abort``, ends the job as it would after backward."""
+        return self._marked_while(WAIT, steps_back=1)
+
+    @contextmanager
+    def _marked_while(self, state: int, steps_back: int):
+        """Mark ``state`` at the current step (less ``steps_back``), then restore the mark."""
         if self.watchdog is None:
             yield
             return
-        state, step, _ = self.watchdog.status
-        self.watchdog.mark(WAIT, max(1, step - 1))
+        before, step, _ = self.watchdog.status
+        self.watchdog.mark(state, max(1, step - steps_back))
         try:
             yield
         finally:
-            self.watchdog.mark(state, step)
+            self.watchdog.mark(before, step)
 
     def forwarding(self, step: int) -> None:
         """Step ``step``'s forward begins (a stall drill may sleep here)."""
