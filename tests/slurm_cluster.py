@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import random
 import re
 import shutil
 import signal
@@ -24,9 +25,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from mpicnn.cluster.startup import mpich_step_files
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "scancel", "sinfo", "srun")
 PACKAGES = ("slurm-wlm", "munge")
+JOB_IDS, STEPS = 100, 16          # job ids a test cluster may use; steps (relaunches) per job
+MAX_JOB_ID = 0x03FFFFFF           # SLURM's largest job id
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -71,6 +76,26 @@ def _die_with_parent() -> None:
         pass
 
 
+def job_steps(first: int) -> list[str]:
+    """``"<job>.<step>"`` of every job step a cluster whose job ids start at ``first`` runs."""
+    return [f"{job}.{step}" for job in range(first, first + JOB_IDS) for step in range(STEPS)]
+
+
+def fresh_job_ids() -> int:
+    """The first of ``JOB_IDS`` job ids that no MPICH shared-memory file is named for.
+
+    MPICH names a node's shared memory after the job step under srun; a file a crashed
+    run left behind makes a later step of the same name wait forever in ``MPI_Init``
+    (``mpicnn.cluster.startup``). Process ids repeat (pid_max may be 32768) and test
+    sessions share ``/dev/shm``, so the range is drawn at random and checked.
+    """
+    draw = random.SystemRandom()
+    while True:
+        first = JOB_IDS * draw.randrange(1, MAX_JOB_ID // JOB_IDS)
+        if not mpich_step_files(job_steps(first)):
+            return first
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,8 +137,8 @@ SelectTypeParameters=CR_CPU
 # Declare more CPUs than the machine has so multi-rank jobs fit on a small runner.
 SlurmdParameters=config_overrides
 ReturnToService=2
-# MPICH names a job step's shared memory after "<job>.<step>": job ids of their own keep
-# this cluster's steps off segments that other test clusters' crashed jobs left behind.
+# MPICH names a job step's shared memory after "<job>.<step>": job ids no leftover file
+# is named for keep this cluster's steps off what other clusters' crashed jobs left.
 FirstJobId={first_job_id}
 JobRequeue=1
 MinJobAge=3600
@@ -145,6 +170,7 @@ class LocalSlurm:
         self.host = socket.gethostname().split(".")[0]
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
+        self.first_job_id = fresh_job_ids()
 
     def node_addresses(self) -> dict[str, str]:
         """{node name: address} of the cluster's slurmd nodes."""
@@ -184,7 +210,7 @@ class LocalSlurm:
         ctld_addr = "127.0.0.1" if self.nodes is None else self.nodes.bridge_address
         self.conf.write_text(SLURM_CONF.format(host=self.host, root=self.root,
                                                ctld_addr=ctld_addr, node_lines=lines,
-                                               first_job_id=1000 * (os.getpid() % 60000 + 1),
+                                               first_job_id=self.first_job_id,
                                                ctld_port=free_port(), slurmd_port=free_port()))
         self._write_gres()
         if self.nodes is not None:
@@ -274,26 +300,16 @@ class LocalSlurm:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self._kill_leftover_jobs()
+        for path in mpich_step_files(job_steps(self.first_job_id)):
+            path.unlink(missing_ok=True)      # what this cluster's crashed jobs left
 
     def _kill_leftover_jobs(self) -> None:
-        """SIGKILL what this cluster's jobs left behind (step daemons, scripts, ranks).
-
-        They are found by the ``SLURM_CONF`` of this cluster in their environment, which
-        slurmd passes to its step daemons and sbatch passes to the jobs.
-        """
-        marker = f"SLURM_CONF={self.conf}".encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
+        """SIGKILL what this cluster's jobs left behind (step daemons, scripts, ranks)."""
+        for pid, _ in list(self._job_processes()):
             try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if marker in environ:
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     # --- jobs ---------------------------------------------------------------------
     def sbatch(self, *args, env=None, cwd=None) -> str:
@@ -314,17 +330,57 @@ class LocalSlurm:
             if records and all(r.get("JobState") in FINISHED for r in records):
                 return records
             time.sleep(1)
+        report = self.diagnose(job_id)
         self.command("scancel", job_id, check=False)
-        raise TimeoutError(f"job {job_id} not finished after {timeout} s: {self.job(job_id)}")
+        raise TimeoutError(f"job {job_id} not finished after {timeout} s\n{report}")
 
-    def wait_for(self, ready, timeout: float, what: str) -> None:
+    def wait_for(self, ready, timeout: float, what: str, job_id: str | None = None) -> None:
         """Poll ``ready()`` until it holds (for steps inside a running job)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        report = self.diagnose(job_id) if job_id else ""
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what}\n{report}")
+
+    def diagnose(self, job_id: str) -> str:
+        """Where a job that did not finish stands: its record, the daemons' last log lines,
+        and every process of this cluster's jobs (state, kernel wait channel, command)."""
+        records = self.job(job_id)
+        lines = [f"record: {records}"]
+        for out in {r["StdOut"] for r in records if r.get("StdOut")}:
+            if Path(out).exists():
+                tail = Path(out).read_text(errors="replace").splitlines()[-30:]
+                lines.append(f"{out} (last lines):\n  " + "\n  ".join(tail))
+        lines += [f"{name} log: {self.log_tail(name, 15)}" for name in ("slurmctld", "slurmd")]
+        for pid, _ in self._job_processes():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                wchan = Path(f"/proc/{pid}/wchan").read_text()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            lines.append(f"pid {pid} state {stat[0]} wchan {wchan} cpu {stat[11]}+{stat[12]}:"
+                         f" {argv.decode(errors='replace')[:200]}")
+        return "\n".join(lines)
+
+    def _job_processes(self):
+        """(pid, environ) of the processes this cluster's jobs started.
+
+        They are found by the ``SLURM_CONF`` of this cluster in their environment, which
+        slurmd passes to its step daemons and sbatch passes to the jobs.
+        """
+        marker = f"SLURM_CONF={self.conf}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in environ:
+                yield int(entry.name), environ
 
 
 @contextmanager

@@ -18,6 +18,7 @@ import torch
 from conftest import ROOT, job_env, read_jsonl
 from slurm_cluster import LocalSlurm, Unavailable, running_slurm
 
+from mpicnn.cluster.startup import SHM_DIR, fnv1a
 from mpicnn.config import FIELDS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
@@ -98,7 +99,7 @@ def test_preemption_drill_requeues_and_matches_uninterrupted_run(slurm, uninterr
     metrics = run_dir / "metrics.jsonl"
     # Mid-run: after the first epoch's record, with five epochs still to go.
     slurm.wait_for(lambda: metrics.exists() and '"epoch"' in metrics.read_text(),
-                   JOB_TIMEOUT, "the first epoch record")
+                   JOB_TIMEOUT, "the first epoch record", job_id)
     slurm.command("scancel", "--signal=USR1", "--batch", job_id)
     record = finished(slurm, job_id)
     log = job_log(tmp_path, f"mpicnn-{job_id}.out")
@@ -131,7 +132,7 @@ def test_requeue_limit_ends_the_job_with_status_75(slurm, tmp_path):
                     train_args=["--epochs", "50", "--device", "cpu", "--progress", "off"])
     metrics = tmp_path / "runs" / f"mpicnn-{job_id}" / "metrics.jsonl"
     slurm.wait_for(lambda: metrics.exists() and '"epoch"' in metrics.read_text(),
-                   JOB_TIMEOUT, "the first epoch record")
+                   JOB_TIMEOUT, "the first epoch record", job_id)
     slurm.command("scancel", "--signal=USR1", "--batch", job_id)
     record = finished(slurm, job_id)
     log = job_log(tmp_path, f"mpicnn-{job_id}.out")
@@ -161,6 +162,32 @@ def test_a_rank_killed_under_srun_is_relaunched_in_the_allocation(slurm, tmp_pat
     assert len(restarts) == 1 and restarts[0]["rank"] == 1, restarts
     assert events[-1]["event"] == "end" and events[-1]["epochs"] == 3
     assert "resumed from runs/" in log
+
+
+def test_shared_memory_a_crashed_run_left_ends_the_launch_and_a_new_step_trains(slurm,
+                                                                                   tmp_path):
+    """MPICH's shared memory for step <job>.0 already there (as a crashed earlier run of a
+    requeued job leaves it): MPI_Init would wait forever. The start watch ends the launch
+    with one line naming the file, and the supervisor's relaunch (step 1) trains."""
+    job_id = submit(slurm, tmp_path, "train.sbatch", ["--hold"], LAUNCHER="srun",
+                    RESTART_BACKOFF="0", MPICNN_START_TIMEOUT="20",
+                    train_args=["--epochs", "1", "--device", "cpu", "--progress", "off"])
+    leftover = SHM_DIR / f"mpich_shm_{fnv1a(f'{job_id}.0'):x}_0"
+    leftover.touch()
+    os.utime(leftover, (time.time() - 600, time.time() - 600))
+    try:
+        slurm.command("scontrol", "release", job_id)
+        record = finished(slurm, job_id)
+    finally:
+        leftover.unlink(missing_ok=True)
+    log = job_log(tmp_path, f"mpicnn-{job_id}.out")
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", (record, log)
+    stuck = [line for line in log.splitlines()
+             if line.startswith("mpicnn: error: MPI did not start within 20 s")]
+    assert len(stuck) == 1 and str(leftover) in stuck[0], log
+    assert "launch 1 ended with" in log and "restart 1 of at most 3" in log, log
+    end = read_jsonl(tmp_path / "runs" / f"mpicnn-{job_id}" / "metrics.jsonl")[-1]
+    assert end["event"] == "end" and end["epochs"] == 1, end
 
 
 def test_sweep_array_runs_every_task_in_its_own_directory(slurm, tmp_path):

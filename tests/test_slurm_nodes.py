@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.mpi, pytest.mark.cluster]
 SCRIPT = ROOT / "jobs" / "slurm" / "train.sbatch"
 TRAIN_ARGS = ["--epochs", "3", "--deterministic", "--device", "cpu", "--progress", "off"]
 FOR_THIS_MACHINE = ["--cpus-per-task=1", "--time=20"]     # the rest is the script's own
-JOB_TIMEOUT = 900
+JOB_TIMEOUT = 300       # a plain run takes about 20 s; under pytest's 600 s
 PREEMPTED_EXIT = 75
 
 
@@ -80,7 +80,7 @@ def test_preemption_drill_across_nodes_requeues_and_matches(slurm, uninterrupted
     job_id = submit(slurm, tmp_path)
     metrics = tmp_path / "runs" / f"mpicnn-{job_id}" / "metrics.jsonl"
     slurm.wait_for(lambda: metrics.exists() and '"event": "epoch"' in metrics.read_text(),
-                   JOB_TIMEOUT, "the first epoch record")
+                   JOB_TIMEOUT, "the first epoch record", job_id)
     slurm.command("scancel", "--signal=USR1", "--batch", job_id)
     record, log = finished(slurm, job_id, tmp_path)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", (record, log)

@@ -3,6 +3,10 @@
 - ``world``: ranks, nodes (``COMM_TYPE_SHARED``), the rank-aware logger, abort,
   ``reduce_sums``, and ``run_guarded`` (report a failure once, end every rank); with
   ``batchjob``, the only reader of launcher environment variables.
+- ``startup``: MPI's start bounded by ``MPICNN_START_TIMEOUT``: a rank stuck in
+  ``MPI_Init`` (e.g. behind MPICH shared memory a crashed run of the same SLURM step
+  left) is killed after one line, and the restart supervisor relaunches;
+  ``startwatcher`` is the process that does it (``MPI_Init`` holds Python's lock).
 - ``devices``: this rank's GPU or CPU threads; the startup line describing the world.
 - ``batchjob``: the SLURM/PBS job a run belongs to, its stop signals and defaults.
 - ``errors``: ``MpicnnError`` and the one printer of ``mpicnn: error:`` lines.

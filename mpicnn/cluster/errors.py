@@ -48,7 +48,12 @@ def report_failure(world: World | None, exc: BaseException, debug: bool) -> int:
 
 def print_error(message: str) -> None:
     """Print a user-facing error in its one format, ``mpicnn: error: <message>``."""
-    print(f"mpicnn: error: {message}", file=sys.stderr, flush=True)
+    print(error_line(message), file=sys.stderr, flush=True)
+
+
+def error_line(message: str) -> str:
+    """The one format of a user-facing error."""
+    return f"mpicnn: error: {message}"
 
 
 def run_tool(main, *args) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .batchjob import BatchJob, batch_job
 from .errors import MpicnnError, report_failure
+from .startup import StartWatch
 
 # Testing aid: group consecutive ranks into fake nodes of this many ranks.
 FAKE_RANKS_PER_NODE_ENV = "MPICNN_RANKS_PER_NODE"
@@ -80,7 +81,13 @@ class World:
 
 
 def init_world() -> World:
-    """Start MPI (thread-multiple when offered) and find this rank's node."""
+    """Start MPI (thread-multiple when offered) and find this rank's node, within
+    ``MPICNN_START_TIMEOUT`` seconds (``startup``: a rank stuck there exits)."""
+    with StartWatch():
+        return _start_world()
+
+
+def _start_world() -> World:
     import mpi4py
     mpi4py.rc.thread_level = os.environ.get(THREAD_LEVEL_ENV, "multiple")
     from mpi4py import MPI
