@@ -347,8 +347,11 @@ class LocalSlurm:
     def diagnose(self, job_id: str) -> str:
         """Where a job that did not finish stands: its record, the daemons' last log lines,
         and every process of this cluster's jobs (state, kernel wait channel, command)."""
-        records = self.job(job_id)
-        lines = [f"record: {records}"]
+        try:
+            records = self.job(job_id)
+        except subprocess.TimeoutExpired:
+            records = []
+        lines = [f"record: {records or 'scontrol gave none'}"]
         for out in {r["StdOut"] for r in records if r.get("StdOut")}:
             if Path(out).exists():
                 tail = Path(out).read_text(errors="replace").splitlines()[-30:]
