@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mpicnn.cluster import jobs
+from mpicnn.cluster.startup import SHM_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "data" / "digits.h5"
@@ -145,6 +146,38 @@ def cluster_while_used(tag: str, **settings):
 def emulated_cluster():
     """Two emulated nodes for the session, each on cores of its own where there are two."""
     yield from cluster_while_used("t", nodes=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mpich_memory_left_behind():
+    """Remove the MPICH shared-memory files this session's crashed and killed jobs left.
+
+    A rank that dies without ``MPI_Finalize`` leaves its node's ``/dev/shm/mpich_*`` file,
+    which holds memory until the machine reboots (hundreds of megabytes over many
+    sessions). Only files new since the session began and mapped by no process go:
+    other sessions' live jobs keep theirs.
+    """
+    before = set(SHM_DIR.glob("mpich_*"))
+    yield
+    in_use = mapped_files()
+    for path in set(SHM_DIR.glob("mpich_*")) - before:
+        if str(path) not in in_use:
+            path.unlink(missing_ok=True)
+
+
+def mapped_files() -> set[str]:
+    """Paths of the files some process of this machine has mapped."""
+    paths = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:                 # the process ended, or is not ours to read
+            continue
+        for line in text.splitlines():
+            fields = line.split(None, 5)    # address perms offset device inode [path]
+            if len(fields) == 6:
+                paths.add(fields[5].strip())
+    return paths
 
 
 @pytest.fixture(autouse=True)
