@@ -10,7 +10,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from mpicnn.cluster.startup import (
     SHM_DIR,
     StartWatch,
     fnv1a,
+    process_start,
     start_timeout,
 )
 
@@ -79,8 +79,9 @@ def test_leftover_shared_memory_of_this_step_is_named_by_the_first_rank_of_its_n
     try:
         for path in (old, fresh, other):
             path.touch()
+        before = process_start() - 60          # a file of an earlier run predates this process
         for path in (old, other):
-            os.utime(path, (time.time() - 600, time.time() - 600))
+            os.utime(path, (before, before))
         slurm = {"SLURM_JOB_ID": job, "SLURM_STEP_ID": "0", "SLURM_PROCID": "5"}
         line = StartWatch(60.0, env={**slurm, "SLURM_LOCALID": "0"}).error_line()
         assert str(old) in line and str(fresh) not in line and str(other) not in line, line
