@@ -305,7 +305,7 @@ class LocalSlurm:
 
     def _kill_leftover_jobs(self) -> None:
         """SIGKILL what this cluster's jobs left behind (step daemons, scripts, ranks)."""
-        for pid, _ in list(self._job_processes()):
+        for pid in list(self._job_processes()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -357,7 +357,7 @@ class LocalSlurm:
                 tail = Path(out).read_text(errors="replace").splitlines()[-30:]
                 lines.append(f"{out} (last lines):\n  " + "\n  ".join(tail))
         lines += [f"{name} log: {self.log_tail(name, 15)}" for name in ("slurmctld", "slurmd")]
-        for pid, _ in self._job_processes():
+        for pid in self._job_processes():
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 wchan = Path(f"/proc/{pid}/wchan").read_text()
@@ -369,7 +369,7 @@ class LocalSlurm:
         return "\n".join(lines)
 
     def _job_processes(self):
-        """(pid, environ) of the processes this cluster's jobs started.
+        """Process ids of the processes this cluster's jobs started.
 
         They are found by the ``SLURM_CONF`` of this cluster in their environment, which
         slurmd passes to its step daemons and sbatch passes to the jobs.
@@ -383,7 +383,7 @@ class LocalSlurm:
             except OSError:
                 continue
             if marker in environ:
-                yield int(entry.name), environ
+                yield int(entry.name)
 
 
 @contextmanager
