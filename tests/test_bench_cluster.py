@@ -44,6 +44,23 @@ def test_bytes_through_a_node_link_per_step():
     assert bench.link_bound("no-comm ceiling", 2, 2, M, 8, "1gbit") is None
 
 
+def test_factored_layers_move_their_factors_instead_of_their_gradient():
+    seednet = [(4096, 512), (512, 10)]
+    gradient = 4 * (4096 * 512 + 512 + 512 * 10 + 10) + 150_000
+    # batch 8 on 2x2: the 4096 x 512 weight goes as factors (auto: 14x fewer bytes); the
+    # other node's 2 ranks' 8 rows of 4608 float32 values come in
+    dense, factors = bench.traffic("mpicnn", 2, 2, 8, gradient, seednet)
+    assert dense == gradient - 4 * 4096 * 512
+    assert factors == 4 * 2 * 8 * 4608
+    assert bench.link_bound("mpicnn", 2, 2, gradient, 8, "1gbit", seednet) == \
+        pytest.approx(125e6 / (dense + factors) * 32)
+    # batch 32: 3.6x, not enough for auto; on takes it; off, the plain path and DDP never
+    assert bench.traffic("mpicnn", 2, 2, 32, gradient, seednet) == (gradient, 0)
+    assert bench.traffic("mpicnn factors overlap", 2, 2, 32, gradient, seednet)[1] > 0
+    for variant in ("mpicnn dense", "mpicnn plain", "DDP gloo", "no-comm ceiling"):
+        assert bench.traffic(variant, 2, 2, 8, gradient, seednet) == (gradient, 0)
+
+
 def test_ratios_compare_like_with_like():
     runs = {"mpicnn": [{"images_per_s": 300, "comm_ms": 5.0, "comm_busy_ms": 9.0},
                        {"images_per_s": 340, "comm_ms": 7.0, "comm_busy_ms": 11.0}],
@@ -82,6 +99,12 @@ def test_the_model_predicts_each_run_from_its_ceiling_and_shared_links():
     assert hier["comm_ms"] == pytest.approx(1000 * (M * 1e-10 + M * 8e-9))
     assert hier["predicted"] == pytest.approx(32 / (0.05 + hier["comm_ms"] / 1000))
     assert hier["error"] == pytest.approx(hier["predicted"] / 300 - 1)
+    # a factored run: its dense part around the nodes, its factors in one Allgather
+    factored = dict(rows[0], variant="mpicnn", dense_bytes=M / 4, factor_bytes=M / 16)
+    [run] = scale.predict_cluster_runs([factored, rows[1]], M, (1e-4, 8e-9), intra, "1gbit")
+    assert run["comm_ms"] == pytest.approx(1000 * (
+        scale.shared_link_seconds("nodes", 2, 2, M / 4, (1e-4, 8e-9), intra)
+        + 1e-4 + M / 16 * 8e-9))
     assert all(s >= 4 * BURST_BYTES for s in scale.link_probe_sizes(100_000, short=True))
 
 

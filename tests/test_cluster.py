@@ -429,6 +429,11 @@ def test_windows_within_nodes_and_hierarchical_equal_flat_across_nodes(
                               start=across(emulated_cluster, netmod,
                                            expect=[WINDOWS, "update lands as its forward"]))
         assert max_diff(final(overlapped), final(windows)) == 0.0
+        # the fully connected layer's gradient rebuilt from every rank's factors
+        factored, _ = train(tmp_path, "factors", 4, *COMMON, *SGD, "--sufficient-factors",
+                            "on", start=across(emulated_cluster, netmod, expect=[
+                                WINDOWS, "1024x128 sent as the batch's factors"]))
+        assert max_diff(final(factored), final(flat_across)) <= 1e-5
     assert max_diff(final(hierarchical), final(flat_across)) <= 1e-5
     assert end["steps"] == 2 * 22 and end["world_size"] == 4 and end["val_acc"] >= 0.9
     # every node's ranks are in the one timeline rank 0 wrote

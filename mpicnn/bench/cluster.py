@@ -15,6 +15,11 @@ rotating order, and the table reports medians of ``--reps``:
 * ``mpicnn hier bf16``  - the same with bf16 on the wire;
 * ``mpicnn bf16``       - the flat Allreduce with bf16 on the wire;
 * ``mpicnn plain``      - ``--bucket-mb 0``: one blocking Allreduce after backward;
+* ``mpicnn overlap``    - ``--overlap-forward`` (and ``mpicnn bf16 overlap``);
+* ``mpicnn dense ...``  - the same with ``--sufficient-factors off``: every gradient
+  travels whole (by default, across nodes, a fully connected layer at least 4x the size
+  of its batch's factors sends those instead); ``mpicnn factors overlap``: ``on``, the
+  factors wherever they are smaller;
 * ``DDP gloo``          - PyTorch DDP over gloo across the same nodes (MASTER_ADDR on
   the bridge), mpicnn's own loop and loader;
 * ``DDP gloo fp16``     - the same with DDP's ``fp16_compress_hook``;
@@ -26,7 +31,8 @@ Ratios compare like with like: fp32 variants with ``DDP gloo``, compressed ones 
 ``comm_busy_ms`` the time the reductions ran. The link bound is the images/s at which
 the busiest node link would be full: bytes a variant moves through one node's link per
 step (ring model: a flat ring over p ranks moves 2(p-1)/p of the gradient each way
-through every node's link; the leaders of n nodes 2(n-1)/n) divided by the link rate.
+through every node's link; the leaders of n nodes 2(n-1)/n; a factored layer's factors
+from the other nodes' ranks come in once) divided by the link rate.
 """
 from __future__ import annotations
 
@@ -47,7 +53,8 @@ from ..cluster.netns import Cluster, free_subnet, rate_bits
 from ..observe.report import load_run
 from .comm import write_data
 from .launch import check, train_across
-from .scale import gradient_bytes
+from ..sync.allreduce.factors import AUTO_BYTES_GAIN, factors_pay
+from .scale import gradient_bytes, linear_shapes
 
 # name: (what runs, its flags, bytes on the wire per gradient byte, traffic pattern)
 VARIANTS = {
@@ -63,6 +70,13 @@ VARIANTS = {
     "mpicnn overlap": ("train", ["--overlap-forward"], 1.0, "nodes"),
     "mpicnn bf16 overlap": ("train", ["--compression", "bf16", "--overlap-forward"], 0.5,
                             "nodes"),
+    "mpicnn dense": ("train", ["--sufficient-factors", "off"], 1.0, "nodes"),
+    "mpicnn dense overlap": ("train", ["--sufficient-factors", "off", "--overlap-forward"],
+                             1.0, "nodes"),
+    "mpicnn bf16 dense overlap": ("train", ["--sufficient-factors", "off", "--compression",
+                                            "bf16", "--overlap-forward"], 0.5, "nodes"),
+    "mpicnn factors overlap": ("train", ["--sufficient-factors", "on", "--overlap-forward"],
+                               1.0, "nodes"),
     "DDP gloo": ("ddp", [], 1.0, "ring"),
     "DDP gloo fp16": ("ddp", ["--ddp-hook", "fp16"], 0.5, "ring"),
     "no-comm ceiling": ("ceiling", [], 0.0, None),
@@ -122,11 +136,33 @@ def link_bytes(pattern: str | None, nodes: int, per_node: int, nbytes: float) ->
     return 0.0
 
 
+def factored(variant: str, nodes: int, per_node: int, batch: int, linears) -> list:
+    """The (in, out) fully connected layers that ``variant`` sends as factors."""
+    kind, flags, _, _ = VARIANTS[variant]
+    setting = (flags[flags.index("--sufficient-factors") + 1]
+               if "--sufficient-factors" in flags else "auto")
+    if kind != "train" or "--bucket-mb" in flags or setting == "off":
+        return []
+    gain = AUTO_BYTES_GAIN if setting == "auto" else 1
+    return [(i, o) for i, o in linears if factors_pay(i, o, nodes * per_node, batch, gain)]
+
+
+def traffic(variant: str, nodes: int, per_node: int, batch: int, gradient: int,
+            linears=()) -> tuple[int, int]:
+    """(gradient bytes that travel whole, factor bytes that enter each node) per step,
+    before the wire's compression; ``linears``: the model's fully connected (in, out)."""
+    layers = factored(variant, nodes, per_node, batch, linears)
+    dense = gradient - 4 * sum(i * o for i, o in layers)            # float32
+    return dense, 4 * (nodes - 1) * per_node * batch * sum(i + o for i, o in layers)
+
+
 def link_bound(variant: str, nodes: int, per_node: int, gradient: int, batch: int,
-               rate: str) -> float | None:
+               rate: str, linears=()) -> float | None:
     """Images/s at which ``variant`` fills the busiest node link (None: no limit known)."""
     _, _, wire, pattern = VARIANTS[variant]
-    moved = link_bytes(pattern, nodes, per_node, wire * gradient)
+    dense, factors = traffic(variant, nodes, per_node, batch, gradient, linears)
+    moved = link_bytes(pattern, nodes, per_node, wire * dense) + (
+        wire * factors if pattern else 0)
     if rate == UNSHAPED or moved == 0:
         return None
     return rate_bits(rate) / 8 / moved * nodes * per_node * batch
@@ -191,14 +227,15 @@ def median(values):
 
 
 def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
-              gradient: int) -> list[dict]:
+              gradient: int, linears=()) -> list[dict]:
     """One row per variant: medians, ratios to DDP and to the ceiling, the link bound."""
     med = {v: median([r["images_per_s"] for r in rs]) for v, rs in runs.items()}
     rows = []
     for variant, rs in runs.items():
         wire = VARIANTS[variant][2]
         peer = "DDP gloo fp16" if wire < 1 else "DDP gloo"
-        bound = link_bound(variant, nodes, per_node, gradient, batch, rate)
+        bound = link_bound(variant, nodes, per_node, gradient, batch, rate, linears)
+        dense, factors = traffic(variant, nodes, per_node, batch, gradient, linears)
         row = {"nodes": nodes, "ranks_per_node": per_node, "rate": rate, "batch": batch,
                "variant": variant, "pattern": VARIANTS[variant][3], "wire": wire,
                "images_per_s": med[variant],
@@ -210,7 +247,8 @@ def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
                          else None),
                "of_ceiling": (med[variant] / med[CEILING] if variant != CEILING
                               and med.get(CEILING) else None),
-               "link_bound": bound, "of_link_bound": med[variant] / bound if bound else None}
+               "link_bound": bound, "of_link_bound": med[variant] / bound if bound else None,
+               "dense_bytes": dense, "factor_bytes": factors}
         rows.append(row)
     return rows
 
@@ -240,7 +278,7 @@ def table(rows: list[dict]) -> str:
 
 
 def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, data: Path,
-                work: Path, gradient: int) -> tuple[list[dict], str]:
+                work: Path, gradient: int, linears) -> tuple[list[dict], str]:
     """All runs of one shape at one link rate on a cluster of its own; (rows, its line)."""
     cluster = Cluster(f"b{os.getpid() % 100000}", nodes, free_subnet(os.getpid() % 256),
                       rate=None if rate == UNSHAPED else rate).up()
@@ -261,7 +299,7 @@ def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, d
     finally:
         cluster.down()
     rows = [row for b in batches
-            for row in summarize(runs[b], nodes, per_node, rate, b, gradient)]
+            for row in summarize(runs[b], nodes, per_node, rate, b, gradient, linears)]
     return rows, described
 
 
@@ -283,6 +321,7 @@ def main(argv=None) -> int:
         ranks = max(n * k for n, k in shapes)
         write_data(data, samples=(opts.steps + 1) * max(batches) * ranks)
         gradient = gradient_bytes(str(data), opts.model)
+        linears = linear_shapes(str(data), opts.model)
         print(f"bench cluster: {opts.model} ({gradient / 2 ** 20:.2f} MiB of gradients), "
               f"shapes {opts.shapes}, links {opts.rates}, batches {batches} per rank, "
               f"{opts.steps} steps, {opts.reps} rotating repetitions, netmod {opts.netmod}",
@@ -290,13 +329,14 @@ def main(argv=None) -> int:
         for nodes, per_node in shapes:
             for rate in rates:
                 found, described = bench_shape(nodes, per_node, rate, opts, variants, batches,
-                                               data, work, gradient)
+                                               data, work, gradient, linears)
                 rows += found
                 shapes_seen.append(described)
     print(table(rows))
     print("\n" + "\n".join(shapes_seen))
     if opts.json:
         Path(opts.json).write_text(json.dumps({"model": opts.model, "gradient_bytes": gradient,
+                                               "linear_shapes": linears,
                                                "steps": opts.steps, "netmod": opts.netmod,
                                                "clusters": shapes_seen, "rows": rows},
                                               indent=1))

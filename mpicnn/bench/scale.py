@@ -208,17 +208,29 @@ def measure_training(n: int, opts, workdir: str, timeout: float) -> dict:
             "comm_ms": float(np.median([r["comm_ms"] for r in intervals]))}
 
 
-def gradient_bytes(data_path: str, model_name: str) -> int:
-    """Bytes of all trainable gradients of ``model_name`` on ``data_path``'s shape."""
+def _model(data_path: str, model_name: str):
     from ..data.schema import open_dataset
     from ..training.models import build_model
 
     data = open_dataset(data_path)
     try:
-        model = build_model(model_name, data.input_shape, data.num_classes)
+        return build_model(model_name, data.input_shape, data.num_classes)
     finally:
         data.close()
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def gradient_bytes(data_path: str, model_name: str) -> int:
+    """Bytes of all trainable gradients of ``model_name`` on ``data_path``'s shape."""
+    return sum(p.numel() * p.element_size() for p in _model(data_path, model_name).parameters()
+               if p.requires_grad)
+
+
+def linear_shapes(data_path: str, model_name: str) -> list[tuple[int, int]]:
+    """(in, out) of every trained fully connected layer of ``model_name``."""
+    from torch import nn
+
+    return [(m.in_features, m.out_features) for m in _model(data_path, model_name).modules()
+            if isinstance(m, nn.Linear) and m.weight.requires_grad]
 
 
 # ---- prediction and output -----------------------------------------------------------
@@ -334,7 +346,9 @@ def predict_cluster_runs(rows: list[dict], nbytes: int, inter: tuple, intra: tup
     """Predicted images/s of each ``bench cluster`` row at ``rate``, beside the measured.
 
     A row's ``pattern`` says how its traffic crosses the links (none: the no-comm
-    ceiling, whose images/s give the compute time), ``wire`` its bytes per gradient byte.
+    ceiling, whose images/s give the compute time), ``wire`` its bytes per gradient byte,
+    ``dense_bytes`` what of the gradient travels whole and ``factor_bytes`` the factors
+    that enter each node (an Allgather: one message's latency, then the link).
     """
     ceilings = {(r["nodes"], r["ranks_per_node"], r["batch"]): r["images_per_s"]
                 for r in rows if r["pattern"] is None and r["rate"] == rate}
@@ -346,7 +360,9 @@ def predict_cluster_runs(rows: list[dict], nbytes: int, inter: tuple, intra: tup
         ranks = r["nodes"] * r["ranks_per_node"]
         compute = ranks * r["batch"] / ceilings[key]
         comm = shared_link_seconds(r["pattern"], r["nodes"], r["ranks_per_node"],
-                                   r["wire"] * nbytes, inter, intra)
+                                   r["wire"] * r.get("dense_bytes", nbytes), inter, intra)
+        if r.get("factor_bytes"):
+            comm += inter[0] + r["wire"] * r["factor_bytes"] * inter[1]
         predicted = ranks * r["batch"] / (compute + comm)
         out.append({**{k: r[k] for k in ("nodes", "ranks_per_node", "batch", "variant")},
                     "measured": r["images_per_s"], "predicted": predicted,

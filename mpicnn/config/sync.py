@@ -38,6 +38,12 @@ class SyncConfig:
     overlap_forward: bool = opt(False, "allreduce engine: the first buckets' exchange goes on "
                                 "into the next forward, each layer's update landing as its "
                                 "forward begins (the same training, bitwise)", "distributed")
+    sufficient_factors: str = opt("auto", "allreduce engine: a fully connected layer whose "
+                                  "gradient dwarfs its batch's inputs and output gradients "
+                                  "sends those (Allgather) and every rank rebuilds the sum; "
+                                  "auto: CPU ranks across nodes, where they move >= 4x fewer "
+                                  "bytes; on: wherever they are fewer bytes, even on one node",
+                                  "distributed", ["auto", "on", "off"])
     # parameter-server modes (ps-sync, ps-async) and straggler simulation
     servers: int = opt(1, "ps modes: ranks that hold the parameters (the last ones); the "
                        "others are workers", "distributed")

@@ -4,6 +4,7 @@
 - ``buckets``: which parameters share a bucket, and the flat views into it.
 - ``reducer``: one bucket's reduction (encode, collective, decode, divide).
 - ``comm_thread``: the thread that runs reductions beside backward.
+- ``factors``: a fully connected layer's gradient sent as the batch's factors and rebuilt.
 - ``deferred``: ``--overlap-forward``'s updates that land as the next forward reaches them.
 - ``codec``: fp16/bf16 compression on the wire.
 - ``transport``: device buffers to MPI, directly (CUDA-aware) or staged through pinned memory.

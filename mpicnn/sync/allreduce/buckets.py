@@ -79,11 +79,19 @@ class Bucket:
 
 
 def bucket_plan(params: list, order: list[int], cap_bytes: int,
-                first_cap_bytes: int = FIRST_BUCKET_BYTES) -> list[list[int]]:
-    """:func:`plan_buckets` for tensors ``params`` expected ready in ``order``."""
+                first_cap_bytes: int = FIRST_BUCKET_BYTES, alone=frozenset()
+                ) -> list[list[int]]:
+    """:func:`plan_buckets` for tensors ``params`` expected ready in ``order``.
+
+    Each index in ``alone`` gets a bucket of its own (launched where its tensor is ready),
+    and the others are planned as if it were not there.
+    """
     rows = [(i, (params[i].device, params[i].dtype), params[i].numel() * params[i].element_size())
-            for i in order]
-    return plan_buckets(rows, cap_bytes, min(first_cap_bytes, cap_bytes))
+            for i in order if i not in alone]
+    plan = plan_buckets(rows, cap_bytes, min(first_cap_bytes, cap_bytes))
+    position = {i: n for n, i in enumerate(order)}
+    plan += [[i] for i in order if i in alone]
+    return sorted(plan, key=lambda members: max(position[i] for i in members))
 
 
 def same_plan(a: list[list[int]], b: list[list[int]]) -> bool:

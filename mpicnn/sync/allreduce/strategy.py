@@ -29,6 +29,7 @@ from functools import partial
 
 import torch
 
+from ...cluster.errors import MpicnnError
 from ...cluster.world import cuda_aware_override
 from ..contract import Strategy
 from ..flat import flatten, unflatten_into
@@ -38,6 +39,7 @@ from .codec import HALF_DTYPES, Codec
 from .collectives import FlatAllreduce, HierarchicalAllreduce, SharedMemoryAllreduce
 from .comm_thread import make_runner
 from .deferred import DeferredUpdate
+from .factors import AUTO_BYTES_GAIN, FactorCapture, FactorExchange, worth_factoring
 from .reducer import Reducer
 from .ring import uses_ring
 from .transport import choose_path, probe_cuda_support
@@ -54,6 +56,7 @@ class AllreduceStrategy(Strategy):
         super().__init__(world, cfg)
         self.params, self.buckets, self.reducer, self.runner = [], [], None, None
         self.late, self.deferred = None, None     # --overlap-forward: the last bucket's channel
+        self.factors = {}                         # param index -> its FactorExchange
         self._watch_landing = nullcontext         # the stall watch's mark for its waits
         self._hooks, self._sync, self._recorded = [], True, None
         self._steps, self._busy_reported, self._inline_seconds = 0, 0.0, 0.0
@@ -114,26 +117,59 @@ class AllreduceStrategy(Strategy):
             else:
                 self.world.log.warning("warning: --overlap-forward needs MPI_THREAD_MULTIPLE; "
                                        "updates land after each exchange instead")
+        self.factors = self._factored_layers()
         order = list(reversed(range(len(self.params))))   # autograd runs roughly backwards
         self._recorded = []
         self._build(self._plan(order))
         self._hooks = [p.register_post_accumulate_grad_hook(partial(self._grad_ready, i))
                        for i, p in enumerate(self.params)]
 
+    def _factored_layers(self) -> dict:
+        """``--sufficient-factors``: the fully connected weights that travel as factors."""
+        setting, device = self.cfg.sync.sufficient_factors, self.params[0].device
+        if setting == "on" and device.type != "cpu":
+            raise MpicnnError("--sufficient-factors on: CPU ranks only so far (use auto or off "
+                              "on GPUs)", collective=True)
+        if setting == "off" or device.type != "cpu" or (
+                setting == "auto" and self.world.num_nodes == 1):
+            return {}
+        gain = AUTO_BYTES_GAIN if setting == "auto" else 1
+        index = {id(p): i for i, p in enumerate(self.params)}
+        wire = self.reducer.codec.wire_dtype
+        return {index[id(module.weight)]: FactorExchange(
+                    self.world.comm, FactorCapture(module), wire or module.weight.dtype)
+                for module in self.model.modules()
+                if worth_factoring(module, self.world.size, self.cfg.training.batch_size, gain)
+                and id(module.weight) in index}
+
     def _plan(self, order: list[int]) -> list[list[int]]:
-        return bucket_plan(self.params, order, int(self.cfg.sync.bucket_mb * MB))
+        return bucket_plan(self.params, order, int(self.cfg.sync.bucket_mb * MB),
+                           alone=self.factors.keys())
 
     def _build(self, plan: list[list[int]]) -> None:
         old = self.buckets
         self.buckets = build_buckets(self.params, plan, [
-            self._channel(i, len(plan)).collective.allocate for i in range(len(plan))])
+            None if self._factors_of(members) else self._channel(i, len(plan)).collective.allocate
+            for i, members in enumerate(plan)])
         for bucket in old:                 # after the new views took over their values
-            self._channel(bucket.index, len(old)).collective.release(bucket.flat)
+            if not self._factors_of(bucket.members):
+                self._channel(bucket.index, len(old)).collective.release(bucket.flat)
         self._bucket_of = [None] * len(self.params)
         for bucket in self.buckets:
             for i in bucket.members:
                 self._bucket_of[i] = bucket
         self._reset()
+
+    def _factors_of(self, members: list[int]):
+        """The FactorExchange of a bucket that holds one factored weight, else None."""
+        return self.factors.get(members[0]) if len(members) == 1 else None
+
+    def _job(self, bucket, reducer: Reducer):
+        """What averages ``bucket``: its factors' exchange, or ``reducer`` on its flat."""
+        exchange = self._factors_of(bucket.members)
+        if exchange is not None:
+            return partial(exchange, bucket.flat)
+        return partial(reducer, bucket.index, bucket.flat, reducer.ready_event())
 
     def _channel(self, index: int, count: int) -> Reducer:
         """The reducer of bucket ``index`` of ``count``: the late channel for the last one."""
@@ -182,6 +218,10 @@ class AllreduceStrategy(Strategy):
                          "forward begins (--overlap-forward)")
             elif self.deferred is not None:
                 path += "; --overlap-forward has nothing to defer"
+            if self.factors:
+                layers = ", ".join(e.describe() for e in self.factors.values())
+                path += (f"; fully connected {layers} sent as the batch's factors (Allgather), "
+                         f"the sum rebuilt on every rank (--sufficient-factors)")
         return f"{path}; {reducer.collective.describe()}; {precision}{buffers}"
 
     def _sizes(self) -> str:
@@ -221,8 +261,7 @@ class AllreduceStrategy(Strategy):
 
     def _launch(self, bucket) -> None:
         self._next += 1
-        self.runner.submit(partial(self.reducer, bucket.index, bucket.flat,
-                                   self.reducer.ready_event()))
+        self.runner.submit(self._job(bucket, self.reducer))
 
     def after_backward(self, finalize=None) -> None:
         self._average()
@@ -243,7 +282,7 @@ class AllreduceStrategy(Strategy):
         start = time.perf_counter()
         for bucket in self.buckets[self._next:]:
             reducer = self._channel(bucket.index, len(self.buckets))
-            Reducer.consume(reducer(bucket.index, bucket.flat, reducer.ready_event()))
+            Reducer.consume(self._job(bucket, reducer)())
         self._inline_seconds += time.perf_counter() - start
         self._reset()
         if self._recorded is not None:
@@ -255,7 +294,7 @@ class AllreduceStrategy(Strategy):
         for bucket in self.buckets[self._next:-1]:    # unused parameters: zeros, in order
             self._launch(bucket)
         start = time.perf_counter()
-        Reducer.consume(self.late(last.index, last.flat, self.late.ready_event()))
+        Reducer.consume(self._job(last, self.late)())
         self._inline_seconds += time.perf_counter() - start
         self.deferred.hold([p for bucket in self.buckets[:-1] for p in bucket.params])
         self._reset()
@@ -343,6 +382,9 @@ class AllreduceStrategy(Strategy):
         if self.deferred is not None:
             self.deferred.close()
             self.deferred = None
+        for exchange in self.factors.values():
+            exchange.close()
+        self.factors = {}
         if self.reducer is not None:
             for bucket in self.buckets:    # .grad must outlive the (shared) bucket memory
                 bucket.detach()
