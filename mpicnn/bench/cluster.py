@@ -77,6 +77,8 @@ VARIANTS = {
                                             "bf16", "--overlap-forward"], 0.5, "nodes"),
     "mpicnn factors overlap": ("train", ["--sufficient-factors", "on", "--overlap-forward"],
                                1.0, "nodes"),
+    "mpicnn bf16 factors overlap": ("train", ["--sufficient-factors", "on", "--compression",
+                                              "bf16", "--overlap-forward"], 0.5, "nodes"),
     "DDP gloo": ("ddp", [], 1.0, "ring"),
     "DDP gloo fp16": ("ddp", ["--ddp-hook", "fp16"], 0.5, "ring"),
     "no-comm ceiling": ("ceiling", [], 0.0, None),

@@ -18,6 +18,9 @@ a channel of its own (its own communicators and windows, past the thread's queue
 the buckets still in flight are waited for, and their parameters updated, only when the
 next forward reaches the modules that own them.
 
+``--sufficient-factors`` (``factors``) gives a wide fully connected weight a bucket of its
+own whose exchange gathers the batch's factors and rebuilds the average from them.
+
 ``--bucket-mb 0`` keeps the plain path: all gradients concatenated, one blocking
 Allreduce after backward, copied back (also the benchmark's simple baseline).
 """
