@@ -105,6 +105,15 @@ def test_factored_training_equals_whole_gradients_on_real_ranks(tmp_path):
                                                           "--overlap-forward"])
     assert FACTORED in overlapped.stdout and "lands as its forward" in overlapped.stdout
     assert _difference(deferred, factored) == 0.0
+    # without windows every rank multiplies out every rank's factors (above, each rank of
+    # a node its share of the rows, from the other node's factors and its own node's sum)
+    _, flat, _ = _train(tmp_path, "flat", ["--sufficient-factors", "on", "--shared-memory",
+                                          "off"])
+    assert 0 < _difference(flat, dense) <= 1e-5
+    # one node: the node's sum is the whole sum, so nothing is gathered: bitwise dense
+    _, one_dense, _ = _train(tmp_path, "one-dense", ["--sufficient-factors", "off"], env={})
+    alone, one_node, _ = _train(tmp_path, "one-node", ["--sufficient-factors", "on"], env={})
+    assert FACTORED in alone.stdout and _difference(one_node, one_dense) == 0.0
     # compressed: the factors travel in bf16, the sum is rebuilt in float32
     squeezed, compressed, _ = _train(tmp_path, "bf16", ["--sufficient-factors", "on",
                                                         "--compression", "bf16"])

@@ -75,18 +75,51 @@ class FactorCapture:
 
 
 class FactorExchange:
-    """Gathers every rank's factors of one layer and rebuilds the averaged weight gradient.
+    """Gathers the ranks' factors of one layer and rebuilds the averaged weight gradient.
 
     Runs on the communication thread like a bucket's reduction, on a communicator of its
-    own. ``wire`` is the dtype the factors travel in (a 2-byte float when compressing).
+    own. ``wire`` is the dtype the factors travel in (a 2-byte float when compressing);
+    ``node`` holds the world ranks of this rank's node. Where the weight's bucket lives
+    in the node's shared windows, the node's own gradients are summed there as they are
+    (exactly) and only the other nodes' factors are multiplied out, each rank rebuilding
+    its share of the rows for the whole node; otherwise every rank rebuilds all of it.
     """
 
-    def __init__(self, comm, capture: FactorCapture, wire: torch.dtype = torch.float32):
+    def __init__(self, comm, capture: FactorCapture, node, wire: torch.dtype = torch.float32):
         self.comm, self.capture, self.wire = comm.Dup(), capture, wire
         self.size = self.comm.Get_size()
+        self.node = frozenset(node)
 
-    def __call__(self, grad: torch.Tensor) -> None:
-        """Replace ``grad`` (the weight's, out x in) by its average over ranks."""
+    def __call__(self, grad: torch.Tensor, collective=None) -> None:
+        """Replace ``grad`` (the weight's, out x in, flat) by its average over ranks."""
+        columns = self.capture.in_features
+        shared = collective is not None and hasattr(collective, "share") \
+            and collective.averages(grad)
+        if shared and len(self.node) == self.size:        # one node: nothing to gather
+            self.capture.take(self.wire)
+            return collective.share(grad, lambda lo, hi, total: total.div_(self.size),
+                                    unit=columns)
+        every, rows = self._gather()
+        every = every.to(grad.dtype)
+        if not shared:
+            inputs, grads = every[:, :columns], every[:, columns:]
+            torch.mm(grads.t(), inputs, out=grad.view(self.capture.out_features, columns))
+            grad.div_(self.size)
+            return
+        starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
+        remote = torch.cat([every[starts[r]:starts[r + 1]] for r in range(self.size)
+                            if r not in self.node])
+        inputs, grads = remote[:, :columns], remote[:, columns:]
+
+        def finish(lo: int, hi: int, total: torch.Tensor) -> None:
+            share = total.view(-1, columns)
+            share.addmm_(grads[:, lo // columns: hi // columns].t(), inputs)
+            share.div_(self.size)
+
+        collective.share(grad, finish, unit=columns)
+
+    def _gather(self) -> tuple[torch.Tensor, list[int]]:
+        """Every rank's factors in rank order (as they travelled), and their rows."""
         import numpy as np
         from mpi4py import MPI
 
@@ -98,14 +131,10 @@ class FactorExchange:
         counts = [int(r) * width * every.element_size() for r in rows]
         self.comm.Allgatherv([_bytes(mine), MPI.BYTE],
                              [_bytes(every), (counts, None), MPI.BYTE])
-        every = every.to(grad.dtype)
-        inputs, grads = every[:, :self.capture.in_features], every[:, self.capture.in_features:]
-        torch.mm(grads.t(), inputs, out=grad.view(self.capture.out_features, -1))
-        grad.div_(self.size)
+        return every, rows.tolist()
 
     def describe(self) -> str:
-        out_features, in_features = self.capture.out_features, self.capture.in_features
-        return f"{in_features}x{out_features}"
+        return f"{self.capture.in_features}x{self.capture.out_features}"
 
     def close(self) -> None:
         self.capture.close()

@@ -139,8 +139,9 @@ class AllreduceStrategy(Strategy):
         gain = AUTO_BYTES_GAIN if setting == "auto" else 1
         index = {id(p): i for i, p in enumerate(self.params)}
         wire = self.reducer.codec.wire_dtype
+        node = self.world.local_comm.allgather(self.world.rank)
         return {index[id(module.weight)]: FactorExchange(
-                    self.world.comm, FactorCapture(module), wire or module.weight.dtype)
+                    self.world.comm, FactorCapture(module), node, wire or module.weight.dtype)
                 for module in self.model.modules()
                 if worth_factoring(module, self.world.size, self.cfg.training.batch_size, gain)
                 and id(module.weight) in index}
@@ -152,11 +153,9 @@ class AllreduceStrategy(Strategy):
     def _build(self, plan: list[list[int]]) -> None:
         old = self.buckets
         self.buckets = build_buckets(self.params, plan, [
-            None if self._factors_of(members) else self._channel(i, len(plan)).collective.allocate
-            for i, members in enumerate(plan)])
+            self._channel(i, len(plan)).collective.allocate for i in range(len(plan))])
         for bucket in old:                 # after the new views took over their values
-            if not self._factors_of(bucket.members):
-                self._channel(bucket.index, len(old)).collective.release(bucket.flat)
+            self._channel(bucket.index, len(old)).collective.release(bucket.flat)
         self._bucket_of = [None] * len(self.params)
         for bucket in self.buckets:
             for i in bucket.members:
@@ -171,7 +170,7 @@ class AllreduceStrategy(Strategy):
         """What averages ``bucket``: its factors' exchange, or ``reducer`` on its flat."""
         exchange = self._factors_of(bucket.members)
         if exchange is not None:
-            return partial(exchange, bucket.flat)
+            return partial(exchange, bucket.flat, reducer.collective)
         return partial(reducer, bucket.index, bucket.flat, reducer.ready_event())
 
     def _channel(self, index: int, count: int) -> Reducer:
