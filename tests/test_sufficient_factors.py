@@ -11,7 +11,12 @@ from conftest import mpirun, read_jsonl
 from torch import nn
 
 from mpicnn.sync.allreduce.buckets import bucket_plan
-from mpicnn.sync.allreduce.factors import FactorCapture, factors_pay, worth_factoring
+from mpicnn.sync.allreduce.factors import (
+    AUTO_BYTES_GAIN,
+    FactorCapture,
+    factors_pay,
+    worth_factoring,
+)
 
 
 def _head():
@@ -49,9 +54,10 @@ def test_micro_batches_add_up_and_forwards_without_backward_add_nothing():
 
 def test_layers_are_factored_where_the_factors_are_smaller_by_the_asked_gain():
     # seednet's 4096 x 512 layer: 4 ranks x 8 rows of 4608 values are 14x fewer bytes
-    assert factors_pay(4096, 512, 4, 8, gain=4)
-    assert not factors_pay(4096, 512, 4, 32, gain=4)               # 3.6x: not for auto
-    assert factors_pay(4096, 512, 4, 32, gain=1)                   # on: still smaller
+    assert factors_pay(4096, 512, 4, 8, gain=AUTO_BYTES_GAIN)
+    assert factors_pay(4096, 512, 4, 32, gain=AUTO_BYTES_GAIN)     # 3.6x
+    assert not factors_pay(4096, 512, 4, 64, gain=AUTO_BYTES_GAIN)  # 1.8x: not for auto
+    assert factors_pay(4096, 512, 4, 64, gain=1)                   # on: still smaller
     assert not factors_pay(512, 10, 4, 8, gain=1)                  # the 10-way classifier
     assert worth_factoring(nn.Linear(4096, 512), 4, 8, 4)
     assert not worth_factoring(nn.Conv2d(64, 64, 3), 4, 1, 1)
@@ -122,13 +128,29 @@ def test_factored_training_equals_whole_gradients_on_real_ranks(tmp_path):
 
 
 @pytest.mark.mpi
-def test_auto_factors_across_nodes_only_where_they_are_4x_smaller(tmp_path):
+def test_auto_factors_across_nodes_only_where_they_are_2x_smaller(tmp_path):
     # 4 ranks x 4 rows x 1152 values: 7x under digitnet's 1024 x 128 weight
     small = ["--batch-size", 4]
     across, _, _ = _train(tmp_path, "across", small)
     assert FACTORED in across.stdout
     one_node, _, _ = _train(tmp_path, "one", small, env={})
     assert "batch's factors" not in one_node.stdout
-    # 16 rows: only 1.8x smaller
+    # 16 rows a rank: only 1.8x smaller
     big, _, _ = _train(tmp_path, "big", ["--batch-size", 16])
     assert "batch's factors" not in big.stdout
+
+
+def test_rows_beyond_the_planned_batch_follow_in_a_second_round():
+    """One rank (COMM_SELF), planned for 2 rows, gets 5: the gradient is still whole."""
+    from mpi4py import MPI
+
+    from mpicnn.sync.allreduce.factors import FactorExchange
+
+    model = _head()
+    exchange = FactorExchange(MPI.COMM_SELF, FactorCapture(model[0]), node=[0], capacity=2)
+    model(torch.randn(5, 20)).square().sum().backward()
+    expected = model[0].weight.grad.clone()
+    grad = torch.full((30 * 20,), float("nan"))
+    exchange(grad)
+    torch.testing.assert_close(grad.view(30, 20), expected)
+    exchange.close()

@@ -17,7 +17,7 @@ rotating order, and the table reports medians of ``--reps``:
 * ``mpicnn plain``      - ``--bucket-mb 0``: one blocking Allreduce after backward;
 * ``mpicnn overlap``    - ``--overlap-forward`` (and ``mpicnn bf16 overlap``);
 * ``mpicnn dense ...``  - the same with ``--sufficient-factors off``: every gradient
-  travels whole (by default, across nodes, a fully connected layer at least 4x the size
+  travels whole (by default, across nodes, a fully connected layer at least 2x the size
   of its batch's factors sends those instead); ``mpicnn factors overlap``: ``on``, the
   factors wherever they are smaller;
 * ``DDP gloo``          - PyTorch DDP over gloo across the same nodes (MASTER_ADDR on

@@ -41,7 +41,7 @@ class SyncConfig:
     sufficient_factors: str = opt("auto", "allreduce engine: a fully connected layer whose "
                                   "gradient dwarfs its batch's inputs and output gradients "
                                   "sends those (Allgather) and every rank rebuilds the sum; "
-                                  "auto: CPU ranks across nodes, where they move >= 4x fewer "
+                                  "auto: CPU ranks across nodes, where they move >= 2x fewer "
                                   "bytes; on: wherever they are fewer bytes, even on one node",
                                   "distributed", ["auto", "on", "off"])
     # parameter-server modes (ps-sync, ps-async) and straggler simulation

@@ -200,24 +200,34 @@ class SharedMemoryAllreduce(Collective):
                     segment[start:stop].copy_(mean)
         self._fence(window)                          # every slice is averaged, in every bucket
 
-    def share(self, flat: torch.Tensor, finish, unit: int = 1) -> None:
+    def share(self, flat: torch.Tensor, finish, unit: int = 1, met: bool = False) -> None:
         """Replace the node's buckets ``flat`` by what ``finish`` makes of their sum.
 
         Each rank takes its share of ``flat`` (whole multiples of ``unit`` elements), sums
         it over the node's buckets, calls ``finish(start, stop, total)`` to turn that sum
         into the final values in place, and writes them into every rank's bucket.
+        ``met``: every rank has called :meth:`publish` and met the others in a collective
+        since writing its bucket, so no barrier is needed to read them.
         """
         window, segments = self._windows[flat.data_ptr()]
         units = flat.numel() // unit
         lo = unit * (units * self.rank // self.size)
         hi = unit * (units * (self.rank + 1) // self.size)
-        self._fence(window)                          # every rank's gradients are written
+        if met:
+            window.Sync()                            # see what the others published
+        else:
+            self._fence(window)                      # every rank's gradients are written
         total = torch.empty(hi - lo, dtype=flat.dtype)
         self._sum_local(segments, lo, hi, total)
         finish(lo, hi, total)
         for segment in segments:
             segment[lo:hi].copy_(total)
         self._fence(window)                          # every share is in every bucket
+
+    def publish(self, flat: torch.Tensor) -> None:
+        """Make this rank's writes to bucket ``flat`` visible to the node after the next
+        collective that all of its ranks join (the write side of :meth:`share`'s ``met``)."""
+        self._windows[flat.data_ptr()][0].Sync()
 
     def _sum_local(self, segments, start: int, stop: int, total: torch.Tensor) -> None:
         """``total`` = the sum of this node's buckets over ``[start, stop)``, in rank order."""

@@ -19,7 +19,7 @@ from torch import nn
 
 # auto: factors only where they move at least this many times fewer bytes than the gradient
 # (they also cost every rank the rebuilding product, ranks x batch x in x out multiply-adds)
-AUTO_BYTES_GAIN = 4
+AUTO_BYTES_GAIN = 2
 
 
 def factors_pay(in_features: int, out_features: int, ranks: int, rows: int,
@@ -79,16 +79,20 @@ class FactorExchange:
 
     Runs on the communication thread like a bucket's reduction, on a communicator of its
     own. ``wire`` is the dtype the factors travel in (a 2-byte float when compressing);
-    ``node`` holds the world ranks of this rank's node. Where the weight's bucket lives
-    in the node's shared windows, the node's own gradients are summed there as they are
-    (exactly) and only the other nodes' factors are multiplied out, each rank rebuilding
-    its share of the rows for the whole node; otherwise every rank rebuilds all of it.
+    ``node`` holds the world ranks of this rank's node; ``capacity`` the rows a rank
+    sends in the one ``Allgather`` of a step (its batch; more take a second round).
+    Where the weight's bucket lives in the node's shared windows, the node's own
+    gradients are summed there as they are (exactly) and only the other nodes' factors
+    are multiplied out, each rank rebuilding its share of the rows for the whole node;
+    otherwise every rank rebuilds all of it.
     """
 
-    def __init__(self, comm, capture: FactorCapture, node, wire: torch.dtype = torch.float32):
+    def __init__(self, comm, capture: FactorCapture, node, capacity: int,
+                 wire: torch.dtype = torch.float32):
         self.comm, self.capture, self.wire = comm.Dup(), capture, wire
-        self.size = self.comm.Get_size()
+        self.size, self.capacity = self.comm.Get_size(), capacity
         self.node = frozenset(node)
+        self.width = capture.in_features + capture.out_features
 
     def __call__(self, grad: torch.Tensor, collective=None) -> None:
         """Replace ``grad`` (the weight's, out x in, flat) by its average over ranks."""
@@ -99,39 +103,53 @@ class FactorExchange:
             self.capture.take(self.wire)
             return collective.share(grad, lambda lo, hi, total: total.div_(self.size),
                                     unit=columns)
-        every, rows = self._gather()
-        every = every.to(grad.dtype)
+        if shared:
+            collective.publish(grad)           # the gather below is the node's meeting
+        ranks = [r for r in range(self.size) if not shared or r not in self.node]
+        factors = torch.cat([f.to(grad.dtype) for f in self._gather(ranks)])
+        inputs, grads = factors[:, :columns], factors[:, columns:]
         if not shared:
-            inputs, grads = every[:, :columns], every[:, columns:]
             torch.mm(grads.t(), inputs, out=grad.view(self.capture.out_features, columns))
             grad.div_(self.size)
             return
-        starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
-        remote = torch.cat([every[starts[r]:starts[r + 1]] for r in range(self.size)
-                            if r not in self.node])
-        inputs, grads = remote[:, :columns], remote[:, columns:]
 
         def finish(lo: int, hi: int, total: torch.Tensor) -> None:
             share = total.view(-1, columns)
             share.addmm_(grads[:, lo // columns: hi // columns].t(), inputs)
             share.div_(self.size)
 
-        collective.share(grad, finish, unit=columns)
+        collective.share(grad, finish, unit=columns, met=True)
 
-    def _gather(self) -> tuple[torch.Tensor, list[int]]:
-        """Every rank's factors in rank order (as they travelled), and their rows."""
-        import numpy as np
+    def _gather(self, ranks: list[int]) -> list[torch.Tensor]:
+        """The factors of ``ranks`` (as they travelled), gathered from every rank.
+
+        One ``Allgather`` of fixed blocks, each a row count then up to ``capacity`` rows;
+        rows beyond that (a larger batch than planned) follow in an ``Allgatherv``.
+        """
         from mpi4py import MPI
 
         mine = self.capture.take(self.wire).contiguous()
-        width = mine.shape[1]
-        rows = np.zeros(self.size, dtype=np.int64)
-        self.comm.Allgather(np.array([mine.shape[0]], dtype=np.int64), rows)
-        every = torch.empty(int(rows.sum()), width, dtype=self.wire)
-        counts = [int(r) * width * every.element_size() for r in rows]
-        self.comm.Allgatherv([_bytes(mine), MPI.BYTE],
-                             [_bytes(every), (counts, None), MPI.BYTE])
-        return every, rows.tolist()
+        row_bytes = self.width * mine.element_size()
+        block = 8 + self.capacity * row_bytes
+        send = torch.zeros(block, dtype=torch.uint8)
+        send[:8].view(torch.int64)[0] = mine.shape[0]
+        first = mine[: self.capacity]
+        send[8: 8 + first.numel() * mine.element_size()] = first.reshape(-1).view(torch.uint8)
+        blocks = torch.empty(self.size, block, dtype=torch.uint8)
+        self.comm.Allgather([send.numpy(), MPI.BYTE], [blocks.numpy(), MPI.BYTE])
+        rows = blocks[:, :8].contiguous().view(torch.int64).flatten().tolist()
+        parts = [blocks[r, 8: 8 + min(rows[r], self.capacity) * row_bytes]
+                 .view(self.wire).view(-1, self.width) for r in range(self.size)]
+        if max(rows) > self.capacity:
+            over = [max(0, n - self.capacity) for n in rows]
+            rest = torch.empty(sum(over), self.width, dtype=self.wire)
+            self.comm.Allgatherv([_bytes(mine[self.capacity:].contiguous()), MPI.BYTE],
+                                 [_bytes(rest), ([n * row_bytes for n in over], None),
+                                  MPI.BYTE])
+            starts = [0, *torch.tensor(over).cumsum(0).tolist()]
+            parts = [torch.cat([parts[r], rest[starts[r]:starts[r + 1]]])
+                     for r in range(self.size)]
+        return [parts[r] for r in ranks] or [torch.empty(0, self.width, dtype=self.wire)]
 
     def describe(self) -> str:
         return f"{self.capture.in_features}x{self.capture.out_features}"

@@ -141,7 +141,8 @@ class AllreduceStrategy(Strategy):
         wire = self.reducer.codec.wire_dtype
         node = self.world.local_comm.allgather(self.world.rank)
         return {index[id(module.weight)]: FactorExchange(
-                    self.world.comm, FactorCapture(module), node, wire or module.weight.dtype)
+                    self.world.comm, FactorCapture(module), node,
+                    self.cfg.training.batch_size, wire or module.weight.dtype)
                 for module in self.model.modules()
                 if worth_factoring(module, self.world.size, self.cfg.training.batch_size, gain)
                 and id(module.weight) in index}
