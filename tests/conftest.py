@@ -96,6 +96,23 @@ def final(directory) -> dict:
     return torch.load(directory / "final.pt", weights_only=True)
 
 
+def trained_params(tmp_path, name, n, args, env=None) -> tuple:
+    """Run ``mpicnn.train`` on n ranks into tmp_path/name: (the run, its final parameters
+    in float64, its metrics records)."""
+    import torch
+
+    ckpt, metrics = tmp_path / name, tmp_path / f"{name}.jsonl"
+    run = mpirun(n, [*args, "--checkpoint-dir", ckpt, "--metrics", metrics], env=env)
+    params = {k: v.double() for k, v in
+              torch.load(ckpt / "final.pt", weights_only=True)["model"].items()}
+    return run, params, read_jsonl(metrics)
+
+
+def param_difference(a: dict, b: dict) -> float:
+    """Largest difference between two parameter dicts of :func:`trained_params`."""
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
 def max_diff(a: dict, b: dict) -> float:
     """Largest difference between two checkpoints' parameters and optimizer states."""
     import torch

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, ListLoader, mpirun, read_jsonl
+from conftest import ROOT, ListLoader, mpirun, param_difference, trained_params
 from torch import nn
 
 from mpicnn.checkpoint.state import RunState
@@ -421,15 +421,10 @@ TRAIN = ["--max-steps", 20, "--epochs", 1, "--deterministic", "--optimizer", "sg
 
 
 def _train(n, tmp_path, name, flags, env=None):
-    ckpt, metrics = tmp_path / name, tmp_path / f"{name}.jsonl"
-    run = mpirun(n, TRAIN + ["--checkpoint-dir", ckpt, "--metrics", metrics, *flags], env=env)
-    params = {k: v.double() for k, v in
-              torch.load(ckpt / "final.pt", weights_only=True)["model"].items()}
-    return run, params, read_jsonl(metrics)
+    return trained_params(tmp_path, name, n, TRAIN + list(flags), env=env)
 
 
-def _difference(a, b):
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+_difference = param_difference
 
 
 @pytest.mark.mpi

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mpirun, read_jsonl
+from conftest import param_difference, trained_params
 from torch import nn
 
 from mpicnn.sync.allreduce.buckets import bucket_plan
@@ -83,16 +83,10 @@ TWO_NODES = {"MPICNN_RANKS_PER_NODE": "2"}          # 4 ranks as 2 nodes of 2
 
 
 def _train(tmp_path, name, flags, env=TWO_NODES):
-    ckpt, metrics = tmp_path / name, tmp_path / f"{name}.jsonl"
-    run = mpirun(4, TRAIN + ["--checkpoint-dir", ckpt, "--metrics", metrics, *flags],
-                 env=env)
-    params = {k: v.double() for k, v in
-              torch.load(ckpt / "final.pt", weights_only=True)["model"].items()}
-    return run, params, read_jsonl(metrics)
+    return trained_params(tmp_path, name, 4, TRAIN + list(flags), env=env)
 
 
-def _difference(a, b):
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+_difference = param_difference
 
 
 @pytest.mark.mpi
