@@ -11,7 +11,7 @@ from .cluster.devices import bind_device, describe
 from .cluster.world import run_guarded
 from .config import parse_config
 from .data.schema import label_warning, open_dataset
-from .observe import timeline
+from .observe import profile, timeline
 from .resilience.preemption import Preemption
 from .resilience.step_guard import StepGuard
 from .sync import make_strategy
@@ -37,6 +37,7 @@ def train(world, argv) -> int:
         bind_device(world, cfg.sync.device, cfg.sync.threads,      # PS servers: on the CPU
                     server=serves(cfg.sync.mode, cfg.sync.servers, world.rank, world.size))
         world.log.info(describe(world))
+        profile.start(world, cfg.output.profile, cfg.output.profile_steps)
         world.log.info(f"config: {cfg.summary()}")
         strategy = make_strategy(cfg, world)          # decides which ranks train
         source = cfg.data
@@ -63,6 +64,7 @@ def train(world, argv) -> int:
         else:
             guard.serving()
             strategy.serve()        # parameter servers answer the workers until they are done
+        profile.finish(world.log)
         strategy.finish()
         guard.close()
         trace = timeline.finish(world, cfg.output.timeline)

@@ -19,6 +19,9 @@
 - ``gpu``: the prepared GPU command: ``pytest -m gpu``, a bare PyTorch loop against
   mpicnn.train (fp32, bf16, bf16 + channels_last; 1 and 2 ranks), the CUDA-aware choice;
   ``--dry-run`` on the CPU.
+- ``overhead``: what one mpicnn rank adds to a bare PyTorch step: host operators,
+  kernels, device waits and milliseconds per step, from torch.profiler (``--profile``).
+- ``_bare``: the bare PyTorch loop ``gpu`` and ``overhead`` race.
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` and ``cluster`` start on their
   ranks (DDP over gloo, optionally with its fp16 compression hook).
 - ``_tta_ddp``: the DDP + DataLoader script ``tta`` races; ``_gloo``: the DDP peers'

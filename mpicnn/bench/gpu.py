@@ -24,14 +24,15 @@ from pathlib import Path
 
 from ..cluster import jobs
 from ..observe.report import load_run
+from ._bare import OPTIMIZER_FLAGS, WARMUP, BareLoop
 
 MODELS = ("resnet18", "seednet")
 SHAPE = (3, 32, 32)
-# variant -> (autocast dtype of the bare loop, channels_last, mpicnn.train flags)
+# variant -> (--amp of the bare loop, channels_last, mpicnn.train flags)
 VARIANTS = {
-    "fp32": (None, False, []),
-    "bf16": ("bfloat16", False, ["--amp", "bf16"]),
-    "bf16+channels_last": ("bfloat16", True, ["--amp", "bf16", "--channels-last"]),
+    "fp32": ("off", False, []),
+    "bf16": ("bf16", False, ["--amp", "bf16"]),
+    "bf16+channels_last": ("bf16", True, ["--amp", "bf16", "--channels-last"]),
 }
 SKIPPED = "skipped: flag not available"
 
@@ -56,8 +57,6 @@ def parse_args(argv):
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     return args
 
-
-WARMUP = 5          # as mpicnn.train's end record: the first 5 steps stay out of images/s
 
 
 def train_flags() -> set[str]:
@@ -92,39 +91,13 @@ def run_gpu_tests(dry_run: bool, timeout: float) -> dict:
 
 
 def bare_loop(model_name: str, variant: str, device: str, batch: int, steps: int) -> float:
-    """Images/s of a plain PyTorch training loop on device-resident random batches."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..training.models import build_model
-
+    """Images/s of the bare PyTorch loop (``_bare``) in ``variant``'s precision and format."""
     amp, channels_last, _ = VARIANTS[variant]
-    torch.manual_seed(0)
-    model = build_model(model_name, SHAPE, 10).to(device)
-    x = torch.randn(batch, *SHAPE, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    fused = {"fused": True} if device == "cuda" else {}
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, **fused)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    dtype = getattr(torch, amp) if amp else None
-    for step in range(WARMUP + steps):
-        if step == WARMUP:
-            sync()
-            started = time.perf_counter()
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        opt.step()
-    sync()
-    seconds = time.perf_counter() - started
-    del model, opt, x, y
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return batch * steps / seconds
+    loop = BareLoop(model_name, SHAPE, 10, device, batch, amp, channels_last)
+    try:
+        return loop.images_per_s(steps)
+    finally:
+        loop.close()
 
 
 def mpicnn_run(n: int, model: str, flags: list, args, data: Path, work: Path,
@@ -132,7 +105,7 @@ def mpicnn_run(n: int, model: str, flags: list, args, data: Path, work: Path,
     """One ``mpirun -n n python -m mpicnn.train`` job: its images/s and startup log."""
     metrics = work / f"{name}.jsonl"
     train = ["--data", data, "--model", model, "--batch-size", args.batch, "--epochs", 1,
-             "--max-steps", WARMUP + args.steps, "--optimizer", "sgd", "--lr", 0.05,
+             "--max-steps", WARMUP + args.steps, *OPTIMIZER_FLAGS,
              "--device", args.device, "--progress", "off", "--log-every", 1000,
              "--metrics", metrics, *flags]
     done = jobs.mpirun(n, "mpicnn.train", train, args.timeout)

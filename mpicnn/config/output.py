@@ -32,6 +32,11 @@ class OutputConfig:
                         "this file (open in ui.perfetto.dev)", "output")
     timeline_steps: str = opt("0:20", "global steps a:b (b excluded) recorded by --timeline",
                               "output", metavar="A:B")
+    profile: str = opt("", "write torch.profiler traces and per-step host operator, kernel and "
+                       "device-wait counts of each rank into this directory", "output",
+                       metavar="DIR")
+    profile_steps: str = opt("10:20", "global steps a:b (b excluded) profiled by --profile",
+                             "output", metavar="A:B")
     keep_checkpoints: int = opt(3, "keep only the newest K step checkpoints (0: all; final.pt "
                                 "is always kept)", "output")
 

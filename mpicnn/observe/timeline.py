@@ -103,14 +103,14 @@ def step(global_step: int) -> None:
         _recorder.at_step(global_step)
 
 
-def parse_steps(text: str) -> tuple[int, int]:
-    """``"a:b"`` -> (a, b): record global steps a <= step < b."""
+def parse_steps(text: str, flag: str = "--timeline-steps") -> tuple[int, int]:
+    """``"a:b"`` -> (a, b): record global steps a <= step < b (``flag`` names it in errors)."""
     try:
         first, last = (int(v) for v in text.split(":"))
     except ValueError:
         first = last = -1
     if not 0 <= first < last:
-        raise MpicnnError(f"--timeline-steps {text!r}: expected a:b with 0 <= a < b, "
+        raise MpicnnError(f"{flag} {text!r}: expected a:b with 0 <= a < b, "
                           f"e.g. 10:30 (steps a to b-1 are recorded)", collective=True)
     return first, last
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cluster.world import reduce_sums
-from ..observe import timeline
+from ..observe import profile, timeline
 from ..resilience.step_guard import step_code
 from .precision import Precision
 
@@ -84,6 +84,7 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
     batches = work.batches(loader, state, run_steps)
     while state.global_step < run_steps:
         timeline.step(state.global_step)
+        profile.step(state.global_step)
         with stats.phase("data"):
             batch = next(batches, None)
         state.move_to(work.position())
@@ -114,6 +115,7 @@ def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, sche
             guard.settle()
         if should_stop is not None and state.global_step < run_steps and should_stop(state):
             break
+    profile.pause()
     if guard is not None:
         guard.settle()
 
