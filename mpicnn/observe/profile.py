@@ -21,7 +21,6 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
               "cudaMemcpy", "cudaStreamWaitEvent_sync", "aten::_local_scalar_dense")
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
                 "cudaGraphLaunch")
-TOP_OPS_SHOWN = 25
 
 _profiler = None            # the StepProfiler while --profile is on, else None
 
@@ -55,7 +54,7 @@ def summarize(events, steps: int) -> dict:
             "launches": round(launches / per, 2),
             "syncs": round(sum(syncs.values()) / per, 2),
             "sync_calls": {k: round(v / per, 2) for k, v in syncs.most_common()},
-            "ops": {k: round(v / per, 2) for k, v in top.most_common(TOP_OPS_SHOWN)}}
+            "ops": {k: round(v / per, 2) for k, v in top.most_common()}}
 
 
 def profiler_events(prof) -> list[tuple[str, str, bool]]:

@@ -22,6 +22,10 @@ PHASES = ("data", "forward", "backward", "comm", "optimizer")
 WAIT_PHASES = ("ps_push", "ps_pull", "pipe_wait")
 # The first steps (warm-up: allocations, bucket rebuilds) stay out of the run's images/s.
 WARMUP_STEPS_UNTIMED = 5
+# Phases whose CUDA events are left unread at most (then those complete are read).
+MAX_UNREAD_PHASES = 256
+# Device losses kept unread at most (a mode without mid-epoch records reads this often).
+MAX_UNREAD_LOSSES = 1024
 
 
 class PhaseTimer:
@@ -29,9 +33,10 @@ class PhaseTimer:
 
     On the CPU a phase is its wall-clock time. On a CUDA device (``device``) the host only
     launches kernels, so a phase is the GPU time between two CUDA events recorded on the
-    current stream at its start and end, less the host waits spanned inside it; the
-    events are read once complete (``take``, without blocking) or at the end of an
-    interval or epoch (blocking), never with a synchronisation inside the step.
+    current stream, less the host waits spanned inside it. Consecutive phases share the
+    event between them (one event a phase, all GPU work charged to some phase), events
+    are reused once read, and they are read when records are written (``take``), never
+    with a synchronisation inside the step.
     """
 
     def __init__(self, device=None, event=None):
@@ -39,6 +44,8 @@ class PhaseTimer:
                                             getattr(device, "type", device) == "cuda")
         self._event = event or (self._cuda_event if self.events else None)
         self._pending = []             # (phase, start event, end event, host waits inside)
+        self._free = []                # read events, recorded again by later phases
+        self._boundary = None          # the end event of the last phase: the next one's start
         self._waits = 0.0
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.mark = dict(self.totals)
@@ -50,6 +57,11 @@ class PhaseTimer:
 
         return torch.cuda.Event(enable_timing=True)
 
+    def _recorded(self):
+        event = self._free.pop() if self._free else self._event()
+        event.record()
+        return event
+
     @contextmanager
     def phase(self, name: str):
         """Time the block as ``name``; waits spanned inside it are charged to themselves."""
@@ -57,17 +69,21 @@ class PhaseTimer:
         previous = timeline.listen(self)
         start = None
         if self.events:
-            start, self._waits = self._event(), 0.0
-            start.record()
+            start = self._boundary if self._boundary is not None else self._recorded()
+            self._waits = 0.0
         try:
             with timeline.span(name):
                 yield
         finally:
             timeline.listen(previous)
             if start is not None:
-                end = self._event()
-                end.record()
-                self._pending.append((name, start, end, self._waits))
+                self._boundary = self._recorded()
+                self._pending.append((name, start, self._boundary, self._waits))
+
+    @property
+    def unread(self) -> int:
+        """Phases whose events are not read yet."""
+        return len(self._pending)
 
     def tracks(self, name: str) -> bool:
         return name in self.totals or name in WAIT_PHASES
@@ -89,6 +105,7 @@ class PhaseTimer:
                 break                  # the stream runs in order: later ones are not done
             gpu = start.elapsed_time(end) / 1000.0
             self.totals[name] = self.totals.get(name, 0.0) + max(0.0, gpu - waits)
+            self._free.append(start)   # read; its successor's start is this one's end
             done += 1
         del self._pending[:done]
 
@@ -111,6 +128,7 @@ class PhaseTimer:
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.mark = dict(self.totals)
         self._pending = []
+        self._boundary = None
         self.steps = 0
 
 
@@ -143,6 +161,7 @@ class StepStats:
         self.run_images = self.run_seconds = 0.0
         self.clock = time.perf_counter()
         self.shown_loss = math.nan             # the loss of the last interval read, for the bar
+        self.device_losses: list = []          # (loss tensor, samples) of steps not yet read
         self._clear_interval()
         self._clear_epoch()
 
@@ -154,6 +173,23 @@ class StepStats:
     def _clear_epoch(self) -> None:
         self.epoch_loss = self.epoch_count = 0.0
         self.timer.reset()
+
+    def _read_losses(self) -> None:
+        """Read the device losses kept since the last read (one read for all of them) into
+        the interval's sum (NaN stays visible) and the epoch's finite sums."""
+        if not self.device_losses:
+            return
+        losses, self.device_losses = self.device_losses, []
+        values = torch.stack([loss for loss, _ in losses]).tolist()
+        for value, (_, count) in zip(values, losses):
+            self._add_loss(value, count)
+
+    def _add_loss(self, value: float, count: int) -> None:
+        self.interval_loss += value
+        self.interval_count += count
+        if math.isfinite(value):          # a skipped non-finite step stays out of the mean
+            self.epoch_loss += value
+            self.epoch_count += count
 
     def phase(self, name: str):
         """Time a block of the step as phase ``name``."""
@@ -178,19 +214,17 @@ class StepStats:
         if state.global_step - 1 >= WARMUP_STEPS_UNTIMED:
             self.run_seconds += seconds
             self.run_images += images
-        if isinstance(loss_sum, torch.Tensor):   # a skipped non-finite step stays out of the mean
-            finite = torch.isfinite(loss_sum)
-            self.epoch_loss = self.epoch_loss + torch.where(finite, loss_sum, 0.0)
-            self.epoch_count = self.epoch_count + finite * count
-        elif math.isfinite(loss_sum):
-            self.epoch_loss += loss_sum
-            self.epoch_count += count
-        self.interval_loss += loss_sum
-        self.interval_count += count
+        if isinstance(loss_sum, torch.Tensor):   # kept on the device until the next read
+            self.device_losses.append((loss_sum, count))
+            if len(self.device_losses) >= MAX_UNREAD_LOSSES:
+                self._read_losses()
+        else:
+            self._add_loss(loss_sum, count)
         self.interval_seconds += seconds
         self.interval_steps += 1
         writes = self.read_due(state)
-        self._split(block=writes)       # GPU phase times are read in full only when written
+        if writes or self.timer.unread >= MAX_UNREAD_PHASES:
+            self._split(block=writes)   # GPU phase times are read when written
         self.timer.steps += 1
         if self.progress is not None:
             self.progress.update(state.epoch + 1, state.global_step, self.shown_loss)
@@ -217,10 +251,10 @@ class StepStats:
 
     def _write_interval(self, state) -> None:
         """Write the steps accounted since the last record, if any (collective)."""
+        self._read_losses()                                   # the interval's one read
         if not self.interval_steps or self.writer is None:
             self._clear_interval()
             return
-        self.interval_loss = float(self.interval_loss)        # the interval's one read
         sums = reduce_sums(self.comm, [self.interval_loss, self.interval_count,
                                        self.interval_steps,
                                        *(self.interval_split[n] for n in self.names)])

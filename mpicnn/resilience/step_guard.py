@@ -28,7 +28,7 @@ def step_code(found: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
     """A step's verdict on the device: FINE, NONFINITE (the NaN policy's) or OVERFLOW.
 
     ``found``: the update's gradient is not finite; ``policy``: the NaN policy counts it
-    (``found`` unless a loss scale overflowed, see ``Precision.policy_flag``).
+    (``found`` unless a loss scale overflowed, see ``Precision.verdict``).
     """
     return 2 * found - policy
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from ..cluster.world import reduce_sums
 from ..observe import profile, timeline
-from ..resilience.step_guard import step_code
 from .precision import Precision
 
 
@@ -40,16 +39,19 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int,
     ``precision`` runs forward and loss under autocast and scales the loss for backward.
     """
     precision = precision or Precision()
-    loss_sum, zeroed = torch.zeros((), device=labels.device), False
+    loss_sum, zeroed = None, False
     every = getattr(model, "collective_forward", False)     # --sync-bn: all ranks take part
-    pieces = zip(images.tensor_split(accum_steps), labels.tensor_split(accum_steps))
+    pieces = zip(images.tensor_split(accum_steps), labels.tensor_split(accum_steps)) \
+        if accum_steps > 1 else [(images, labels)]
     for i, (x, y) in enumerate(pieces):
         if not len(y) and not every:   # an uneven last step: fewer samples than micro-batches
             continue
         with stats.phase("forward"), precision.autocast():
             out = model(x)
             loss = (F.cross_entropy(out, y, label_smoothing=label_smoothing) if len(y)
-                    else out.sum() * 0.0).float()
+                    else out.sum() * 0.0)
+            if loss.dtype != torch.float32:
+                loss = loss.float()
         with stats.phase("backward"):
             if not zeroed:
                 sync.zero_grad()
@@ -60,10 +62,11 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int,
                 scaled = loss * (weight * len(y) / max(1, len(labels)))
             with sync.no_sync() if i < accum_steps - 1 else nullcontext():
                 precision.scale(scaled).backward()
-        loss_sum = loss_sum + loss.detach() * len(y)
+        summed = loss.detach() * len(y)
+        loss_sum = summed if loss_sum is None else loss_sum + summed
     if not zeroed:
         sync.zero_grad()
-    return loss_sum
+    return loss_sum if loss_sum is not None else torch.zeros((), device=labels.device)
 
 
 def train_epoch(model, loader, sync, work, state, run_steps: int, stats, *, scheduler,
@@ -132,10 +135,7 @@ def apply_update(sync, guard, precision: Precision, step: int, loss_sum) -> None
     # Under a loss scale the policy looks at this rank's own loss: its verdict (and error)
     # is this rank's, and a stop ends the job from here instead of collectively.
     agreed = sync.synced_grads and precision.scaler is None
-    code = None
-    if guard is not None:
-        loss_bad = (~torch.isfinite(loss_sum)).to(found.dtype)
-        code = step_code(found, precision.policy_flag(loss_bad))
+    code = precision.verdict(loss_sum) if guard is not None else None
     if sync.skips_on_device:
         if code is not None:
             guard.defer(code, step, lr, agreed)

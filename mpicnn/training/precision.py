@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from ..resilience.nan_policy import nonfinite_flag
+from ..resilience.step_guard import step_code
 
 DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,28 +100,33 @@ class Precision:
         """Unscale, check and clip the gradients of ``params`` in place; the non-finite flag.
 
         Returns (and keeps as ``found``) a float 0-d device tensor, 1.0 when some gradient
-        element is NaN or Inf: that update must not land.
+        element is NaN or Inf: that update must not land. Under fp16 the unscale is the
+        check; otherwise one multi-tensor norm is (a few kernels for any model).
         """
         grads = [p.grad for p in params if p.grad is not None]
-        found = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.scaler is not None:
+            found = torch.zeros((), dtype=torch.float32, device=self.device)
             self.scaler.unscale_(grads, found)
-        found = torch.maximum(found, nonfinite_flag(grads, self.device))
+        else:
+            found = nonfinite_flag(grads, self.device)
         if self.clip > 0:
             clip_grad_norm(grads, self.clip)
         self.found = found
         return found
 
-    def policy_flag(self, loss_bad: torch.Tensor | None) -> torch.Tensor:
-        """The NaN policy's flag for this step: a non-finite gradient that is not an overflow.
+    def verdict(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """This step's ``step_code`` for the NaN policy (a device tensor, nothing read).
 
-        Under fp16 a non-finite gradient with a finite loss is a loss-scale overflow: the
-        scale backs off, the update is skipped, and the NaN policy does not count it. A
-        non-finite loss (this rank's, in fp32) is the data's or the run's fault and counts.
+        Without a loss scale every non-finite gradient is the policy's, and the code is
+        the flag itself (FINE 0, NONFINITE 1): no kernel. Under fp16 a non-finite gradient
+        with a finite loss is a loss-scale overflow: the scale backs off, the update is
+        skipped, and the NaN policy does not count it; a non-finite loss (this rank's, in
+        fp32) is the data's or the run's fault and counts.
         """
-        if self.scaler is None or loss_bad is None:
+        if self.scaler is None:
             return self.found
-        return self.found * loss_bad
+        loss_bad = (~torch.isfinite(loss_sum)).to(self.found.dtype)
+        return step_code(self.found, self.found * loss_bad)
 
     def update(self, found: torch.Tensor) -> None:
         """Move the loss scale by whether the update was skipped (``found``, the same on every
