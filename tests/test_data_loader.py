@@ -89,12 +89,34 @@ def test_prefetch_modes_and_cache_give_identical_batches(small, shuffle):
     reference = collect(loader())
     for options in [dict(prefetch=2), dict(prefetch=1, prefetch_mode="process"),
                     dict(prefetch=3, cache=True), dict(prefetch=2, prefetch_mode="process",
-                                                       cache=True)]:
+                                                       cache=True), dict(on_device=True)]:
         candidate = loader(**options)
         try:
             assert same(collect(candidate), reference), options
         finally:
             candidate.close()
+
+
+def test_rows_held_on_the_device_give_the_streamed_batches_and_read_nothing_per_step(small):
+    def loader(**options):
+        return Loader(small, small.train, CPU, 16, world=2, rank=1, seed=3,
+                      augment=("crop", "flip", "erase"), **options)
+
+    streamed, held = loader(), loader(on_device=True)
+    try:
+        assert same(collect(held), collect(streamed))
+        for each in (streamed, held):       # resumed at another layout: uneven steps
+            each.continue_epoch(1, shard.Layout(12, 3, "global"), first=100)
+        assert len({len(y) for _, y in collect(streamed, epochs=(1,), evals=False)}) > 1
+        assert same(collect(held, epochs=(1,)), collect(streamed, epochs=(1,)))
+        rows = streamed.plan(0)[3]            # one batch at a time (parameter servers)
+        assert same([held.rows_batch(rows, 0)], [streamed.rows_batch(rows, 0)])
+        kept = held.resident["epoch"]
+        assert kept.images.dtype == torch.uint8 and len(kept.images) == len(small.train)
+        assert not held.sources               # no reader: nothing is read per step
+    finally:
+        streamed.close(), held.close()
+    assert not held.resident
 
 
 def test_sample_level_shuffle_reads_rows_directly(small):

@@ -18,18 +18,21 @@ def final_params(folder):
 
 
 def test_parity_and_prefetch_do_not_change_training(tmp_path):
-    """n=4 x 8 with augmentation and a reader process == n=1 x 32; prefetch is exact."""
+    """n=4 x 8 with augmentation and a reader process == n=1 x 32; prefetch and the splits
+    held in device memory (--data-on-device on, here the CPU's) are exact."""
     common = ["--data", DIGITS, "--max-steps", 50, "--augment", "crop,flip", "--progress",
               "off", "--deterministic", "--threads", 1]
     runs = {"one": (1, 32, ["--prefetch", 0]),
             "four_process": (4, 8, ["--prefetch", 3, "--prefetch-mode", "process"]),
-            "four_inline": (4, 8, ["--prefetch", 0])}
+            "four_inline": (4, 8, ["--prefetch", 0]),
+            "four_held": (4, 8, ["--data-on-device", "on"])}
     for name, (n, batch, extra) in runs.items():
         mpirun(n, common + ["--batch-size", batch, "--checkpoint-dir", tmp_path / name,
                             "--metrics", tmp_path / f"{name}.jsonl"] + extra, timeout=300)
-    one, process, inline = (final_params(tmp_path / name) for name in runs)
+    one, process, inline, held = (final_params(tmp_path / name) for name in runs)
     for key in one:
         assert torch.equal(process[key], inline[key]), key          # same world: bitwise
+        assert torch.equal(held[key], inline[key]), key
         assert torch.allclose(one[key], process[key], rtol=1e-4, atol=1e-5), key
     ends = [read_jsonl(tmp_path / f"{name}.jsonl")[-1] for name in runs]
     assert ends[0]["steps"] == ends[1]["steps"] == 50

@@ -33,6 +33,11 @@ class DataConfig:
     prefetch_mode: str = opt("thread", "where the reader runs", "data", ["thread", "process"])
     cache: bool = opt(False, "keep rows in RAM once read (the rank's shard with --shuffle "
                       "local, else the split); checked against node memory", "data")
+    data_on_device: str = opt("auto", "hold the rows a rank reads on its device as stored "
+                              "(uint8 stays uint8) and gather each batch there: no reading, "
+                              "copying or waiting on the host per step; auto: on a GPU when "
+                              "the split takes at most a quarter of its free memory",
+                              "data", ["auto", "on", "off"])
     augment: str = opt("", "comma-separated augmentations: crop (pad and random crop), flip "
                        "(horizontal), erase (cutout: zero a random square of half the side "
                        "in half the samples); e.g. crop,flip", "data", metavar="LIST")

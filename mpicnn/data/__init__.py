@@ -16,6 +16,8 @@ Reading, in the order a batch passes through:
 - ``memory``: whether what ``--cache`` keeps fits in the node's memory.
 - ``prefetch``: reading ahead of the loop: inline, in a thread, or in a reader process.
 - ``augment``: ``--augment`` crop and flip on the device, fixed by (seed, epoch, row).
+- ``resident``: ``--data-on-device``: the rows a rank reads held on its device as
+  stored, each batch gathered there.
 - ``loader``: this rank's batches on the device, normalised and augmented (``Loader``,
   ``make_loaders``).
 

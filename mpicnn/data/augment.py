@@ -55,54 +55,76 @@ def to_device(array: np.ndarray, device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+# Columns of ``Augmenter.draws``: every random choice of a sample, one int64 row a sample.
+DY, DX, FLIP, ERASE, TOP, LEFT = range(6)
+
+
 class Augmenter:
-    """Apply the chosen augmentations to a normalised (N, C, H, W) float batch."""
+    """Apply the chosen augmentations to a normalised (N, C, H, W) float batch.
+
+    ``draws`` makes a sample's choices on the host (one int64 row each, from its row and
+    the epoch); ``apply`` uses them on the device. The draws of a batch cross to the
+    device in one copy, or those of a whole epoch in one copy (``--data-on-device``).
+    """
 
     def __init__(self, names, input_shape, seed: int):
         self.names, self.seed = tuple(names), seed
-        _, h, w = input_shape
-        self.pad = max(1, min(h, w) // 8)        # 4 pixels on 32x32, 1 on 8x8
+        _, self.h, self.w = input_shape
+        self.pad = max(1, min(self.h, self.w) // 8)        # 4 pixels on 32x32, 1 on 8x8
 
     def __bool__(self) -> bool:
         return bool(self.names)
 
     def __call__(self, x: torch.Tensor, rows: np.ndarray, epoch: int) -> torch.Tensor:
+        return self.apply(x, to_device(self.draws(rows, epoch), x.device))
+
+    def draws(self, rows: np.ndarray, epoch: int) -> np.ndarray:
+        """(len(rows), 6) int64: crop offsets, flip, erase on/off and the square's corner."""
         bits = sample_draws(rows, self.seed, epoch)
         span = np.uint64(2 * self.pad + 1)
+        out = np.zeros((len(bits), 6), np.int64)
+        out[:, DY] = bits % span
+        out[:, DX] = (bits >> np.uint64(16)) % span
+        out[:, FLIP] = (bits >> np.uint64(32)) & np.uint64(1)
+        erase = mix64(bits ^ np.uint64(ERASE_STREAM))
+        side = max(1, min(self.h, self.w) // 2)
+        out[:, ERASE] = erase & np.uint64(1)
+        out[:, TOP] = ((erase >> np.uint64(8)) % np.uint64(self.h)).astype(np.int64) - side // 2
+        out[:, LEFT] = ((erase >> np.uint64(32)) % np.uint64(self.w)).astype(np.int64) \
+            - side // 2
+        return out
+
+    def apply(self, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The augmentations of ``x`` by its samples' ``draws`` (on ``x``'s device)."""
         if "crop" in self.names:
-            dy = (bits % span).astype(np.int64)
-            dx = ((bits >> np.uint64(16)) % span).astype(np.int64)
-            x = self.crop(x, dy, dx)
+            x = self.crop(x, draws[:, DY], draws[:, DX])
         if "flip" in self.names:
-            flip = to_device(((bits >> np.uint64(32)) & np.uint64(1)).astype(bool), x.device)
-            flip = flip.view(-1, 1, 1, 1)
+            flip = draws[:, FLIP].bool().view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         if "erase" in self.names:
-            x = self.erase(x, mix64(bits ^ np.uint64(ERASE_STREAM)))
+            x = self.erase(x, draws[:, ERASE].bool(), draws[:, TOP], draws[:, LEFT])
         return x
 
-    def erase(self, x: torch.Tensor, bits: np.ndarray) -> torch.Tensor:
-        """Zero a (side x side) square centred at a random pixel in half of the samples."""
+    def erase(self, x: torch.Tensor, on: torch.Tensor, top: torch.Tensor,
+              left: torch.Tensor) -> torch.Tensor:
+        """Zero a (side x side) square at (top, left) in the samples where ``on``."""
         n, _, h, w = x.shape
         side = max(1, min(h, w) // 2)
-        on = (bits & np.uint64(1)).astype(bool)
-        top = ((bits >> np.uint64(8)) % np.uint64(h)).astype(np.int64) - side // 2
-        left = ((bits >> np.uint64(32)) % np.uint64(w)).astype(np.int64) - side // 2
         dev = x.device
-        top, left = to_device(top, dev).view(n, 1), to_device(left, dev).view(n, 1)
+        top, left = top.view(n, 1), left.view(n, 1)
         ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
         rows = (ys >= top) & (ys < top + side)                  # (n, h)
         cols = (xs >= left) & (xs < left + side)                # (n, w)
-        hole = rows.view(n, h, 1) & cols.view(n, 1, w) & to_device(on, dev).view(n, 1, 1)
+        hole = rows.view(n, h, 1) & cols.view(n, 1, w) & on.view(n, 1, 1)
         return x.masked_fill(hole.unsqueeze(1), 0.0)
 
-    def crop(self, x: torch.Tensor, dy: np.ndarray, dx: np.ndarray) -> torch.Tensor:
+    def crop(self, x: torch.Tensor, dy, dx) -> torch.Tensor:
         """Zero-pad by ``pad`` (zero = the mean pixel after normalising), cut H x W at (dy, dx)."""
         n, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, (self.pad,) * 4)
         dev = x.device
-        ys = to_device(dy, dev).view(n, 1) + torch.arange(h, device=dev)
-        xs = to_device(dx, dev).view(n, 1) + torch.arange(w, device=dev)
+        ys = torch.as_tensor(dy, device=dev).view(n, 1) + torch.arange(h, device=dev)
+        xs = torch.as_tensor(dx, device=dev).view(n, 1) + torch.arange(w, device=dev)
         idx = torch.arange(n, device=dev).view(n, 1, 1)
         out = padded.permute(0, 2, 3, 1)[idx, ys.view(n, h, 1), xs.view(n, 1, w)]
         return out.permute(0, 3, 1, 2).contiguous()

@@ -18,6 +18,7 @@ from .chunks import unit_rows
 from .memory import check_cache_fits
 from .prefetch import InlineSource, ProcessSource, ThreadSource
 from .reader import ReaderSpec
+from .resident import ResidentRows, keeps_on_device, ranks_sharing
 from .schema import Dataset, Split
 
 EVAL_BATCH = 512
@@ -46,13 +47,14 @@ class Loader:
     permutation).
     ``prefetch``: batches read ahead (0: read in the loop); ``prefetch_mode`` thread or
     process. ``cache``: keep every row read in RAM. ``augment``: names from
-    :mod:`augment`.
+    :mod:`augment`. ``on_device``: hold the readable rows on the device
+    (:mod:`resident`) instead of reading per step.
     """
 
     def __init__(self, data: Dataset, split: Split, device, batch: int, world: int = 1,
                  rank: int = 0, seed: int = 0, shuffle: str = "global", *,
                  prefetch: int = 0, prefetch_mode: str = "thread", cache: bool = False,
-                 augment=(), block: int = 0, window: int = 0):
+                 augment=(), block: int = 0, window: int = 0, on_device: bool = False):
         self.data, self.split = data, split
         self.batch, self.world, self.rank = batch, world, rank
         self.seed, self.shuffle = seed, shuffle
@@ -67,6 +69,8 @@ class Loader:
         self.window_setting = window
         self.window = self._window(self.layout)
         self.sources: dict = {}
+        self.on_device = on_device
+        self.resident: dict = {}      # kind -> ResidentRows (with on_device)
         self._plans: tuple = (None, {})
         self.continued = None        # (epoch, Layout of its order, samples already trained)
 
@@ -188,6 +192,11 @@ class Loader:
     def sample_bytes(self) -> int:
         return int(np.prod(self.split.images.shape[1:])) * self.split.images.dtype.itemsize
 
+    def held_bytes(self, kind: str) -> int:
+        """Bytes the rows ``kind`` may read take as stored (what ``on_device`` holds)."""
+        lo, hi = self.ranges(kind)
+        return (hi - lo) * self.sample_bytes
+
     def cache_bytes(self, kind: str) -> int:
         """RAM that ``--cache`` will hold for ``kind`` once every row has been read."""
         lo, hi = self.ranges(kind)
@@ -222,7 +231,38 @@ class Loader:
         images = self.spec("epoch").open(self.split.images).read(rows)
         return torch.from_numpy(images), torch.from_numpy(self.split.labels[rows])
 
+    def resident_rows(self, kind: str) -> ResidentRows:
+        """The rows ``kind`` may read, loaded onto the device on first use."""
+        if kind not in self.resident:
+            lo, hi = self.ranges(kind)
+            read = self.spec(kind).open(self.split.images).read
+            self.resident[kind] = ResidentRows(read, self.split.labels, lo, hi,
+                                               self.data.input_shape,
+                                               self.split.images.dtype, self.device)
+        return self.resident[kind]
+
+    def _resident_batches(self, kind: str, rows_list, epoch: int | None):
+        """Batches gathered on the device: the plan and the augmentation draws of all the
+        steps cross to it once, then every step is a few kernels and no host work."""
+        if not rows_list:
+            return
+        rows = self.resident_rows(kind)
+        sizes = [len(r) for r in rows_list]
+        plan = to_device(np.concatenate(rows_list) - rows.lo, self.device)
+        draws = None
+        if epoch is not None and self.augment:
+            draws = to_device(self.augment.draws(np.concatenate(rows_list), epoch), self.device)
+        for first, size in zip(np.cumsum([0] + sizes[:-1]), sizes):
+            images, labels = rows.take(plan[first:first + size])
+            x = self.normalize(images)
+            if draws is not None:
+                x = self.augment.apply(x, draws[first:first + size])
+            yield x, labels
+
     def _batches(self, kind: str, rows_list, epoch: int | None, source=None):
+        if self.on_device:
+            yield from self._resident_batches(kind, rows_list, epoch)
+            return
         cuda = self.device.type == "cuda"
 
         def host(images: np.ndarray, rows) -> torch.Tensor:
@@ -258,6 +298,8 @@ class Loader:
         Read on the calling thread: there is nothing to read ahead, and a reader thread
         per batch costs its start-up and, on busy cores, a wait to be scheduled.
         """
+        if self.on_device:
+            return next(self._resident_batches("epoch", [rows], epoch))
         source = self.source("epoch")
         if isinstance(source, ThreadSource):
             source = InlineSource(source.read)
@@ -270,10 +312,11 @@ class Loader:
         return self._batches("eval", rows_list, None)
 
     def close(self) -> None:
-        """Stop reader threads and processes."""
+        """Stop reader threads and processes; free the rows held on the device."""
         for source in self.sources.values():
             source.close()
         self.sources.clear()
+        self.resident.clear()
 
 
 def ahead_on_stream(batches):
@@ -325,11 +368,22 @@ def make_loaders(settings, data: Dataset, world, batch_size: int, seed: int,
     train = Loader(data, data.train, world.device, batch_size, workers, index,
                    seed, settings.shuffle, augment=parse_augment(settings.augment), **options)
     val = Loader(data, data.val, world.device, batch_size, workers, index, **options)
+    mib = 2 ** 20
+    held = sum(loader.held_bytes(kind) for loader, kind in ((train, "epoch"), (val, "eval")))
+    sharing = ranks_sharing(world.device, world.local_size)
+    on_device = world.agree(lambda: keeps_on_device(settings.data_on_device, world.device,
+                                                    held, sharing), comm)
+    if on_device:
+        train.on_device = val.on_device = True
+        train.resident_rows("epoch"), val.resident_rows("eval")      # loaded before step 1
+        world.log.info(f"data: {held / mib:.1f} MiB of the splits held on {world.device} as "
+                       f"stored ({data.train.images.dtype}); every batch gathered there "
+                       f"(--data-on-device {settings.data_on_device})")
+        return train, val
     if settings.cache:
         world.agree(lambda: check_cache([(train, "epoch"), (val, "eval")], world.local_size),
                     comm)
     train.source("epoch"), val.source("eval")     # start reader processes before step 1
-    mib = 2 ** 20
     cached = (train.cache_bytes("epoch") + val.cache_bytes("eval")) / mib
     world.log.info(
         f"data: blocks of {train.block} rows shuffled, then rows within {train.window}; "

@@ -22,15 +22,15 @@ def available_bytes(path: str = MEMINFO) -> int:
 
 
 def check_cache_fits(need: int, local_size: int, available: int | None = None,
-                     hint: str = "") -> None:
-    """Fail clearly unless ``local_size`` ranks can each cache ``need`` bytes on this node."""
+                     hint: str = "", flag: str = "--cache") -> None:
+    """Fail clearly unless ``local_size`` ranks can each keep ``need`` bytes on this node."""
     available = available_bytes() if available is None else available
     budget = int(available * USABLE_SHARE) // max(1, local_size)
     if need > budget:
         raise MpicnnError(
-            f"--cache needs {gib(need)} per rank x {local_size} rank(s) on this node = "
+            f"{flag} needs {gib(need)} per rank x {local_size} rank(s) on this node = "
             f"{gib(need * local_size)}, but the node has {gib(available)} available "
-            f"({USABLE_SHARE:.0%} usable: {gib(budget)} per rank); run without --cache"
+            f"({USABLE_SHARE:.0%} usable: {gib(budget)} per rank); run without {flag}"
             f"{hint}, or on more nodes")
 
 
