@@ -65,6 +65,11 @@ class TrainingConfig:
     channels_last: bool = opt(False, "model weights and input batches in the channels_last "
                               "memory format (faster convolutions on GPU tensor cores)",
                               "training")
+    compile: str = opt("off", "torch.compile the model (forward and backward): default, "
+                       "reduce-overhead (on a GPU: steps replayed as CUDA graphs) or "
+                       "max-autotune; the first steps compile; the allreduce engine's "
+                       "buckets then launch when backward ends", "training",
+                       ["off", "default", "reduce-overhead", "max-autotune"])
     sync_bn: bool = opt(False, "BatchNorm statistics over the global batch: each forward and "
                         "backward allreduces them over the training ranks (not ps-async)",
                         "training")
@@ -83,3 +88,14 @@ class TrainingConfig:
         must(self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,
              f"--accum-steps {self.accum_steps} must be at least 1 and divide --batch-size "
              f"{self.batch_size} (each micro-batch is batch-size / accum-steps samples)")
+
+
+def check_compile(cfg) -> None:
+    """``--compile`` compiles the whole model's forward: refuse what runs it otherwise."""
+    if cfg.training.compile == "off":
+        return
+    must(cfg.sync.mode != "pipeline", "--compile applies to the whole model, and --mode "
+         "pipeline runs it in stages: use --compile off with pipelines")
+    must(not cfg.sync.overlap_forward, "--compile and --overlap-forward: the deferred updates "
+         "hook each layer's forward, which a compiled forward would break into pieces; use "
+         "one of them")

@@ -8,6 +8,8 @@
 - ``precision``: ``--amp`` (autocast, the fp16 loss scale) and ``--clip-grad-norm``:
   what happens to a step's gradient between averaging and the update.
 - ``adapt``: what ``--channels-last`` and ``--sync-bn`` make of a built model.
+- ``compiled``: ``--compile``: torch.compile of the model in place (CUDA graphs on a GPU
+  in reduce-overhead mode).
 - ``syncbn``: SyncBatchNorm over MPI (statistics and their gradients summed over ranks).
 - ``loop``: one epoch of training steps and one evaluation pass, with no mode branches.
 - ``trainer``: what a run builds on every rank (``build_parts``) and the ``Trainer`` that

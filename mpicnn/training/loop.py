@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..cluster.world import reduce_sums
 from ..observe import profile, timeline
+from .compiled import mark_step
 from .precision import Precision
 
 
@@ -47,6 +48,7 @@ def forward_backward(model, sync, stats, images, labels, accum_steps: int,
         if not len(y) and not every:   # an uneven last step: fewer samples than micro-batches
             continue
         with stats.phase("forward"), precision.autocast():
+            mark_step(model)
             out = model(x)
             loss = (F.cross_entropy(out, y, label_smoothing=label_smoothing) if len(y)
                     else out.sum() * 0.0)

@@ -23,6 +23,7 @@ from ..observe.steps import StepStats
 from ..observe.tensorboard import TensorBoardSink
 from ..resilience import drills
 from .adapt import adapt_model
+from .compiled import compile_model
 from .loop import train_epoch
 from .models import build_model
 from .optim import (
@@ -67,6 +68,8 @@ def build_parts(cfg, world, data, work) -> Parts:
                                             data.num_classes, world.log.info)).to(world.device)
     model = adapt_model(model, cfg.training, cfg.sync.mode, work.trains, work.comm,
                         world.log.info)      # --channels-last, --sync-bn
+    if work.trains:
+        model = compile_model(model, cfg.training.compile, world.device, world.log.info)
     optimizer = build_optimizer(cfg.training, model.parameters(), layout.global_batch)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)
     precision = Precision(cfg.training.amp, world.device, cfg.training.clip_grad_norm)
