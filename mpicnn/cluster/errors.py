@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import sys
 import traceback
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .world import World
 
 
 class MpicnnError(Exception):
@@ -28,10 +24,9 @@ class MpicnnError(Exception):
         self.collective = collective
 
 
-def report_failure(world: World | None, exc: BaseException, debug: bool) -> int:
+def report_failure(exc: BaseException, debug: bool, rank: int = 0, size: int = 1) -> int:
     """Print one ``mpicnn: error:`` line (once per job) and return the exit code."""
     collective = isinstance(exc, MpicnnError) and exc.collective
-    rank = world.rank if world else 0
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, MpicnnError):
@@ -39,7 +34,7 @@ def report_failure(world: World | None, exc: BaseException, debug: bool) -> int:
     else:
         hint = "" if debug else " (rerun with --debug for the traceback)"
         message = f"{type(exc).__name__}: {exc}{hint}"
-    if not collective and world and world.size > 1:
+    if not collective and size > 1:
         message = f"rank {rank}: {message}"
     if not collective or rank == 0:
         print_error(message)
