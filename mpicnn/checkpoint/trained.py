@@ -67,17 +67,41 @@ class Trained:
                              layout or record["layout"]).to(self.device).eval()
 
 
-def load_trained(path: str | os.PathLike, data=None, device="cpu") -> Trained:
-    """Rebuild the model of checkpoint ``path`` on ``device``; a checkpoint older than its
-    input record takes it from ``data`` (the Dataset it was trained on), or fails."""
-    saved = files.load(path)
-    record = saved.get(INPUT)
-    if record is None:
-        if data is None:
-            raise MpicnnError(f"checkpoint {str(path)!r} does not record the input its model "
-                              f"takes (shape, normalisation; written by an older mpicnn): "
-                              f"pass --data FILE, the dataset it was trained on")
-        record = input_record(data)
+def open_run_data(config: dict, path: str | None = None):
+    """The dataset the run read (or ``path``) as the run read it: its keys, layout and
+    validation share, so ``val`` holds the rows the run evaluated on."""
+    from ..data.schema import open_dataset
+
+    return open_dataset(path or config["data"], config.get("images_key", "images"),
+                        config.get("labels_key", "labels"), config.get("layout", "auto"),
+                        config.get("val_fraction", 0.1))
+
+
+def _recorded_input(saved: dict, path, data_path: str | None) -> dict:
+    """The checkpoint's input record; an older checkpoint's, from its dataset."""
+    if INPUT in saved:
+        return saved[INPUT]
+    try:
+        data = open_run_data(saved.get("config", {}), data_path)
+    except (MpicnnError, KeyError) as exc:
+        raise MpicnnError(f"checkpoint {str(path)!r} does not record the input its model "
+                          f"takes (written by an older mpicnn), and its dataset cannot tell "
+                          f"({exc}): pass --data FILE, the dataset it was trained on") from None
+    try:
+        return input_record(data)
+    finally:
+        data.close()
+
+
+def load_trained(path: str | os.PathLike, device="cpu", data_path: str | None = None
+                 ) -> Trained:
+    """Rebuild the model of checkpoint ``path`` on ``device`` (a checkpoint without its
+    input record takes it from ``data_path`` or the dataset the run read)."""
+    try:
+        saved = files.load(path)
+    except files.Unloadable as exc:
+        raise MpicnnError(f"cannot use checkpoint {str(path)!r}: {exc.problem}") from None
+    record = _recorded_input(saved, path, data_path)
     name = saved["model_name"]
     model = build_model(name, tuple(record["shape"]), record["num_classes"])
     try:
@@ -92,4 +116,4 @@ def load_trained(path: str | os.PathLike, data=None, device="cpu") -> Trained:
 
 def load_model(path: str | os.PathLike, device="cpu") -> RawImageModel:
     """The model of checkpoint ``path``, taking images as the training file stores them."""
-    return load_trained(path, device=device).raw()
+    return load_trained(path, device).raw()

@@ -5,6 +5,7 @@ other aborts the whole MPI job so no rank is left waiting in a collective.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 
@@ -22,6 +23,13 @@ class MpicnnError(Exception):
     def __init__(self, message: str, *, collective: bool = False):
         super().__init__(message)
         self.collective = collective
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are MpicnnErrors: one line, from rank 0 alone under MPI."""
+
+    def error(self, message):
+        raise MpicnnError(f"{message} (see {self.prog} --help)", collective=True)
 
 
 def report_failure(exc: BaseException, debug: bool, rank: int = 0, size: int = 1) -> int:
