@@ -5,6 +5,9 @@ One training step runs down this line, and the packages follow it:
 - ``train``: the entry (``mpirun -n N python -m mpicnn.train``): build, train or serve, close;
   ``__main__`` lists the commands, ``report`` is the entry of ``python -m mpicnn.report``,
   ``run`` of ``python -m mpicnn.run`` (restart a launch after a crash).
+- the trained model out of a checkpoint: ``export`` (TorchScript, ONNX, state_dict),
+  ``predict`` (classes and probabilities to CSV), ``evaluate`` (loss and accuracy on any
+  number of ranks, no training).
 - ``config``: settings in sections (data, training, sync, output, failure), flags and TOML.
 - ``cluster``: where ranks run: the MPI world, nodes, devices, the batch job, errors, jobs
   as processes, and emulated nodes on one machine (``python -m mpicnn.cluster``).

@@ -50,7 +50,7 @@ def train(world, argv) -> int:
         strategy.expect_samples(data.input_shape)
         parts = build_parts(cfg, world, data, strategy)
         checkpointer = Checkpointer(cfg, world, parts.model, parts.optimizer, parts.scheduler,
-                                    parts.layout, parts.precision)
+                                    parts.layout, parts.precision, data)
         checkpointer.prepare()
         guard = StepGuard(cfg.failure, world)
         strategy.watched_by(guard)          # stall reports name stages and their waits

@@ -7,4 +7,6 @@
   global batch continues from there.
 - ``writer``: writing now or in the background (host copy, one write in flight).
 - ``checkpointer``: rank 0's checkpoints (cadence, stop saves, ``config.toml``, pruning).
+- ``trained``: the model a checkpoint holds, rebuilt from it alone and taking images as
+  the HDF5 file stores them (``load_model``; export, predict, evaluate).
 """

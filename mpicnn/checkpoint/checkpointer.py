@@ -11,15 +11,19 @@ from pathlib import Path
 
 from . import files, position
 from .state import RunState, training_state
+from .trained import INPUT, input_record
 from .writer import Writer
 
 
 class Checkpointer:
     """Writes the training state of ``model``/``optimizer``/``scheduler`` when it is due."""
 
-    def __init__(self, cfg, world, model, optimizer, scheduler, layout=None, precision=None):
+    def __init__(self, cfg, world, model, optimizer, scheduler, layout=None, precision=None,
+                 data=None):
         self.cfg, self.world, self.layout, self.precision = cfg, world, layout, precision
         self.parts = (model, optimizer, scheduler)
+        # what the model takes (``data``: the Dataset), so the checkpoint alone can run it
+        self.input = input_record(data) if data is not None else None
         self.writes = bool(cfg.output.checkpoint_dir) and world.is_root
         self.saved: Path | None = None          # the newest checkpoint this run wrote
         self.writer = Writer(background=cfg.output.checkpoint_async)
@@ -52,6 +56,8 @@ class Checkpointer:
         saved = training_state(self.cfg, *self.parts, state, self.precision)
         if self.layout is not None:        # where the run stands in samples (resume anywhere)
             saved.update(position.record(state, self.layout))
+        if self.input is not None:
+            saved[INPUT] = self.input
         directory, keep = self.cfg.output.checkpoint_dir, self.cfg.output.keep_checkpoints
         self.writer.save(saved, path, after=lambda: files.prune(directory, keep))
         self.saved = path

@@ -1,10 +1,15 @@
 """Writing checkpoints in the background: a host copy at the step boundary, then one write.
 
+Every checkpoint holds CPU tensors, whatever the device, so it loads on any machine
+(``torch.load(path, weights_only=True)`` without ``map_location``).
+
 ``--checkpoint-async``: rank 0 copies the training state to host memory where the loop
-stands (the only time training waits for a checkpoint), then a thread writes the copy
-atomically (temporary file, fsync, rename; checksum included) while training goes on.
-At most one write is in flight: a new one first waits for the previous. A crash during
-a write leaves the older checkpoints whole, as a synchronous write does.
+stands, then a thread writes the copy atomically (temporary file, fsync, rename;
+checksum included) while training goes on. GPU tensors are copied into pinned memory
+without waiting; the thread waits for the copies (one CUDA event) before it writes,
+so training waits only to queue them. At most one write is in flight: a new one first
+waits for the previous. A crash during a write leaves the older checkpoints whole, as
+a synchronous write does.
 """
 from __future__ import annotations
 
@@ -18,15 +23,36 @@ from ..cluster.errors import MpicnnError
 from . import files
 
 
-def host_copy(obj):
-    """A deep copy of ``obj`` with every tensor copied to host memory (nothing shared)."""
+def host_copy(obj, clone: bool = True):
+    """``obj`` with every tensor in host memory: CUDA tensors copied into pinned memory
+    without waiting (see ``copies_queued``), CPU tensors cloned if ``clone`` (then nothing
+    is shared with the live state), other devices' copied now."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return _to_host(obj.detach(), clone)
     if isinstance(obj, dict):
-        return {key: host_copy(value) for key, value in obj.items()}
+        return {key: host_copy(value, clone) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(item) for item in obj)
+        return type(obj)(host_copy(item, clone) for item in obj)
     return obj
+
+
+def _to_host(tensor: torch.Tensor, clone: bool) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor.clone() if clone else tensor
+    if tensor.device.type == "cuda":
+        host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
+    return tensor.to("cpu")
+
+
+def copies_queued():
+    """A CUDA event after every copy queued so far on this thread's stream (None without
+    CUDA): waiting on it makes the pinned copies of ``host_copy`` complete."""
+    if not torch.cuda.is_initialized():
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 class Writer:
@@ -43,25 +69,29 @@ class Writer:
         """Write ``state`` to ``path``, then call ``after()`` (e.g. prune older ones)."""
         start = time.perf_counter()
         self.wait()
+        copy = host_copy(state, clone=self.background)     # written now: nothing to keep
+        copied = copies_queued()
         if not self.background:
-            self._write(state, path, after)
+            self._write(copy, copied, path, after)
         else:
-            copy = host_copy(state)
-            self.thread = threading.Thread(target=self._guarded, args=(copy, path, after),
+            self.thread = threading.Thread(target=self._guarded,
+                                           args=(copy, copied, path, after),
                                            name="checkpoint-writer", daemon=True)
             self.thread.start()
         self.stall_s.append(time.perf_counter() - start)
 
-    def _write(self, state: dict, path: Path, after) -> None:
+    def _write(self, state: dict, copied, path: Path, after) -> None:
         start = time.perf_counter()
+        if copied is not None:
+            copied.synchronize()
         files.atomic_save(state, path)
         if after is not None:
             after()
         self.write_s.append(time.perf_counter() - start)
 
-    def _guarded(self, state: dict, path: Path, after) -> None:
+    def _guarded(self, state: dict, copied, path: Path, after) -> None:
         try:
-            self._write(state, path, after)
+            self._write(state, copied, path, after)
         except Exception as exc:          # noqa: BLE001 - raised again by wait()
             self.error = exc
 

@@ -9,7 +9,8 @@
   ``startwatcher`` is the process that does it (``MPI_Init`` holds Python's lock).
 - ``devices``: this rank's GPU or CPU threads; the startup line describing the world.
 - ``batchjob``: the SLURM/PBS job a run belongs to, its stop signals and defaults.
-- ``errors``: ``MpicnnError`` and the one printer of ``mpicnn: error:`` lines.
+- ``errors``: ``MpicnnError``, the one printer of ``mpicnn: error:`` lines, and the
+  argparse ``Parser`` of the commands that reports through it.
 - ``jobs``: the one builder of ``mpirun`` command lines and runner of jobs as processes
   (benchmarks, tests and the emulated cluster): a timeout kills the whole job.
 

@@ -5,12 +5,9 @@ other aborts the whole MPI job so no rank is left waiting in a collective.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .world import World
 
 
 class MpicnnError(Exception):
@@ -28,10 +25,16 @@ class MpicnnError(Exception):
         self.collective = collective
 
 
-def report_failure(world: World | None, exc: BaseException, debug: bool) -> int:
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are MpicnnErrors: one line, from rank 0 alone under MPI."""
+
+    def error(self, message):
+        raise MpicnnError(f"{message} (see {self.prog} --help)", collective=True)
+
+
+def report_failure(exc: BaseException, debug: bool, rank: int = 0, size: int = 1) -> int:
     """Print one ``mpicnn: error:`` line (once per job) and return the exit code."""
     collective = isinstance(exc, MpicnnError) and exc.collective
-    rank = world.rank if world else 0
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, MpicnnError):
@@ -39,7 +42,7 @@ def report_failure(world: World | None, exc: BaseException, debug: bool) -> int:
     else:
         hint = "" if debug else " (rerun with --debug for the traceback)"
         message = f"{type(exc).__name__}: {exc}{hint}"
-    if not collective and world and world.size > 1:
+    if not collective and size > 1:
         message = f"rank {rank}: {message}"
     if not collective or rank == 0:
         print_error(message)

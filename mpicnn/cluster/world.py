@@ -179,7 +179,8 @@ def run_guarded(main, argv, world_factory=init_world) -> int:
     except SystemExit as exc:          # --help and friends
         return exc.code if isinstance(exc.code, int) else 0
     except BaseException as exc:       # noqa: B902 - every failure must end the job
-        code = report_failure(world, exc, debug)
+        rank, size = (world.rank, world.size) if world else (0, 1)
+        code = report_failure(exc, debug, rank, size)
         collective = isinstance(exc, MpicnnError) and exc.collective
         if world is not None and world.size > 1 and not collective:
             world.abort(code)

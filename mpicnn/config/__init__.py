@@ -20,6 +20,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 
+from .. import __version__
 from ..cluster.errors import MpicnnError
 from .data import SHIPPED_DATA, DataConfig
 from .failure import FailureConfig
@@ -104,12 +105,13 @@ def build_parser(prog: str = "python -m mpicnn.train") -> argparse.ArgumentParse
     parser = _Parser(prog=prog, argument_default=argparse.SUPPRESS, allow_abbrev=False,
                      description="Train a CNN data-parallel over MPI. Launch with "
                                  "`mpirun -n N python -m mpicnn.train [options]`.")
+    parser.add_argument("--version", action="version", version=f"mpicnn {__version__}")
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for name, (_, f) in FIELDS.items():
         meta = f.metadata
         option = flag(name)
-        default = f.default if not isinstance(f.default, tuple) else \
-            ",".join(map(str, f.default))
+        default = meta.get("shown") or (f.default if not isinstance(f.default, tuple) else
+                                         ",".join(map(str, f.default)))
         help_text = f"{meta['help']} (default: {default if default != '' else 'none'})"
         if type(f.default) is bool:
             groups[meta["group"]].add_argument(option, dest=name, nargs="?", const="true",

@@ -7,14 +7,19 @@ from pathlib import Path
 from ..data.layout import CHOICES as LAYOUT_CHOICES
 from .fields import must, non_negative, opt
 
-SHIPPED_DATA = Path(__file__).resolve().parents[2] / "data" / "digits.h5"
+# the digits shipped with mpicnn: the checkout's data/, else the copy that setup.py puts
+# into an installed package
+_CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "data" / "digits.h5"
+_PACKAGED_DATA = Path(__file__).resolve().parents[1] / "data" / "digits.h5"
+SHIPPED_DATA = _CHECKOUT_DATA if _CHECKOUT_DATA.is_file() else _PACKAGED_DATA
 
 
 @dataclass
 class DataConfig:
     """Settings of the data pipeline (``mpicnn.data``)."""
 
-    data: str = opt(str(SHIPPED_DATA), "HDF5 dataset (default: the shipped digits)", "data")
+    data: str = opt(str(SHIPPED_DATA), "HDF5 dataset", "data",
+                    shown="the 8x8 digits shipped with mpicnn")
     images_key: str = opt("images", "name of the images dataset in each split", "data")
     labels_key: str = opt("labels", "name of the labels dataset in each split", "data")
     layout: str = opt("auto", "image layout in the file", "data", list(LAYOUT_CHOICES))

@@ -9,10 +9,11 @@ from ..cluster.errors import MpicnnError
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def opt(default, help, group, choices=None, metavar=None):
-    """A setting with its help text, ``--help`` group and allowed values."""
-    return field(default=default, metadata={"help": help, "group": group,
-                                            "choices": choices, "metavar": metavar})
+def opt(default, help, group, choices=None, metavar=None, shown=None):
+    """A setting with its help text, ``--help`` group and allowed values; ``shown``: the
+    default as ``--help`` names it, where the value itself says little (a path)."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices,
+                                            "metavar": metavar, "shown": shown})
 
 
 def flag(name: str) -> str:
