@@ -159,6 +159,8 @@ class StepStats:
         self.names = PHASES + WAIT_PHASES
         self.timer = PhaseTimer(device)           # CUDA: GPU time from events
         self.run_images = self.run_seconds = 0.0
+        self.train_seconds = 0.0               # every epoch's steps, evaluation excluded
+        self.epoch_started = time.perf_counter()
         self.clock = time.perf_counter()
         self.shown_loss = math.nan             # the loss of the last interval read, for the bar
         self.device_losses: list = []          # (loss tensor, samples) of steps not yet read
@@ -196,7 +198,7 @@ class StepStats:
         return self.timer.phase(name)
 
     def begin_epoch(self) -> None:
-        self.clock = time.perf_counter()
+        self.clock = self.epoch_started = time.perf_counter()
         self._clear_epoch()
 
     def read_due(self, state) -> bool:
@@ -240,6 +242,7 @@ class StepStats:
         """Write the last interval and reduce the epoch's loss (collective)."""
         self._split(block=True)
         self._write_interval(state)
+        self.train_seconds += time.perf_counter() - self.epoch_started
         total, count = reduce_sums(self.comm, [float(self.epoch_loss), float(self.epoch_count)])
         return EpochSummary(train_loss=total / max(count, 1), steps=self.timer.steps,
                             phases_ms=self.timer.snapshot_ms())

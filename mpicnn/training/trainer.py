@@ -220,7 +220,8 @@ class Trainer:
         self.metrics.write("epoch", epoch=state.epoch, step=state.global_step,
                            train_loss=summary.train_loss, val_loss=outcome.val_loss,
                            val_acc=outcome.val_acc, lr=self.lr(),
-                           images_per_s=self.stats.images_per_s, **summary.phases_ms,
+                           images_per_s=self.stats.images_per_s,
+                           train_s=round(self.stats.train_seconds, 3), **summary.phases_ms,
                            **strategy.timings_ms(), **strategy.report(),
                            **parts.precision.report())
         self.world.log.info(f"epoch {state.epoch}/{self.cfg.training.epochs} step "
@@ -238,6 +239,7 @@ class Trainer:
             return self.preempt.report(log, self.metrics, state, self.checkpointer.saved)
         self.metrics.write("end", val_acc=outcome.val_acc, val_loss=outcome.val_loss,
                            train_loss=outcome.train_loss, images_per_s=self.stats.images_per_s,
+                           train_s=round(self.stats.train_seconds, 3),
                            steps=state.global_step, epochs=state.epoch,
                            world_size=self.world.size, mode=cfg.sync.mode, wall_s=wall,
                            **self.strategy.report())
