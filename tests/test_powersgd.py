@@ -193,6 +193,30 @@ def test_a_bad_rank_ends_the_job_with_one_line(spec):
     assert "whole number >= 1" in line
 
 
+@pytest.mark.gpu
+def test_on_cuda_through_the_reducers_stream_and_staged_buffers_as_on_the_cpu(monkeypatch):
+    from mpi4py import MPI
+
+    from mpicnn.sync.allreduce.codec import Codec
+    from mpicnn.sync.allreduce.collectives import FlatAllreduce
+    from mpicnn.sync.allreduce.reducer import Reducer
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    collective = FlatAllreduce(MPI.COMM_SELF)
+    reducer = Reducer(collective, Codec("none", 1), torch.device("cuda"))
+    assert reducer.buffers.staged                      # the PyPI MPI is not CUDA-aware
+    on_cpu, on_gpu = PowerSGD(2, 0, 1), PowerSGD(2, 0, 1)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        grad = torch.randn(NUMEL, generator=gen)
+        expected = averaged(on_cpu, (0,), grad.clone(), SHAPES)
+        flat = grad.cuda()
+        Reducer.consume(on_gpu.job((0,), flat, SHAPES, reducer, reducer.ready_event())())
+        torch.testing.assert_close(flat.cpu(), expected, rtol=1e-4, atol=1e-4)
+        assert (flat.cpu() - grad).abs().max() > 0.1
+    collective.free()
+
+
 # --- real training ----------------------------------------------------------------------
 
 TRAIN = ["--data", DIGITS, "--bucket-mb", 0.05, "--optimizer", "sgd", "--lr", 0.05,
@@ -241,3 +265,37 @@ def test_powersgd_composes_with_hierarchy_overlap_and_factors(tmp_path):
     assert "plain: one blocking Allreduce" in run.stdout and "PowerSGD rank 2" in run.stdout
     assert param_difference(plain, whole) > 1e-4 and \
         all(bool(torch.isfinite(v).all()) for v in plain.values())
+
+
+# --- bench cluster: PowerSGD against DDP's hook --------------------------------------
+
+def test_bench_pairs_powersgd_with_ddps_hook_at_the_same_rank_and_start():
+    from mpicnn.bench import cluster as bench
+
+    opts = bench.parse_args([])
+    assert opts.model == "resnet18" and bench.variants_of(",".join(bench.LIKE_FOR_LIKE))
+    assert {"mpicnn powersgd", "DDP gloo powersgd"} <= set(opts.variants.split(","))
+    ours = bench.flags_of("mpicnn powersgd", 4, 3)
+    theirs = bench.flags_of("DDP gloo powersgd", 4, 3)
+    assert ours == ["--compression", "powersgd:4", "--powersgd-start", "3"]
+    assert theirs == ["--ddp-hook", "powersgd", *ours]      # the peer reads the same flags
+    assert [bench.peer_of(v) for v in ("mpicnn powersgd", "mpicnn hier powersgd",
+                                       "mpicnn bf16", "mpicnn")] == \
+        ["DDP gloo powersgd", "DDP gloo powersgd", "DDP gloo fp16", "DDP gloo"]
+    # the wire: PowerSGD's share of the model's values, both sides alike; factors aside
+    shapes = [(64, 3, 3, 3), (64,), (4096, 512), (512,), (10, 512), (10,)]
+    linears = [(512, 4096), (512, 10)]
+    share = bench.wire_of("DDP gloo powersgd", 2, 2, 8, linears, shapes, 2)
+    assert share == pytest.approx(wire_fraction(shapes, 2)) and share < 0.05
+    assert bench.wire_of("mpicnn powersgd", 2, 2, 8, linears, shapes, 2) == \
+        pytest.approx(wire_fraction([s for s in shapes if s != (4096, 512)], 2))
+    runs = {"mpicnn powersgd": [{"images_per_s": 90}], "DDP gloo powersgd": [{"images_per_s": 60}],
+            "DDP gloo": [{"images_per_s": 30}]}
+    rows = {r["variant"]: r for r in bench.summarize(runs, 2, 2, "1gbit", 8, 4 * 2_200_000,
+                                                      linears, shapes, 2)}
+    assert rows["mpicnn powersgd"]["x_ddp"] == pytest.approx(1.5)         # like for like
+    assert rows["mpicnn powersgd"]["x_ddp_fp32"] == pytest.approx(3.0)
+    assert rows["DDP gloo powersgd"]["link_bound"] > 10 * rows["DDP gloo"]["link_bound"]
+    for bad in (["--powersgd-start", "1"], ["--powersgd-rank", "0"]):
+        with pytest.raises(MpicnnError, match="--powersgd-start 2 to 5"):
+            bench.main(bad)
