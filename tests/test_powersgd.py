@@ -179,7 +179,10 @@ def test_specs_and_their_errors():
     for argv, message in ((["--compression", "powersgd2"], "invalid choice 'powersgd2'"),
                           (["--powersgd-start", "-1"], "must not be negative"),
                           (["--compression", "powersgd", "--mode", "ps-sync"],
-                           "needs --mode allreduce")):
+                           "needs --mode allreduce"),
+                          (["--compression", "powersgd", "--amp", "fp16"], "--amp fp16"),
+                          (["--compression", "powersgd:2", "--nan-policy", "skip"],
+                           "--nan-policy skip")):
         with pytest.raises(MpicnnError, match=message):
             parse_config(argv)
 

@@ -110,3 +110,14 @@ def check_overlap_forward(cfg) -> None:
          "--overlap-forward updates layers at different times, so it cannot take the whole "
          "gradient's norm (--clip-grad-norm) or skip a whole step (--amp fp16, --nan-policy "
          "skip)")
+
+
+def check_powersgd(cfg) -> None:
+    """PowerSGD carries each step's residual and Q into the next: refuse non-finite steps."""
+    from ..sync.allreduce.powersgd import low_rank
+
+    must(low_rank(cfg.sync.compression) is None or (cfg.training.amp != "fp16"
+                                                     and cfg.failure.nan_policy == "abort"),
+         "--compression powersgd carries each step's residual into the next, so a skipped "
+         "non-finite step would spoil every later one: it cannot go with --amp fp16 or "
+         "--nan-policy skip (--amp bf16 needs no loss scale)")

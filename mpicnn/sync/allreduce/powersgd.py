@@ -212,24 +212,16 @@ class PowerSGD:
         if seed is not None:
             state.q = torch.empty(layout.q_numel, dtype=flat.dtype, device=flat.device)
         matrices, ps, qs = self._views(layout, flat, low, state.q)
-        if seed is None:
-            for q in qs:
-                orthogonalize(q, self.epsilon)
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            for q in qs:     # drawn on the CPU, as DDP does, so every device draws the same
-                q.copy_(torch.randn(q.shape, generator=generator, dtype=flat.dtype))
-                orthogonalize(q, self.epsilon)
+        self._orthogonal_qs(qs, seed)
         for m, q, p in zip(matrices, qs, ps):
             torch.bmm(m, q, out=p)
         whole = low[: layout.whole_numel]
-        for (offset, numel), piece in zip(layout.whole, whole.split(
-                [n for _, n in layout.whole])):
+        pieces = whole.split([numel for _, numel in layout.whole])
+        for (offset, numel), piece in zip(layout.whole, pieces):
             piece.copy_(flat[offset: offset + numel])
         total((key, "low"), low)
         whole.div_(self.ranks)
-        for (offset, numel), piece in zip(layout.whole, whole.split(
-                [n for _, n in layout.whole])):
+        for (offset, numel), piece in zip(layout.whole, pieces):
             flat[offset: offset + numel].copy_(piece)
         # P needs no division: it is orthogonalised
         for p in ps:
@@ -245,6 +237,14 @@ class PowerSGD:
             torch.sub(kept, flat, out=state.error)
         if not self.warm_start:
             state.q = None
+
+    def _orthogonal_qs(self, qs, seed) -> None:
+        """Orthogonalise last step's Qs, or new ones drawn from ``seed``."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for q in qs:
+            if generator is not None:    # drawn on the CPU, as DDP does: every device alike
+                q.copy_(torch.randn(q.shape, generator=generator, dtype=q.dtype))
+            orthogonalize(q, self.epsilon)
 
     @staticmethod
     def _views(layout: Layout, flat, low, q_memory):
