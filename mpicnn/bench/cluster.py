@@ -114,11 +114,12 @@ def parse_args(argv):
     p.add_argument("--rates", default="1gbit,10gbit",
                    help=f"link rates (tc), comma-separated; '{UNSHAPED}' for unlimited")
     p.add_argument("--batches", default="8,32", help="per-rank batch sizes, comma-separated")
-    p.add_argument("--model", default="resnet18", help="zoo model on 3x32x32 synthetic data")
+    p.add_argument("--model", default="resnet18", help="zoo model on 3x32x32 synthetic data (default resnet18)")
     p.add_argument("--variants", default=",".join(LIKE_FOR_LIKE),
-                   help="comma-separated subset of: " + ", ".join(VARIANTS))
+                   help="comma-separated subset of: " + ", ".join(VARIANTS) +
+                   " (default: the like-for-like pairs and the ceiling)")
     p.add_argument("--powersgd-rank", type=int, default=2,
-                   help="the PowerSGD variants' rank (mpicnn's and DDP's alike)")
+                   help="the PowerSGD variants' rank, mpicnn's and DDP's alike (default 2)")
     p.add_argument("--powersgd-start", type=int, default=2,
                    help="the PowerSGD variants' first compressed step (DDP's minimum: 2)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every run")
