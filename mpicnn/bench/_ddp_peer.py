@@ -18,12 +18,12 @@ import torch
 
 from ..checkpoint.state import RunState
 from ..cluster.devices import bind_device
+from ..cluster.errors import MpicnnError
 from ..cluster.world import run_guarded
 from ..config import parse_config
 from ..data import shard
 from ..data.loader import Loader
 from ..data.schema import open_dataset
-from ..cluster.errors import MpicnnError
 from ..observe.steps import StepStats
 from ..sync.allreduce.powersgd import low_rank
 from ..sync.contract import Strategy
