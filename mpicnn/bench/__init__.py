@@ -7,7 +7,8 @@
 - ``scale``: alpha/beta measured here, throughput predicted for 1..1024 ranks; with
   ``--link --compare``, measured across emulated nodes and checked against ``cluster``.
 - ``cluster``: mpicnn's collectives against DDP-gloo across emulated nodes (root),
-  with a no-comm ceiling and each variant's link bound.
+  like for like (fp32, bf16 vs the fp16 hook, PowerSGD vs its hook), with a no-comm
+  ceiling and each variant's link bound.
 - ``data``: loader throughput and data wait on a large HDF5 file.
 - ``failure_overhead``: what the NaN check and the stall watchdog cost per step.
 - ``stopcheck``: what the per-step stop agreement costs (run under ``mpirun``).
@@ -23,7 +24,7 @@
   kernels, device waits and milliseconds per step, from torch.profiler (``--profile``).
 - ``_bare``: the bare PyTorch loop ``gpu`` and ``overhead`` race.
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` and ``cluster`` start on their
-  ranks (DDP over gloo, optionally with its fp16 compression hook).
+  ranks (DDP over gloo, optionally with its fp16 or PowerSGD compression hook).
 - ``_tta_ddp``: the DDP + DataLoader script ``tta`` races; ``_gloo``: the DDP peers'
   process group.
 - ``__main__``: ``python -m mpicnn.bench NAME`` runs one of them.

@@ -1,10 +1,13 @@
 """The peer for ``bench comm``: PyTorch DDP over gloo, driven by mpicnn's own loop and loader.
 
-``mpirun -n N python -m mpicnn.bench._ddp_peer [--ddp-hook fp16] [train flags]`` prints
-one JSON line (rank 0) with the training images/s, measured exactly as ``mpicnn.train``
-does. MPI serves only to number the ranks and share the rendezvous port; across nodes
-the rendezvous is rank 0's ``MASTER_ADDR`` (and gloo's ``GLOO_SOCKET_IFNAME``).
-``--ddp-hook fp16`` compresses gradients with DDP's own ``fp16_compress_hook``.
+``mpirun -n N python -m mpicnn.bench._ddp_peer [--ddp-hook fp16|powersgd] [train flags]``
+prints one JSON line (rank 0) with the training images/s, measured exactly as
+``mpicnn.train`` does. MPI serves only to number the ranks and share the rendezvous port;
+across nodes the rendezvous is rank 0's ``MASTER_ADDR`` (and gloo's ``GLOO_SOCKET_IFNAME``).
+``--ddp-hook fp16`` compresses gradients with DDP's own ``fp16_compress_hook``;
+``--ddp-hook powersgd`` with its ``powerSGD_hook``, at the rank and start of mpicnn's
+``--compression powersgd:RANK`` and ``--powersgd-start`` (``PowerSGDState``'s other
+defaults, which are mpicnn's).
 """
 from __future__ import annotations
 
@@ -15,12 +18,14 @@ import torch
 
 from ..checkpoint.state import RunState
 from ..cluster.devices import bind_device
+from ..cluster.errors import MpicnnError
 from ..cluster.world import run_guarded
 from ..config import parse_config
 from ..data import shard
 from ..data.loader import Loader
 from ..data.schema import open_dataset
 from ..observe.steps import StepStats
+from ..sync.allreduce.powersgd import low_rank
 from ..sync.contract import Strategy
 from ..training.loop import train_epoch
 from ..training.models import build_model
@@ -52,6 +57,25 @@ def run(world, argv) -> int:
     return 0
 
 
+def register_hook(ddp, hook: str, cfg) -> None:
+    """Give ``ddp`` the communication hook named by ``--ddp-hook`` (none: plain allreduce)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if hook == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif hook == "powersgd":
+        rank = low_rank(cfg.sync.compression)
+        if rank is None:
+            raise MpicnnError("--ddp-hook powersgd takes its rank from --compression "
+                              "powersgd:RANK", collective=True)
+        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=rank,
+                                            start_powerSGD_iter=cfg.sync.powersgd_start)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif hook != "none":
+        raise MpicnnError(f"--ddp-hook: {hook!r} is not fp16, powersgd or none",
+                          collective=True)
+
+
 def train(world, cfg, device, hook: str) -> None:
     """DDP over the same loop, loader and model as mpicnn; rank 0 prints the step figures."""
     data = open_dataset(cfg.data.data)
@@ -62,10 +86,7 @@ def train(world, cfg, device, hook: str) -> None:
     torch.manual_seed(cfg.training.seed)
     model = build_model(cfg.training.model, data.input_shape, data.num_classes).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model)   # broadcasts rank 0's weights
-    if hook == "fp16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    register_hook(ddp, hook, cfg)
     optimizer = build_optimizer(cfg.training, ddp.parameters(), global_batch)
     strategy = DDPStrategy(world, cfg)
     scheduler = build_scheduler(cfg.training, optimizer, steps_per_epoch, run_steps)

@@ -20,19 +20,29 @@ rotating order, and the table reports medians of ``--reps``:
   travels whole (by default, across nodes, a fully connected layer at least 2x the size
   of its batch's factors sends those instead); ``mpicnn factors overlap``: ``on``, the
   factors wherever they are smaller;
+* ``mpicnn powersgd``   - ``--compression powersgd:R --powersgd-start S`` (``--powersgd-rank``,
+  ``--powersgd-start``): matrices as rank-R factors (two Allreduces a bucket, through the
+  windows' flat fallback); ``mpicnn hier powersgd`` and ``mpicnn powersgd overlap`` with
+  ``--hierarchical`` and ``--overlap-forward``;
 * ``DDP gloo``          - PyTorch DDP over gloo across the same nodes (MASTER_ADDR on
   the bridge), mpicnn's own loop and loader;
 * ``DDP gloo fp16``     - the same with DDP's ``fp16_compress_hook``;
+* ``DDP gloo powersgd`` - the same with DDP's ``powerSGD_hook`` at the same rank and start
+  (``PowerSGDState``'s other defaults, which mpicnn's are);
 * ``no-comm ceiling``   - one independent single-rank run per rank at once, each inside
   its node: what the cores allow when nothing is communicated.
 
-Ratios compare like with like: fp32 variants with ``DDP gloo``, compressed ones with
-``DDP gloo fp16``. ``comm_ms`` is the wait for communication that backward did not hide,
+By default (``--variants``) the like-for-like pairs run, with the ceiling. Ratios compare
+like with like: fp32 variants with ``DDP gloo``, bf16 ones with ``DDP gloo fp16``,
+PowerSGD with ``DDP gloo powersgd`` (``x fp32``: every variant against ``DDP gloo``).
+``comm_ms`` is the wait for communication that backward did not hide,
 ``comm_busy_ms`` the time the reductions ran. The link bound is the images/s at which
 the busiest node link would be full: bytes a variant moves through one node's link per
 step (ring model: a flat ring over p ranks moves 2(p-1)/p of the gradient each way
 through every node's link; the leaders of n nodes 2(n-1)/n; a factored layer's factors
-from the other nodes' ranks come in once) divided by the link rate.
+from the other nodes' ranks come in once; PowerSGD's share of the values from the
+model's shapes) divided by the link rate. Images/s leave out the first 5 steps, so
+PowerSGD (from ``--powersgd-start``, at least DDP's minimum of 2) is what is measured.
 """
 from __future__ import annotations
 
@@ -51,11 +61,14 @@ from ..cluster import hydra, jobs
 from ..cluster.errors import MpicnnError
 from ..cluster.netns import Cluster, free_subnet, rate_bits
 from ..observe.report import load_run
+from ..sync.allreduce.factors import AUTO_BYTES_GAIN, factors_pay
+from ..sync.allreduce.powersgd import wire_fraction
 from .comm import write_data
 from .launch import check, train_across
-from ..sync.allreduce.factors import AUTO_BYTES_GAIN, factors_pay
-from .scale import gradient_bytes, linear_shapes
+from .scale import gradient_bytes, linear_shapes, param_shapes
 
+LOW_RANK = None                  # wire: PowerSGD's share, from the model's shapes and the rank
+POWERSGD = ["--compression", "powersgd:{rank}", "--powersgd-start", "{start}"]
 # name: (what runs, its flags, bytes on the wire per gradient byte, traffic pattern)
 VARIANTS = {
     "mpicnn": ("train", [], 1.0, "nodes"),
@@ -79,10 +92,16 @@ VARIANTS = {
                                1.0, "nodes"),
     "mpicnn bf16 factors overlap": ("train", ["--sufficient-factors", "on", "--compression",
                                               "bf16", "--overlap-forward"], 0.5, "nodes"),
+    "mpicnn powersgd": ("train", POWERSGD, LOW_RANK, "ring"),
+    "mpicnn hier powersgd": ("train", ["--hierarchical", *POWERSGD], LOW_RANK, "nodes"),
+    "mpicnn powersgd overlap": ("train", [*POWERSGD, "--overlap-forward"], LOW_RANK, "ring"),
     "DDP gloo": ("ddp", [], 1.0, "ring"),
     "DDP gloo fp16": ("ddp", ["--ddp-hook", "fp16"], 0.5, "ring"),
+    "DDP gloo powersgd": ("ddp", ["--ddp-hook", "powersgd", *POWERSGD], LOW_RANK, "ring"),
     "no-comm ceiling": ("ceiling", [], 0.0, None),
 }
+LIKE_FOR_LIKE = ["no-comm ceiling", "mpicnn", "DDP gloo", "mpicnn bf16", "DDP gloo fp16",
+                 "mpicnn powersgd", "DDP gloo powersgd"]
 CEILING = "no-comm ceiling"
 UNSHAPED = "none"
 
@@ -95,9 +114,14 @@ def parse_args(argv):
     p.add_argument("--rates", default="1gbit,10gbit",
                    help=f"link rates (tc), comma-separated; '{UNSHAPED}' for unlimited")
     p.add_argument("--batches", default="8,32", help="per-rank batch sizes, comma-separated")
-    p.add_argument("--model", default="seednet", help="zoo model on 3x32x32 synthetic data")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--model", default="resnet18", help="zoo model on 3x32x32 synthetic data (default resnet18)")
+    p.add_argument("--variants", default=",".join(LIKE_FOR_LIKE),
+                   help="comma-separated subset of: " + ", ".join(VARIANTS) +
+                   " (default: the like-for-like pairs and the ceiling)")
+    p.add_argument("--powersgd-rank", type=int, default=2,
+                   help="the PowerSGD variants' rank, mpicnn's and DDP's alike (default 2)")
+    p.add_argument("--powersgd-start", type=int, default=2,
+                   help="the PowerSGD variants' first compressed step (DDP's minimum: 2)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every run")
     p.add_argument("--steps", type=int, default=60,
                    help="training steps per run (images/s leaves out the first 5)")
@@ -126,6 +150,20 @@ def variants_of(text: str) -> list[str]:
         raise MpicnnError(f"--variants: unknown {', '.join(map(repr, unknown))}; choose from "
                           f"{', '.join(VARIANTS)}")
     return names
+
+
+def flags_of(variant: str, rank: int = 2, start: int = 2) -> list:
+    """``variant``'s flags with the PowerSGD rank and start filled in."""
+    return [f.format(rank=rank, start=start) if isinstance(f, str) else f
+            for f in VARIANTS[variant][1]]
+
+
+def peer_of(variant: str) -> str:
+    """The DDP variant that ``variant`` compares with like for like."""
+    wire = VARIANTS[variant][2]
+    if wire is LOW_RANK:
+        return "DDP gloo powersgd"
+    return "DDP gloo fp16" if wire < 1 else "DDP gloo"
 
 
 def link_bytes(pattern: str | None, nodes: int, per_node: int, nbytes: float) -> float:
@@ -158,10 +196,27 @@ def traffic(variant: str, nodes: int, per_node: int, batch: int, gradient: int,
     return dense, 4 * (nodes - 1) * per_node * batch * sum(i + o for i, o in layers)
 
 
+def wire_of(variant: str, nodes: int, per_node: int, batch: int, linears=(), shapes=(),
+            rank: int = 2) -> float:
+    """Bytes on the wire per byte of gradient that travels whole (not as factors).
+
+    For PowerSGD: its share of the values of ``shapes`` (every trained parameter's), less
+    the fully connected weights that ``variant`` sends as factors.
+    """
+    wire = VARIANTS[variant][2]
+    if wire is not LOW_RANK:
+        return wire
+    left = list(map(tuple, shapes))
+    for i, o in factored(variant, nodes, per_node, batch, linears):
+        left.remove((o, i))
+    return wire_fraction(left, rank)
+
+
 def link_bound(variant: str, nodes: int, per_node: int, gradient: int, batch: int,
-               rate: str, linears=()) -> float | None:
+               rate: str, linears=(), shapes=(), rank: int = 2) -> float | None:
     """Images/s at which ``variant`` fills the busiest node link (None: no limit known)."""
-    _, _, wire, pattern = VARIANTS[variant]
+    pattern = VARIANTS[variant][3]
+    wire = wire_of(variant, nodes, per_node, batch, linears, shapes, rank)
     dense, factors = traffic(variant, nodes, per_node, batch, gradient, linears)
     moved = link_bytes(pattern, nodes, per_node, wire * dense) + (
         wire * factors if pattern else 0)
@@ -185,7 +240,8 @@ class Bench:
                 "--device", "cpu", "--threads", self.threads]
 
     def run(self, variant: str, batch: int) -> dict:
-        kind, flags, _, _ = VARIANTS[variant]
+        kind = VARIANTS[variant][0]
+        flags = flags_of(variant, self.opts.powersgd_rank, self.opts.powersgd_start)
         args = self.train_args(batch)
         if kind == "ceiling":
             return self.ceiling(args)
@@ -229,14 +285,18 @@ def median(values):
 
 
 def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
-              gradient: int, linears=()) -> list[dict]:
-    """One row per variant: medians, ratios to DDP and to the ceiling, the link bound."""
+              gradient: int, linears=(), shapes=(), rank: int = 2) -> list[dict]:
+    """One row per variant: medians, ratios to DDP and to the ceiling, the link bound.
+
+    ``shapes``: every trained parameter's, for PowerSGD's share of the wire at ``rank``.
+    """
     med = {v: median([r["images_per_s"] for r in rs]) for v, rs in runs.items()}
     rows = []
     for variant, rs in runs.items():
-        wire = VARIANTS[variant][2]
-        peer = "DDP gloo fp16" if wire < 1 else "DDP gloo"
-        bound = link_bound(variant, nodes, per_node, gradient, batch, rate, linears)
+        wire = wire_of(variant, nodes, per_node, batch, linears, shapes, rank)
+        peer = peer_of(variant)
+        bound = link_bound(variant, nodes, per_node, gradient, batch, rate, linears, shapes,
+                           rank)
         dense, factors = traffic(variant, nodes, per_node, batch, gradient, linears)
         row = {"nodes": nodes, "ranks_per_node": per_node, "rate": rate, "batch": batch,
                "variant": variant, "pattern": VARIANTS[variant][3], "wire": wire,
@@ -247,6 +307,8 @@ def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
                "comm_in_forward_ms": median([r.get("comm_in_forward_ms") for r in rs]),
                "x_ddp": (med[variant] / med[peer] if variant != CEILING and med.get(peer)
                          else None),
+               "x_ddp_fp32": (med[variant] / med["DDP gloo"] if variant != CEILING
+                              and med.get("DDP gloo") else None),
                "of_ceiling": (med[variant] / med[CEILING] if variant != CEILING
                               and med.get(CEILING) else None),
                "link_bound": bound, "of_link_bound": med[variant] / bound if bound else None,
@@ -264,14 +326,15 @@ def runs_text(runs) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'shape':>5} {'rate':>7} {'batch':>5}  {'variant':<19} {'images/s':>9} "
-            f"{'x DDP':>6} {'x ceil':>6} {'comm ms':>8} {'fwd wait':>8} {'busy ms':>8} "
-            f"{'link bound':>10} {'x bound':>7}  runs")
+    head = (f"{'shape':>5} {'rate':>7} {'batch':>5}  {'variant':<23} {'images/s':>9} "
+            f"{'x DDP':>6} {'x fp32':>6} {'x ceil':>6} {'comm ms':>8} {'fwd wait':>8} "
+            f"{'busy ms':>8} {'link bound':>10} {'x bound':>7}  runs")
     lines = [head]
     for r in rows:
         lines.append(
             f"{r['nodes']}x{r['ranks_per_node']:<3} {r['rate']:>7} {r['batch']:>5}  "
-            f"{r['variant']:<19} {r['images_per_s']:>9.1f} {_cell(r['x_ddp'], '6.2f'):>6} "
+            f"{r['variant']:<23} {r['images_per_s']:>9.1f} {_cell(r['x_ddp'], '6.2f'):>6} "
+            f"{_cell(r.get('x_ddp_fp32'), '6.2f'):>6} "
             f"{_cell(r['of_ceiling'], '6.3f'):>6} {_cell(r['comm_ms'], '8.2f'):>8} "
             f"{_cell(r.get('comm_in_forward_ms'), '8.2f'):>8} "
             f"{_cell(r['comm_busy_ms'], '8.2f'):>8} {_cell(r['link_bound'], '10.0f'):>10} "
@@ -280,7 +343,7 @@ def table(rows: list[dict]) -> str:
 
 
 def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, data: Path,
-                work: Path, gradient: int, linears) -> tuple[list[dict], str]:
+                work: Path, gradient: int, linears, shapes) -> tuple[list[dict], str]:
     """All runs of one shape at one link rate on a cluster of its own; (rows, its line)."""
     cluster = Cluster(f"b{os.getpid() % 100000}", nodes, free_subnet(os.getpid() % 256),
                       rate=None if rate == UNSHAPED else rate).up()
@@ -296,12 +359,13 @@ def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, d
                     result = bench.run(variant, batch)
                     runs[batch][variant].append(result)
                     print(f"  {nodes}x{per_node} {rate} rep {rep + 1} batch {batch:>3} "
-                          f"{variant:<17} {result['images_per_s']:8.1f} images/s",
+                          f"{variant:<23} {result['images_per_s']:8.1f} images/s",
                           file=sys.stderr, flush=True)
     finally:
         cluster.down()
     rows = [row for b in batches
-            for row in summarize(runs[b], nodes, per_node, rate, b, gradient, linears)]
+            for row in summarize(runs[b], nodes, per_node, rate, b, gradient, linears, shapes,
+                                 opts.powersgd_rank)]
     return rows, described
 
 
@@ -316,6 +380,9 @@ def main(argv=None) -> int:
     if opts.reps < 1 or opts.steps < 8:
         raise MpicnnError("--reps must be at least 1 and --steps at least 8 (images/s "
                           "leaves out the first 5 steps)")
+    if opts.powersgd_rank < 1 or not 2 <= opts.powersgd_start <= 5:
+        raise MpicnnError("--powersgd-rank must be at least 1 and --powersgd-start 2 to 5 "
+                          "(DDP's hook starts at 2 at the earliest; images/s begin at 5)")
     rows, shapes_seen = [], []
     with tempfile.TemporaryDirectory(prefix="mpicnn-bench-cluster-") as tmp:
         work = Path(tmp)
@@ -324,14 +391,16 @@ def main(argv=None) -> int:
         write_data(data, samples=(opts.steps + 1) * max(batches) * ranks)
         gradient = gradient_bytes(str(data), opts.model)
         linears = linear_shapes(str(data), opts.model)
+        tensors = param_shapes(str(data), opts.model)
         print(f"bench cluster: {opts.model} ({gradient / 2 ** 20:.2f} MiB of gradients), "
               f"shapes {opts.shapes}, links {opts.rates}, batches {batches} per rank, "
-              f"{opts.steps} steps, {opts.reps} rotating repetitions, netmod {opts.netmod}",
+              f"{opts.steps} steps, {opts.reps} rotating repetitions, netmod {opts.netmod}, "
+              f"PowerSGD rank {opts.powersgd_rank} from step {opts.powersgd_start}",
               file=sys.stderr, flush=True)
         for nodes, per_node in shapes:
             for rate in rates:
                 found, described = bench_shape(nodes, per_node, rate, opts, variants, batches,
-                                               data, work, gradient, linears)
+                                               data, work, gradient, linears, tensors)
                 rows += found
                 shapes_seen.append(described)
     print(table(rows))
@@ -339,6 +408,8 @@ def main(argv=None) -> int:
     if opts.json:
         Path(opts.json).write_text(json.dumps({"model": opts.model, "gradient_bytes": gradient,
                                                "linear_shapes": linears,
+                                               "powersgd_rank": opts.powersgd_rank,
+                                               "powersgd_start": opts.powersgd_start,
                                                "steps": opts.steps, "netmod": opts.netmod,
                                                "clusters": shapes_seen, "rows": rows},
                                               indent=1))

@@ -225,6 +225,12 @@ def gradient_bytes(data_path: str, model_name: str) -> int:
                if p.requires_grad)
 
 
+def param_shapes(data_path: str, model_name: str) -> list[tuple[int, ...]]:
+    """The shape of every trainable parameter of ``model_name`` on ``data_path``'s shape."""
+    return [tuple(p.shape) for p in _model(data_path, model_name).parameters()
+            if p.requires_grad]
+
+
 def linear_shapes(data_path: str, model_name: str) -> list[tuple[int, int]]:
     """(in, out) of every trained fully connected layer of ``model_name``."""
     from torch import nn

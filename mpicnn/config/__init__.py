@@ -26,7 +26,7 @@ from .data import SHIPPED_DATA, DataConfig
 from .failure import FailureConfig
 from .fields import coerce, flag
 from .output import OutputConfig
-from .sync import SyncConfig, check_overlap_forward
+from .sync import SyncConfig, check_overlap_forward, check_powersgd
 from .training import TrainingConfig, check_compile
 
 __all__ = ["Config", "FIELDS", "SHIPPED_DATA", "build_parser", "load_toml", "parse_config"]
@@ -57,6 +57,7 @@ class Config:
             getattr(self, section).validate()
         check_overlap_forward(self)
         check_compile(self)
+        check_powersgd(self)
 
     def to_dict(self) -> dict:
         """Every setting under its flat name (the metrics record, checkpoints, config.toml)."""

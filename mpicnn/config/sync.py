@@ -21,8 +21,13 @@ class SyncConfig:
     bucket_mb: float = opt(25.0, "gradient bucket size in MB, reduced while backward goes on "
                            "(the first bucket is 1 MB); 0: one blocking Allreduce of all "
                            "gradients after backward", "distributed")
-    compression: str = opt("none", "gradient precision on the wire (fp16/bf16 halve the bytes)",
-                           "distributed", ["none", "fp16", "bf16"])
+    compression: str = opt("none", "gradient precision on the wire (fp16/bf16 halve the bytes); "
+                           "powersgd[:RANK]: matrices as rank-RANK factors with error feedback "
+                           "(PowerSGD, as DDP's powerSGD_hook; rank 1 by default)",
+                           "distributed", metavar="none|fp16|bf16|powersgd[:RANK]")
+    powersgd_start: int = opt(1000, "--compression powersgd: steps averaged whole before "
+                              "compressing (DDP's start_powerSGD_iter)", "distributed",
+                              metavar="STEPS")
     cuda_aware: str = opt("auto", "CUDA buffers straight to MPI (on), staged through pinned "
                           "host memory (off), or probe the MPI library (auto)", "distributed",
                           ["auto", "on", "off"])
@@ -69,7 +74,15 @@ class SyncConfig:
                      "--balance), e.g. 4,9", "distributed", metavar="A,B,...")
 
     def validate(self) -> None:
-        non_negative(self, "threads")
+        non_negative(self, "threads", "powersgd_start")
+        from ..sync.allreduce.codec import WIRE_DTYPES
+        from ..sync.allreduce.powersgd import low_rank
+
+        must(self.compression in WIRE_DTYPES or low_rank(self.compression) is not None,
+             f"--compression: invalid choice {self.compression!r}; choose from "
+             f"{', '.join(WIRE_DTYPES)}, powersgd or powersgd:RANK")
+        must(low_rank(self.compression) is None or self.mode in ("allreduce", "pipeline"),
+             "--compression powersgd needs --mode allreduce (or pipeline)")
         must(self.bucket_mb >= 0, "--bucket-mb must not be negative (0: one flat Allreduce)")
         at_least(1, self, "servers")
         from ..sync.ps.policy import staleness_bound
@@ -97,3 +110,14 @@ def check_overlap_forward(cfg) -> None:
          "--overlap-forward updates layers at different times, so it cannot take the whole "
          "gradient's norm (--clip-grad-norm) or skip a whole step (--amp fp16, --nan-policy "
          "skip)")
+
+
+def check_powersgd(cfg) -> None:
+    """PowerSGD carries each step's residual and Q into the next: refuse non-finite steps."""
+    from ..sync.allreduce.powersgd import low_rank
+
+    must(low_rank(cfg.sync.compression) is None or (cfg.training.amp != "fp16"
+                                                     and cfg.failure.nan_policy == "abort"),
+         "--compression powersgd carries each step's residual into the next, so a skipped "
+         "non-finite step would spoil every later one: it cannot go with --amp fp16 or "
+         "--nan-policy skip (--amp bf16 needs no loss scale)")

@@ -1,6 +1,8 @@
 """Average one flat buffer over all ranks: encode, hand to MPI, sum, decode."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from .transport import mpi_buffer
@@ -31,13 +33,18 @@ class Reducer:
 
     def __call__(self, key, flat: torch.Tensor, ready=None):
         """Replace ``flat`` by its average over ranks; returns a CUDA event or None."""
+        return self.run(partial(self._reduce, key, flat), ready)
+
+    def run(self, work, ready=None):
+        """Run ``work()`` where reductions run: on CUDA, on this reducer's stream after
+        ``ready``; returns the event that marks its end there (None on CPU)."""
         if self.stream is None:
-            self._reduce(key, flat)
+            work()
             return None
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if ready is not None:
                 self.stream.wait_event(ready)
-            self._reduce(key, flat)
+            work()
             done = torch.cuda.Event()
             done.record(self.stream)
             return done
@@ -47,11 +54,15 @@ class Reducer:
             self.collective.average(flat, self.codec)
             return
         wire = self.codec.encode(key, flat)
-        buf = self.buffers.to_mpi(key, wire)
+        self.sum(key, wire)
+        self.codec.decode(wire, flat)
+
+    def sum(self, key, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` over ranks in place, in its own dtype, through the collective."""
+        buf = self.buffers.to_mpi(key, tensor)
         datatype, op = self.codec.mpi_spec(buf.dtype)
         self.collective(buf, datatype, op, mpi_buffer)
-        self.buffers.from_mpi(buf, wire)
-        self.codec.decode(wire, flat)
+        self.buffers.from_mpi(buf, tensor)
 
     @staticmethod
     def consume(done) -> None:

@@ -21,6 +21,9 @@ next forward reaches the modules that own them.
 ``--sufficient-factors`` (``factors``) gives a wide fully connected weight a bucket of its
 own whose exchange gathers the batch's factors and rebuilds the average from them.
 
+``--compression powersgd[:RANK]`` (``powersgd``) averages every other bucket as low-rank
+factors after ``--powersgd-start`` steps (the plain path: all gradients as one bucket).
+
 ``--bucket-mb 0`` keeps the plain path: all gradients concatenated, one blocking
 Allreduce after backward, copied back (also the benchmark's simple baseline).
 """
@@ -43,6 +46,7 @@ from .collectives import FlatAllreduce, HierarchicalAllreduce, SharedMemoryAllre
 from .comm_thread import make_runner
 from .deferred import DeferredUpdate
 from .factors import AUTO_BYTES_GAIN, FactorCapture, FactorExchange, worth_factoring
+from .powersgd import PowerSGD, low_rank
 from .reducer import Reducer
 from .ring import uses_ring
 from .transport import choose_path, probe_cuda_support
@@ -54,6 +58,7 @@ class AllreduceStrategy(Strategy):
     """Bucketed allreduce overlapped with backward, or the plain flat Allreduce."""
 
     name = "allreduce"
+    powersgd: PowerSGD | None = None              # --compression powersgd: its state
 
     def __init__(self, world, cfg):
         super().__init__(world, cfg)
@@ -73,13 +78,16 @@ class AllreduceStrategy(Strategy):
             self.world.log.info("gradient sync: a single rank, nothing to communicate")
             return
         device = self.params[0].device
+        rank = low_rank(self.cfg.sync.compression)
+        if rank is not None:
+            self.powersgd = PowerSGD(rank, self.cfg.sync.powersgd_start, self.world.size)
         self.reducer = self._make_reducer(device)
         if self.cfg.sync.bucket_mb > 0:
             self._start_engine()
         self.world.log.info(f"gradient sync: {self.describe()}")
 
     def _make_reducer(self, device: torch.device) -> Reducer:
-        codec = Codec(self.cfg.sync.compression, self.world.size)
+        codec = Codec("none" if self.powersgd else self.cfg.sync.compression, self.world.size)
         ring = uses_ring(self.cfg.sync.cross_node, self.world.num_nodes)
         if self.cfg.sync.hierarchical:
             collective = HierarchicalAllreduce(self.world.comm, self.world.local_comm, ring)
@@ -157,6 +165,8 @@ class AllreduceStrategy(Strategy):
             self._channel(i, len(plan)).collective.allocate for i in range(len(plan))])
         for bucket in old:                 # after the new views took over their values
             self._channel(bucket.index, len(old)).collective.release(bucket.flat)
+        if self.powersgd is not None:
+            self.powersgd.regroup(plan, [p.numel() for p in self.params])
         self._bucket_of = [None] * len(self.params)
         for bucket in self.buckets:
             for i in bucket.members:
@@ -172,7 +182,19 @@ class AllreduceStrategy(Strategy):
         exchange = self._factors_of(bucket.members)
         if exchange is not None:
             return partial(exchange, bucket.flat, reducer.collective)
-        return partial(reducer, bucket.index, bucket.flat, reducer.ready_event())
+        return self._average_job(bucket.index, bucket.members, bucket.flat, reducer,
+                                 reducer.ready_event())
+
+    def _average_job(self, key, members, flat, reducer: Reducer, ready):
+        """What averages ``flat``, the gradients of ``members``: PowerSGD's exchange once it
+        compresses, else ``reducer`` (``key``: its scratch buffers)."""
+        if self.powersgd is not None and self.powersgd.compressing:
+            return self.powersgd.job(tuple(members), flat, self._shapes(members), reducer,
+                                     ready)
+        return partial(reducer, key, flat, ready)
+
+    def _shapes(self, members) -> list:
+        return [self.params[i].shape for i in members]
 
     def _channel(self, index: int, count: int) -> Reducer:
         """The reducer of bucket ``index`` of ``count``: the late channel for the last one."""
@@ -192,7 +214,12 @@ class AllreduceStrategy(Strategy):
         """One line for the startup log: path, buckets, thread, collective, precision, buffers."""
         reducer = self.reducer
         codec = reducer.codec
-        if codec.wire_dtype is None:
+        if self.powersgd is not None:
+            precision = self.powersgd.describe(self._shapes(
+                [i for i in range(len(self.params)) if i not in self.factors]))
+            if self.factors:
+                precision += "; the layers sent as factors stay exact"
+        elif codec.wire_dtype is None:
             precision = "full precision, divided after the sum"
         elif isinstance(reducer.collective, SharedMemoryAllreduce):
             precision = (f"{codec.name} across nodes (exact sums within each node), divided "
@@ -288,6 +315,7 @@ class AllreduceStrategy(Strategy):
             Reducer.consume(self._job(bucket, reducer)())
         self._inline_seconds += time.perf_counter() - start
         self._reset()
+        self._step_done()
         if self._recorded is not None:
             self._rebuild(self._recorded)
 
@@ -301,6 +329,12 @@ class AllreduceStrategy(Strategy):
         self._inline_seconds += time.perf_counter() - start
         self.deferred.hold([p for bucket in self.buckets[:-1] for p in bucket.params])
         self._reset()
+        self._step_done()
+
+    def _step_done(self) -> None:
+        """Every bucket of this step has its job: count the step (PowerSGD's start)."""
+        if self.powersgd is not None:
+            self.powersgd.step_done()
 
     def settled_params(self) -> list:
         """The parameters whose averaged gradient is in ``.grad`` now (``finalize``'s)."""
@@ -350,7 +384,10 @@ class AllreduceStrategy(Strategy):
         grads = [p.grad for p in self.params]
         flat = flatten(grads)
         # written on the current stream: the reducer's stream must wait before reading it
-        Reducer.consume(self.reducer(PLAIN_KEY, flat, self.reducer.ready_event()))
+        job = self._average_job(PLAIN_KEY, range(len(self.params)), flat, self.reducer,
+                                self.reducer.ready_event())
+        Reducer.consume(job())
+        self._step_done()
         unflatten_into(flat, grads)
 
     def sync_buffers(self) -> None:
