@@ -160,9 +160,10 @@ def cuda_aware_override() -> str | None:
 
 
 def reduce_sums(comm, values) -> np.ndarray:
-    """Sum a short vector of numbers over all ranks (one Allreduce; ``comm`` None: no MPI)."""
+    """Sum a short vector of numbers over all ranks (one Allreduce; ``comm`` None or of one
+    rank: no MPI)."""
     buf = np.asarray(values, dtype=np.float64).copy()
-    if comm is not None:
+    if comm is not None and comm.Get_size() > 1:     # one rank: nothing to add up
         from mpi4py import MPI
 
         comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)

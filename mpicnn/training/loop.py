@@ -21,10 +21,17 @@ from .precision import Precision
 
 def follow_schedule(scheduler, global_step: int) -> None:
     """Move the lr schedule to ``global_step`` (the loop, not the strategy, owns it)."""
+    if getattr(scheduler, "_step_count", 0) > 1:      # torch warns at the first step only
+        _advance(scheduler, global_step)
+        return
     with warnings.catch_warnings():   # PS workers' local optimizer never steps: only lr moves
         warnings.simplefilter("ignore", UserWarning)
-        while scheduler.last_epoch < global_step:
-            scheduler.step()
+        _advance(scheduler, global_step)
+
+
+def _advance(scheduler, global_step: int) -> None:
+    while scheduler.last_epoch < global_step:
+        scheduler.step()
 
 
 def forward_backward(model, sync, stats, images, labels, accum_steps: int,
