@@ -43,3 +43,33 @@ def test_ps_sync_with_gpu_workers_and_cpu_servers():
                      "--epochs", 1, "--progress", "off"], timeout=300)
     log = run.stdout + run.stderr
     assert "devices cpu, cuda:0" in log and "mpicnn: done:" in log
+
+
+def test_the_split_held_on_the_gpu_trains_bitwise_as_streamed(tmp_path):
+    """--data-on-device on (uint8 in GPU memory, crop and flip there) and off (pinned
+    batches streamed) give the same parameters bit for bit, deterministic kernels on."""
+    import torch
+    from conftest import trained_params
+
+    args = [*COMMON, "--device", "cuda", "--max-steps", 30, "--epochs", 1, "--augment",
+            "crop,flip", "--deterministic", "--progress", "off"]
+    held_run, held, _ = trained_params(tmp_path, "held", 2, [*args, "--data-on-device", "on"])
+    _, streamed, _ = trained_params(tmp_path, "streamed", 2, [*args, "--data-on-device",
+                                                              "off"])
+    assert "held on cuda" in held_run.stdout + held_run.stderr
+    assert all(torch.equal(held[k], streamed[k]) for k in held)
+
+
+def test_compiled_with_cuda_graphs_trains_like_eager(tmp_path):
+    """--compile reduce-overhead (CUDA graphs) at 2 ranks against eager, TF32 off."""
+    from conftest import job_env, param_difference, trained_params
+
+    args = [*COMMON, "--device", "cuda", "--max-steps", 30, "--epochs", 1, "--optimizer",
+            "sgd", "--lr", 0.05, "--progress", "off"]
+    env = job_env({"NVIDIA_TF32_OVERRIDE": "0"})
+    run, compiled, records_ = trained_params(tmp_path, "graphs", 2,
+                                             [*args, "--compile", "reduce-overhead"], env=env)
+    assert "steps replayed as CUDA graphs" in run.stdout + run.stderr
+    _, eager, _ = trained_params(tmp_path, "eager", 2, args, env=env)
+    assert param_difference(compiled, eager) < 1e-3
+    assert records_[-1]["val_acc"] > 0.5
