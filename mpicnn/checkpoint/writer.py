@@ -4,7 +4,9 @@
 stands (the only time training waits for a checkpoint), then a thread writes the copy
 atomically (temporary file, fsync, rename; checksum included) while training goes on.
 At most one write is in flight: a new one first waits for the previous. A crash during
-a write leaves the older checkpoints whole, as a synchronous write does.
+a write leaves the older checkpoints whole, as a synchronous write does; a write that
+fails (disk full) is one ``WriteFailed`` naming the file, the cause and the last good
+checkpoint, raised at once or, from the thread, at the next ``wait()``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..cluster.errors import MpicnnError
+from ..resilience.write_failure import WriteFailed
 from . import files
 
 
@@ -36,6 +39,7 @@ class Writer:
         self.background = background
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.written: Path | None = None        # the newest checkpoint written whole
         self.stall_s: list[float] = []          # seconds the caller waited, per checkpoint
         self.write_s: list[float] = []          # seconds each write took
 
@@ -54,7 +58,11 @@ class Writer:
 
     def _write(self, state: dict, path: Path, after) -> None:
         start = time.perf_counter()
-        files.atomic_save(state, path)
+        try:
+            files.atomic_save(state, path)
+        except OSError as exc:
+            raise WriteFailed("checkpoint", path, exc, self.last_good(path.parent)) from exc
+        self.written = path
         if after is not None:
             after()
         self.write_s.append(time.perf_counter() - start)
@@ -64,6 +72,10 @@ class Writer:
             self._write(state, path, after)
         except Exception as exc:          # noqa: BLE001 - raised again by wait()
             self.error = exc
+
+    def last_good(self, directory: Path) -> Path | None:
+        """The newest whole checkpoint: this run's last write, else an earlier run's."""
+        return self.written or files.latest(directory)
 
     @property
     def busy(self) -> bool:
