@@ -45,7 +45,8 @@ class Checkpointer:
 
     def epoch_done(self, state: RunState, finished: bool, last_epoch: int) -> None:
         """Save after an epoch: ``final.pt`` when training is over, else by the cadence."""
-        due = state.epoch % self.cfg.output.checkpoint_every == 0 or state.epoch == last_epoch
+        every = self.cfg.output.checkpoint_every_epochs
+        due = state.epoch % every == 0 or state.epoch == last_epoch
         if finished or due:
             self.save(state, files.FINAL if finished else files.checkpoint_name(state.global_step))
 

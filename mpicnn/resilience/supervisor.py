@@ -29,6 +29,7 @@ from pathlib import Path
 from ..cluster.batchjob import STOP_SIGNALS, batch_job, job_defaults
 from ..cluster.errors import print_error
 from ..cluster.world import RANKS_FILE_ENV
+from ..config.fields import OFF_WORDS
 from ..observe.records import MetricsWriter
 from .crash import BAD_INPUT, PREEMPTED, UNWRITABLE, Cause, find_cause, read_ranks
 from .write_failure import WriteFailed
@@ -124,9 +125,11 @@ class Supervisor:
         self.started = time.time()              # "time" of restart records counts from here
         defaults = job_defaults(batch_job(self.env))
         self.metrics = option_value(command, "--metrics") or defaults.get("metrics", "")
-        self.can_resume = bool(option_value(command, "--checkpoint-dir") or
-                               option_value(command, "--config") or
-                               defaults.get("checkpoint_dir"))
+        directory = option_value(command, "--checkpoint-dir")
+        if directory is not None and directory.strip().lower() in OFF_WORDS:
+            directory = ""                     # --checkpoint-dir off: none written
+        self.can_resume = bool(directory or option_value(command, "--config") or
+                               (directory is None and defaults.get("checkpoint_dir")))
 
     def log(self, message: str) -> None:
         print(f"mpicnn: run: {message}", file=self.out, flush=True)
