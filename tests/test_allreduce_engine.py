@@ -314,7 +314,7 @@ def test_bad_engine_settings_are_refused():
         parse_config(["--accum-steps", "3"])
     with pytest.raises(MpicnnError, match="--bucket-mb must not be negative"):
         parse_config(["--bucket-mb", "-1"])
-    with pytest.raises(MpicnnError, match="choose from none, fp16, bf16"):
+    with pytest.raises(MpicnnError, match="choose from off, fp16, bf16"):
         parse_config(["--compression", "int8"])
     cfg = parse_config(["--accum-steps", "4", "--bucket-mb", "0.5", "--hierarchical"])
     assert (cfg.training.accum_steps, cfg.sync.bucket_mb, cfg.sync.hierarchical) == (4, 0.5, True)

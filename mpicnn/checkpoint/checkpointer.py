@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ..resilience.write_failure import WriteFailed
 from . import files, position
 from .state import RunState, training_state
 from .trained import INPUT, input_record
@@ -35,11 +36,21 @@ class Checkpointer:
 
     def _write_config(self) -> None:
         files.ensure_writable(self.cfg.output.checkpoint_dir)
-        (Path(self.cfg.output.checkpoint_dir) / "config.toml").write_text(self.cfg.dump())
+        path = Path(self.cfg.output.checkpoint_dir) / "config.toml"
+        try:
+            path.write_text(self.cfg.dump())
+        except OSError as exc:
+            raise WriteFailed("the config", path, exc, self.last_good()) from exc
+
+    def last_good(self) -> Path | None:
+        """The newest checkpoint that is whole (for the message of a failed write)."""
+        directory = self.cfg.output.checkpoint_dir
+        return self.writer.last_good(Path(directory)) if directory else None
 
     def epoch_done(self, state: RunState, finished: bool, last_epoch: int) -> None:
         """Save after an epoch: ``final.pt`` when training is over, else by the cadence."""
-        due = state.epoch % self.cfg.output.checkpoint_every == 0 or state.epoch == last_epoch
+        every = self.cfg.output.checkpoint_every_epochs
+        due = state.epoch % every == 0 or state.epoch == last_epoch
         if finished or due:
             self.save(state, files.FINAL if finished else files.checkpoint_name(state.global_step))
 

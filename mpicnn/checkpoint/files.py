@@ -20,12 +20,22 @@ def checkpoint_name(step: int) -> str:
 
 
 def atomic_save(state: dict, path: str | os.PathLike) -> None:
-    """Write ``state`` (with its checksum) to a temporary file, fsync it, rename over ``path``."""
+    """Write ``state`` (with its checksum) to a temporary file, fsync it, rename over ``path``.
+
+    A failed write raises the ``OSError`` behind it (``No space left on device``), and
+    whatever ``path`` held before stays as it was.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(digest.seal(state) if isinstance(state, dict) else state, fh)
+            sink = _Sink(fh)
+            try:
+                torch.save(digest.seal(state) if isinstance(state, dict) else state, sink)
+            except RuntimeError:
+                if sink.error is None:
+                    raise
+                raise sink.error from None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -37,6 +47,27 @@ def atomic_save(state: dict, path: str | os.PathLike) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+class _Sink:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write.
+
+    torch's writer turns that error into ``unexpected pos N vs M``, which says nothing of
+    the disk; the error kept here does.
+    """
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 class Unloadable(MpicnnError):

@@ -4,12 +4,14 @@ Every checkpoint holds CPU tensors, whatever the device, so it loads on any mach
 (``torch.load(path, weights_only=True)`` without ``map_location``).
 
 ``--checkpoint-async``: rank 0 copies the training state to host memory where the loop
-stands, then a thread writes the copy atomically (temporary file, fsync, rename;
-checksum included) while training goes on. GPU tensors are copied into pinned memory
-without waiting; the thread waits for the copies (one CUDA event) before it writes,
-so training waits only to queue them. At most one write is in flight: a new one first
-waits for the previous. A crash during a write leaves the older checkpoints whole, as
-a synchronous write does.
+stands (the only time training waits for a checkpoint), then a thread writes the copy
+atomically (temporary file, fsync, rename; checksum included) while training goes on.
+GPU tensors are copied into pinned memory without waiting; the thread waits for the
+copies (one CUDA event) before it writes, so training waits only to queue them. At most
+one write is in flight: a new one first waits for the previous. A crash during a write
+leaves the older checkpoints whole, as a synchronous write does; a write that fails
+(disk full) is one ``WriteFailed`` naming the file, the cause and the last good
+checkpoint, raised at once or, from the thread, at the next ``wait()``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..cluster.errors import MpicnnError
+from ..resilience.write_failure import WriteFailed
 from . import files
 
 
@@ -62,6 +65,7 @@ class Writer:
         self.background = background
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.written: Path | None = None        # the newest checkpoint written whole
         self.stall_s: list[float] = []          # seconds the caller waited, per checkpoint
         self.write_s: list[float] = []          # seconds each write took
 
@@ -84,7 +88,11 @@ class Writer:
         start = time.perf_counter()
         if copied is not None:
             copied.synchronize()
-        files.atomic_save(state, path)
+        try:
+            files.atomic_save(state, path)
+        except OSError as exc:
+            raise WriteFailed("checkpoint", path, exc, self.last_good(path.parent)) from exc
+        self.written = path
         if after is not None:
             after()
         self.write_s.append(time.perf_counter() - start)
@@ -94,6 +102,10 @@ class Writer:
             self._write(state, copied, path, after)
         except Exception as exc:          # noqa: BLE001 - raised again by wait()
             self.error = exc
+
+    def last_good(self, directory: Path) -> Path | None:
+        """The newest whole checkpoint: this run's last write, else an earlier run's."""
+        return self.written or files.latest(directory)
 
     @property
     def busy(self) -> bool:

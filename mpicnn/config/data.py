@@ -18,8 +18,8 @@ SHIPPED_DATA = _CHECKOUT_DATA if _CHECKOUT_DATA.is_file() else _PACKAGED_DATA
 class DataConfig:
     """Settings of the data pipeline (``mpicnn.data``)."""
 
-    data: str = opt(str(SHIPPED_DATA), "HDF5 dataset", "data",
-                    shown="the 8x8 digits shipped with mpicnn")
+    data: str = opt(str(SHIPPED_DATA), "HDF5 dataset", "data", metavar="FILE",
+                    default_text="the shipped digits dataset")
     images_key: str = opt("images", "name of the images dataset in each split", "data")
     labels_key: str = opt("labels", "name of the labels dataset in each split", "data")
     layout: str = opt("auto", "image layout in the file", "data", list(LAYOUT_CHOICES))
@@ -33,8 +33,8 @@ class DataConfig:
                              "shuffled (0: the file's chunk rows; 1: single samples)", "data")
     shuffle_window: int = opt(0, "then each window of this many rows is dealt into its "
                               "batches (0: 64 global batches, at most 64 MiB)", "data")
-    prefetch: int = opt(2, "batches a background reader keeps ready (0: read in the loop)",
-                        "data")
+    prefetch: int = opt(2, "batches a background reader keeps ready (off: read in the loop)",
+                        "data", metavar="BATCHES", off=0)
     prefetch_mode: str = opt("thread", "where the reader runs", "data", ["thread", "process"])
     cache: bool = opt(False, "keep rows in RAM once read (the rank's shard with --shuffle "
                       "local, else the split); checked against node memory", "data")
@@ -45,7 +45,8 @@ class DataConfig:
                               "data", ["auto", "on", "off"])
     augment: str = opt("", "comma-separated augmentations: crop (pad and random crop), flip "
                        "(horizontal), erase (cutout: zero a random square of half the side "
-                       "in half the samples); e.g. crop,flip", "data", metavar="LIST")
+                       "in half the samples); e.g. crop,flip", "data", metavar="LIST",
+                       off="")
 
     def validate(self) -> None:
         must(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")

@@ -14,18 +14,20 @@ class FailureConfig:
     nan_policy: str = opt("abort", "on a non-finite loss or gradient: abort the run, or skip "
                           "that update on every rank", "failure", ["abort", "skip"])
     stall_warn: float = opt(60.0, "seconds ranks may wait at a gradient exchange before rank 0 "
-                            "names the missing ranks (0: off)", "failure")
+                            "names the missing ranks", "failure", metavar="SECONDS", off=0.0)
     stall_abort: float = opt(300.0, "abort the job after ranks have waited this many seconds "
-                             "at one exchange (0: never)", "failure")
+                             "at one exchange (off: never)", "failure", metavar="SECONDS",
+                             off=0.0)
     unreachable_abort: float = opt(120.0, "abort the job when no heartbeat has come from a "
                                    "rank for this many seconds (its node is down or cut off); "
                                    "ranks that hear nothing from rank 0 for 1.5 times as long "
-                                   "end themselves (0: never)", "failure")
-    stop_check_every: int = opt(1, "steps between the all-rank check for a stop signal "
-                                "(SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); 0: "
-                                "leave signals alone", "failure")
+                                   "end themselves (off: never)", "failure",
+                                   metavar="SECONDS", off=0.0)
+    stop_check_every: int = opt(1, "optimizer steps between the all-rank check for a stop "
+                                "signal (SIGUSR1/SIGTERM/SIGINT: checkpoint, then exit 75); "
+                                "off: leave signals alone", "failure", metavar="STEPS", off=0)
 
     def validate(self) -> None:
         non_negative(self, "stall_warn", "stall_abort", "unreachable_abort",
-                     hint="0 turns it off")
-        non_negative(self, "stop_check_every", hint="0 leaves signals alone")
+                     hint="off turns it off")
+        non_negative(self, "stop_check_every", hint="off leaves signals alone")

@@ -7,22 +7,48 @@ from typing import Any
 from ..cluster.errors import MpicnnError
 
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+OFF = "off"                      # the one word for "off" in flags, TOML and --help
+OFF_WORDS = (OFF, "none", "")    # what a setting that can be off takes for it
 
 
-def opt(default, help, group, choices=None, metavar=None, shown=None):
-    """A setting with its help text, ``--help`` group and allowed values; ``shown``: the
-    default as ``--help`` names it, where the value itself says little (a path)."""
+def opt(default, help, group, choices=None, metavar=None, *, off=None, aliases=(),
+        default_text=None):
+    """A setting with its help text, ``--help`` group and allowed values.
+
+    ``off``: the value that turns it off (``0``, ``-1``, ``""``, ``"none"``), which ``off``
+    and the older spellings in ``OFF_WORDS`` also give. ``aliases``: former names, still
+    read from flags and TOML. ``default_text``: the default as ``--help`` shows it.
+    """
     return field(default=default, metadata={"help": help, "group": group, "choices": choices,
-                                            "metavar": metavar, "shown": shown})
+                                            "metavar": metavar, "off": off,
+                                            "aliases": tuple(aliases),
+                                            "default_text": default_text})
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def can_be_off(f: Field) -> bool:
+    return f.metadata.get("off") is not None
+
+
+def shown(f: Field, value) -> str:
+    """``value`` of setting ``f`` as ``--help`` and error messages spell it."""
+    if can_be_off(f) and value == f.metadata["off"]:
+        return OFF
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def coerce(f: Field, value: Any):
     """Convert ``value`` to the type of setting ``f``; raise MpicnnError on mismatch."""
     kind = type(f.default)
+    if can_be_off(f) and isinstance(value, str) and value.strip().lower() in OFF_WORDS:
+        return f.metadata["off"]
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -48,12 +74,13 @@ def coerce(f: Field, value: Any):
         elif kind is str and not isinstance(value, str):
             raise ValueError
     except (ValueError, TypeError):
-        raise MpicnnError(f"{flag(f.name)}: expected {kind.__name__}, got {value!r}",
+        expected = kind.__name__ + (f" or {OFF}" if can_be_off(f) else "")
+        raise MpicnnError(f"{flag(f.name)}: expected {expected}, got {value!r}",
                           collective=True) from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise MpicnnError(f"{flag(f.name)}: invalid choice {value!r}; choose from "
-                          f"{', '.join(choices)}", collective=True)
+                          f"{', '.join(shown(f, c) for c in choices)}", collective=True)
     return value
 
 

@@ -16,11 +16,12 @@ class TrainingConfig:
     epochs: int = opt(20, "passes over the training split", "training")
     batch_size: int = opt(16, "samples per rank per step (global batch = this x workers)",
                           "training")
-    max_steps: int = opt(0, "stop after this many optimizer steps in total (0: no limit)",
-                         "training")
+    max_steps: int = opt(0, "stop after this many optimizer steps in total (off: no limit)",
+                         "training", metavar="STEPS", off=0)
     stop_epoch: int = opt(0, "end this invocation after this epoch with a checkpoint, keeping "
                           "the schedule of --epochs (split a long run over several jobs; "
-                          "continue with --resume auto)", "training")
+                          "continue with --resume auto; off: run to --epochs)", "training",
+                          metavar="EPOCH", off=0)
     optimizer: str = opt("adamw", "optimizer; lars and lamb scale each layer's step by a "
                          "trust ratio, for large global batches", "training",
                          ["sgd", "adamw", "lars", "lamb"])
@@ -39,7 +40,7 @@ class TrainingConfig:
                         ["cosine", "step", "constant"])
     warmup_epochs: float = opt(1.0, "linear warmup length in epochs", "training")
     lr_milestones: tuple = opt((), "epochs at which the step schedule multiplies the lr by "
-                               "--lr-gamma", "training", metavar="E1,E2,...")
+                               "--lr-gamma", "training", metavar="E1,E2,...", off=())
     lr_gamma: float = opt(0.1, "step schedule factor", "training")
     min_lr_ratio: float = opt(0.0, "cosine floor as a fraction of the peak lr", "training")
     scale_lr: bool = opt(False, "linear lr scaling: lr x global batch / --base-batch",
@@ -48,19 +49,24 @@ class TrainingConfig:
                           "training")
     seed: int = opt(0, "seed for initialisation and sample order", "training")
     deterministic: bool = opt(False, "bit-reproducible runs on CPU", "training")
-    accum_steps: int = opt(1, "micro-batches per optimizer step: each rank's --batch-size batch "
-                           "runs as this many slices, gradients are summed locally and "
-                           "communicated once", "distributed")
+    accum_steps: int = opt(1, "splits each rank's --batch-size batch into K micro-batches, "
+                           "run one after another, their gradients summed locally and sent "
+                           "once: the global batch and the optimizer steps stay the same, "
+                           "activation memory shrinks. Lightning's accumulate_grad_batches and "
+                           "DeepSpeed's gradient_accumulation_steps multiply the batch instead: "
+                           "their batch B accumulated K times is --batch-size B*K "
+                           "--accum-steps K here", "distributed", metavar="K")
     # --- precision and gradient clipping (mpicnn.training.precision) ----------
     amp: str = opt("off", "mixed precision: forward and loss (and evaluation) under autocast "
                    "in bf16 or fp16; parameters and gradients stay fp32; fp16 adds a dynamic "
                    "loss scale (overflowing steps are skipped, not counted by --nan-policy; "
-                   "the scale is checkpointed)", "training", ["off", "bf16", "fp16"])
+                   "the scale is checkpointed)", "training", ["off", "bf16", "fp16"],
+                   off="off")
     clip_grad_norm: float = opt(0.0, "clip the gradient, after unscaling, to this total 2-norm "
-                                "(0: off): in allreduce the averaged gradient (the same on "
+                                "(or off): in allreduce the averaged gradient (the same on "
                                 "every rank); in ps-sync and ps-async each worker's gradient "
                                 "before it is sent (the servers average clipped gradients)",
-                                "training")
+                                "training", metavar="NORM", off=0.0)
     # --- memory format and normalisation across ranks (issue 13) ---
     channels_last: bool = opt(False, "model weights and input batches in the channels_last "
                               "memory format (faster convolutions on GPU tensor cores)",
@@ -82,7 +88,7 @@ class TrainingConfig:
         must(len(self.betas) == 2, "--betas takes two numbers, e.g. 0.9,0.999")
         must(self.trust_coefficient > 0,
              f"--trust-coefficient must be positive, got {self.trust_coefficient}")
-        non_negative(self, "clip_grad_norm", hint="0 turns it off")
+        non_negative(self, "clip_grad_norm", hint="off turns it off")
         must(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         must(self.accum_steps >= 1 and self.batch_size % self.accum_steps == 0,

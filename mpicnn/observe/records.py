@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager, suppress
 
 import numpy as np
 
+from ..resilience.write_failure import WriteFailed
 from .steps import PHASES, WAIT_PHASES
 
 SCHEMA_VERSION = 2
@@ -69,15 +71,19 @@ def check_record(record: dict) -> list[str]:
 class MetricsWriter:
     """Appends one JSON object per line and hands each record to ``sinks`` (TensorBoard).
 
-    With no ``path`` and no sinks it does nothing.
+    With no ``path`` and no sinks it does nothing. A failed write raises ``WriteFailed``
+    naming the file, the cause and ``last_checkpoint()``, the newest whole checkpoint.
     """
 
-    def __init__(self, path: str = "", run_start: float | None = None, sinks=()):
-        self.fh, self.sinks = None, list(sinks)
+    def __init__(self, path: str = "", run_start: float | None = None, sinks=(),
+                 last_checkpoint=lambda: None):
+        self.fh, self.sinks, self.path = None, list(sinks), path
         self.start = run_start or time.time()
+        self.last_checkpoint = last_checkpoint
         if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.fh = open(path, "a", buffering=1)
+            with self._failing():
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                self.fh = open(path, "a", buffering=1)
 
     def write(self, event: str, **fields) -> None:
         if self.fh is None and not self.sinks:
@@ -87,13 +93,27 @@ class MetricsWriter:
             {"event": event, "schema": SCHEMA_VERSION,
              "time": round(time.time() - self.start, 3), **fields}, default=_plain))
         if self.fh is not None:
-            self.fh.write(json.dumps(record) + "\n")
+            with self._failing():
+                self.fh.write(json.dumps(record) + "\n")
         for sink in self.sinks:
             sink(record)
 
+    @contextmanager
+    def _failing(self):
+        """Turn an ``OSError`` of the file into ``WriteFailed``, dropping the file."""
+        try:
+            yield
+        except OSError as exc:
+            if self.fh is not None:
+                with suppress(OSError):      # its buffer cannot be written either
+                    self.fh.close()
+                self.fh = None
+            raise WriteFailed("metrics file", self.path, exc, self.last_checkpoint()) from exc
+
     def close(self) -> None:
         if self.fh is not None:
-            self.fh.close()
+            with self._failing():
+                self.fh.close()
             self.fh = None
         for sink in self.sinks:
             sink.close()

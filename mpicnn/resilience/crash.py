@@ -14,6 +14,7 @@ from dataclasses import dataclass
 # exit statuses that end supervision instead of a restart
 BAD_INPUT = 2             # mpicnn.cluster.errors.MpicnnError.exit_code
 PREEMPTED = 75            # mpicnn.resilience.preemption.PREEMPTED_EXIT
+UNWRITABLE = 74           # mpicnn.resilience.write_failure.EXIT_CODE (disk full, permission)
 
 HYDRA_PID = re.compile(r"PID (\d+) RUNNING AT (\S+)")
 HYDRA_SIGNAL = re.compile(r"EXIT STRING: .*\(signal (\d+)\)")

@@ -2,7 +2,8 @@
 
 ``python -m mpicnn.run --max-restarts 3 -- mpirun -n 8 python -m mpicnn.train ...`` (and
 the job scripts, which run their launcher through it). When a launch exits non-zero for
-another reason than bad input (exit 2) or a clean stop (exit 75), the supervisor logs
+another reason than bad input (exit 2), a clean stop (exit 75) or a write that cannot
+succeed (exit 74: disk full, no permission, read-only file system), the supervisor logs
 the cause (exit status or signal, rank, node where known: ``crash``), records a
 ``restart`` event in the run's metrics, waits a back-off that doubles with each restart,
 and launches again with ``--resume auto``. After ``--max-restarts`` restarts it gives
@@ -28,8 +29,10 @@ from pathlib import Path
 from ..cluster.batchjob import STOP_SIGNALS, batch_job, job_defaults
 from ..cluster.errors import print_error
 from ..cluster.world import RANKS_FILE_ENV
+from ..config.fields import OFF_WORDS
 from ..observe.records import MetricsWriter
-from .crash import BAD_INPUT, PREEMPTED, Cause, find_cause, read_ranks
+from .crash import BAD_INPUT, PREEMPTED, UNWRITABLE, Cause, find_cause, read_ranks
+from .write_failure import WriteFailed
 
 TAIL_LINES = 400              # of a launch's output, searched for the cause of its end
 
@@ -122,9 +125,11 @@ class Supervisor:
         self.started = time.time()              # "time" of restart records counts from here
         defaults = job_defaults(batch_job(self.env))
         self.metrics = option_value(command, "--metrics") or defaults.get("metrics", "")
-        self.can_resume = bool(option_value(command, "--checkpoint-dir") or
-                               option_value(command, "--config") or
-                               defaults.get("checkpoint_dir"))
+        directory = option_value(command, "--checkpoint-dir")
+        if directory is not None and directory.strip().lower() in OFF_WORDS:
+            directory = ""                     # --checkpoint-dir off: none written
+        self.can_resume = bool(directory or option_value(command, "--config") or
+                               (directory is None and defaults.get("checkpoint_dir")))
 
     def log(self, message: str) -> None:
         print(f"mpicnn: run: {message}", file=self.out, flush=True)
@@ -156,6 +161,11 @@ class Supervisor:
                 return status(code)
             if code == BAD_INPUT:
                 self.log("not restarting: exit 2 is bad input, which a restart cannot fix")
+                return code
+            if code == UNWRITABLE:
+                self.log("not restarting: exit 74 is a write that failed for good (disk full, "
+                         "no permission or a read-only file system), which a restart cannot "
+                         "fix; make room or fix the path, then continue with --resume auto")
                 return code
             if code == PREEMPTED:
                 self.log("not restarting: exit 75 is a clean stop with a checkpoint written; "
@@ -225,11 +235,14 @@ class Supervisor:
     def _record(self, restart: int, cause: Cause, wait: float) -> None:
         if not self.metrics:
             return
-        writer = MetricsWriter(self.metrics, run_start=self.started)
         try:
-            writer.write("restart", restart=restart, backoff_s=wait, **cause.fields())
-        finally:
-            writer.close()
+            writer = MetricsWriter(self.metrics, run_start=self.started)
+            try:
+                writer.write("restart", restart=restart, backoff_s=wait, **cause.fields())
+            finally:
+                writer.close()
+        except WriteFailed as exc:        # a lost record must not stop the restart
+            self.log(f"warning: {exc}")
 
     def _on_signal(self, signum, frame=None) -> None:
         if self.stop_signal is None:

@@ -154,7 +154,8 @@ class Trainer:
             self.train_loader.continue_epoch(parts.state.epoch, continued.order, continued.first)
         sinks = [TensorBoardSink(cfg.output.tensorboard)] \
             if world.is_root and cfg.output.tensorboard else []
-        self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "", sinks=sinks)
+        self.metrics = MetricsWriter(cfg.output.metrics if world.is_root else "", sinks=sinks,
+                                     last_checkpoint=checkpointer.last_good)
         self.bar = Progress(world.is_root, cfg.output.progress, world.log)
         self.stats = StepStats(strategy.comm, self.metrics, self.bar, cfg.output.log_every,
                                parts.steps_per_epoch, self.lr, mid_epoch=strategy.lockstep,
