@@ -151,7 +151,7 @@ def test_help_shows_negations_units_off_and_one_default():
         assert f"{option} [BOOL], --no-{option[2:]}" in text
     for shows in ("--checkpoint-every-epochs EPOCHS", "--log-every STEPS",
                   "--stop-check-every STEPS|off", "--stall-warn SECONDS|off",
-                  "--compression {off,fp16,bf16}", "--max-steps STEPS|off"):
+                  "--compression fp16|bf16|powersgd[:RANK]|off", "--max-steps STEPS|off"):
         assert shows in text
     data = help_of(text, "--data FILE", "--images-key")
     assert data == "HDF5 dataset (default: the shipped digits dataset)"
