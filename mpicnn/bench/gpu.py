@@ -45,10 +45,7 @@ VARIANTS = {
 }
 COMPILED_VARIANTS = ("fp32", "bf16+channels_last")
 FASHION = jobs.ROOT / "data" / "fashion.h5"
-# The GPU recipe (examples/fashion-gpu.toml holds the same settings).
-FASHION_RECIPE = ["--model", "fashionnet5", "--batch-size", 256, "--optimizer", "sgd",
-                  "--lr", 0.2, "--weight-decay", 5e-4, "--epochs", 20, "--augment", "crop,flip",
-                  "--label-smoothing", 0.1, "--amp", "bf16", "--channels-last"]
+FASHION_RECIPE = jobs.ROOT / "examples" / "fashion-gpu.toml"     # the GPU recipe
 FASHION_TARGET = 0.94
 
 
@@ -199,24 +196,22 @@ def two_rank_rows(args, data: Path, work: Path) -> list[dict]:
 def fashion_rows(args, work: Path) -> dict:
     """The Fashion-MNIST recipe, eager and compiled: training seconds and accuracy."""
     data = Path(args.fashion)
-    flags = list(FASHION_RECIPE)
+    flags = ["--config", FASHION_RECIPE, "--device", args.device]
     if args.dry_run:                      # a small stand-in with Fashion-MNIST's shape
         from ..data.synth import write_synth
 
         data = work / "fashion-standin.h5"
         write_synth(str(data), 600, (1, 28, 28), 10, val_fraction=0.2)
-        flags[flags.index("--batch-size") + 1] = 32
-        flags[flags.index("--epochs") + 1] = 1
+        flags += ["--batch-size", 32, "--epochs", 1, "--data-on-device", "auto"]
     elif not data.exists():
         return {"skipped": f"{data} not found: python -m mpicnn.data convert "
                            f"/usr/share/datasets/fashion-mnist {data}"}
     if args.fashion_epochs:
-        flags[flags.index("--epochs") + 1] = args.fashion_epochs
+        flags += ["--epochs", args.fashion_epochs]
     out = {"data": str(data), "flags": [str(f) for f in flags], "target": FASHION_TARGET}
     for name, extra in (("eager", []), ("compiled", ["--compile", args.compile_mode])):
         metrics = work / f"fashion-{name}.jsonl"
-        jobs.mpirun(1, "mpicnn.train", ["--data", data, *flags, *extra, "--device",
-                                        args.device, "--progress", "off",
+        jobs.mpirun(1, "mpicnn.train", [*flags, "--data", data, *extra, "--progress", "off",
                                         "--metrics", metrics], args.timeout * 2)
         run = load_run(str(metrics))
         reached = next((e for e in run.epochs if e["val_acc"] >= FASHION_TARGET), None)
@@ -291,7 +286,7 @@ def report(result: dict) -> None:
     if fashion and "skipped" in fashion:
         print(f"\nFashion-MNIST: skipped: {fashion['skipped']}")
     elif fashion:
-        print(f"\nFashion-MNIST recipe ({' '.join(fashion['flags'])}):")
+        print(f"\nFashion-MNIST recipe ({' '.join(fashion['flags'][1:])}):")
         for name in ("eager", "compiled"):
             r = fashion[name]
             at = (f"{fashion['target']} at epoch {r['target_epoch']} after "
