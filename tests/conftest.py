@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,20 @@ def cluster_failed(exc: Exception):
     A failure where the tier is required; elsewhere a skip that names the error.
     """
     skip_unless_required(f"the emulated cluster failed: {exc}")
+
+
+@contextmanager
+def slurm_tier():
+    """Around starting a test SLURM cluster: skip where this is not root; where SLURM is
+    not installed, skip outside CI and fail where the tier is required."""
+    from slurm_cluster import NotRoot, Unavailable
+
+    try:
+        yield
+    except NotRoot as exc:
+        pytest.skip(f"SLURM cannot run here: {exc}")
+    except Unavailable as exc:
+        skip_unless_required(f"SLURM not available: {exc}")
 
 
 def private_cluster(tag: str, **settings):
