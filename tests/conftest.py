@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,9 +110,26 @@ def trained_params(tmp_path, name, n, args, env=None) -> tuple:
     return run, params, read_jsonl(metrics)
 
 
+def initial_params(model: str, seed: int, input_shape=(1, 8, 8), classes: int = 10) -> dict:
+    """The parameters (float64) a run of ``--model model --seed seed`` starts from.
+
+    The trainer seeds torch and then builds the model; so does this (leaving this
+    process's random state as it was): an unseeded model is some other random start.
+    Parameters only: buffers such as BatchNorm's statistics move without any training.
+    """
+    import torch
+
+    from mpicnn.training.models import build_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        built = build_model(model, input_shape, classes)
+    return {k: v.detach().double() for k, v in built.named_parameters()}
+
+
 def param_difference(a: dict, b: dict) -> float:
-    """Largest difference between two parameter dicts of :func:`trained_params`."""
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+    """Largest difference between two parameter dicts over the names in ``a``."""
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -129,14 +148,81 @@ def digits() -> Path:
     return DIGITS
 
 
+# The tiers that need root or system packages (emulated nodes, SLURM, Debian's
+# Fashion-MNIST) skip where this machine cannot run them, naming what it lacks. In CI
+# (CI=true), or with this variable set to 1, they must run: a missing package or a tier
+# that fails to start is then a failure, never a skip that a green run would hide.
+REQUIRE_TIERS = "MPICNN_REQUIRE_TIERS"
+NODE_TOOLS = ("ip", "tc", "unshare", "taskset")     # iproute2 and util-linux
+
+
+def tiers_required() -> bool:
+    """Whether the system tiers must run here (CI, or ``MPICNN_REQUIRE_TIERS=1``)."""
+    return (os.environ.get("CI", "").lower() == "true"
+            or os.environ.get(REQUIRE_TIERS, "") == "1")
+
+
+def skip_unless_required(reason: str):
+    """Skip naming ``reason``; where the system tiers are required, fail with it instead."""
+    if tiers_required():
+        pytest.fail(f"{reason} (a required tier here: CI=true or {REQUIRE_TIERS}=1)",
+                    pytrace=False)
+    pytest.skip(f"{reason} (CI=true or {REQUIRE_TIERS}=1 makes this a failure)")
+
+
+def need_node_emulation() -> None:
+    """Skip unless this machine can emulate nodes: root, network namespaces, iproute2.
+
+    Only what the machine lacks skips everywhere (not root, no namespaces); programs that
+    ``.ci/run`` installs are missing only outside CI.
+    """
+    from mpicnn.cluster.netns import ClusterError, check_tools
+
+    if os.geteuid() != 0:
+        pytest.skip("cannot emulate nodes here: not root (namespaces, veth and bridges "
+                    "need it)")
+    try:
+        check_tools(NODE_TOOLS)
+    except ClusterError as exc:
+        skip_unless_required(f"cannot emulate nodes here: {exc}")
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot emulate nodes here: no network namespaces (unshare --net: "
+                    f"{probe.stderr.strip() or f'exit {probe.returncode}'})")
+
+
+def cluster_failed(exc: Exception):
+    """A machine that can emulate nodes could not: mpicnn's own cluster code failed.
+
+    A failure where the tier is required; elsewhere a skip that names the error.
+    """
+    skip_unless_required(f"the emulated cluster failed: {exc}")
+
+
+@contextmanager
+def slurm_tier():
+    """Around starting a test SLURM cluster: skip where this is not root; where SLURM is
+    not installed, skip outside CI and fail where the tier is required."""
+    from slurm_cluster import NotRoot, Unavailable
+
+    try:
+        yield
+    except NotRoot as exc:
+        pytest.skip(f"SLURM cannot run here: {exc}")
+    except Unavailable as exc:
+        skip_unless_required(f"SLURM not available: {exc}")
+
+
 def private_cluster(tag: str, **settings):
     """An emulated cluster this test session alone uses: its name and subnet carry our pid.
 
     Sessions of other checkouts run at the same time; ``up`` removes whatever runs under
-    its own name, so a shared name would kill their jobs. Skip where nodes cannot be made.
+    its own name, so a shared name would kill their jobs. Skip where nodes cannot be made
+    (fail where the tier is required and the machine could make them).
     """
     from mpicnn.cluster.netns import Cluster, ClusterError, SubnetTaken, free_subnet
 
+    need_node_emulation()
     seed = os.getpid() % 256
     for attempt in range(8):          # another session may take a free subnet meanwhile
         try:
@@ -146,8 +232,8 @@ def private_cluster(tag: str, **settings):
         except SubnetTaken:
             continue
         except ClusterError as exc:
-            pytest.skip(f"cannot emulate nodes here: {exc}")
-    pytest.skip("cannot emulate nodes here: no free subnet in 10.77.0.0/16 after 8 tries")
+            cluster_failed(exc)
+    cluster_failed(SubnetTaken("no free subnet in 10.77.0.0/16 after 8 tries"))
 
 
 def cluster_while_used(tag: str, **settings):

@@ -1,6 +1,5 @@
 """Models loaded by import path in the tests."""
 import os
-import time
 
 from torch import nn
 
@@ -29,10 +28,6 @@ class FailOnRankOne(TinyNet):
         if self.training:
             FailOnRankOne.calls += 1
             if MPI.COMM_WORLD.Get_rank() == 1 and FailOnRankOne.calls == 4:
-                stamp = os.environ.get("FAIL_STAMP")
-                if stamp:
-                    with open(stamp, "w") as fh:
-                        fh.write(repr(time.time()))
                 raise ValueError("injected failure on one rank")
         return super().forward(x)
 
@@ -141,3 +136,56 @@ class WideNet(nn.Sequential):
         c, h, w = input_shape
         super().__init__(nn.Flatten(), nn.Linear(c * h * w, 8192), nn.ReLU(),
                          nn.Linear(8192, num_classes))
+
+
+class ScaleProbe(nn.Module):
+    """kerasnet for fp16 loss-scale drills: overflows where asked, logs each rank's updates.
+
+    Its backward shrinks the gradient of its output 1000-fold, so the scaled gradients stay
+    far below fp16's limit: no overflow but the injected ones. ``OVERFLOW=rank:step,...``:
+    that rank's step-th training backward makes its gradients non-finite (a loss-scale
+    overflow: the loss stays finite). ``SCALE_LOG=prefix``: after every update the rank
+    appends "its own verdict, the verdict applied, the loss scale" to ``prefix.<rank>``.
+    """
+
+    calls = 0
+
+    def __init__(self, input_shape, num_classes):
+        from mpi4py import MPI
+
+        from mpicnn.training.models import build_model
+
+        super().__init__()
+        self.inner = build_model("kerasnet", input_shape, num_classes)
+        self.rank = MPI.COMM_WORLD.Get_rank()
+        self.overflows = {int(step) for rank, step in (
+            item.split(":") for item in filter(None, os.environ.get("OVERFLOW", "").split(",")))
+            if int(rank) == self.rank}
+        if os.environ.get("SCALE_LOG"):
+            _log_updates(f"{os.environ['SCALE_LOG']}.{self.rank}")
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training and out.requires_grad:
+            ScaleProbe.calls += 1
+            factor = float("inf") if ScaleProbe.calls in self.overflows else 1e-3
+            out.register_hook(lambda grad: grad * factor)
+        return out
+
+
+def _log_updates(path: str) -> None:
+    """Append every loss-scale update of this process to ``path`` (see ScaleProbe)."""
+    from mpicnn.training.precision import Precision
+
+    update = Precision.update
+    if getattr(update, "logs", None):
+        return
+
+    def logged(self, found):
+        update(self, found)
+        with open(path, "a") as fh:
+            fh.write(f"{int(self.found.item())} {int(found.item())} "
+                     f"{self.scaler.scale.item():g}\n")
+
+    logged.logs = path
+    Precision.update = logged

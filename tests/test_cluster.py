@@ -17,7 +17,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import fail_with_output, final, job_env, max_diff, train
+import conftest
+from conftest import (
+    REQUIRE_TIERS,
+    cluster_failed,
+    fail_with_output,
+    final,
+    job_env,
+    max_diff,
+    need_node_emulation,
+    private_cluster,
+    train,
+)
 
 from mpicnn.cluster.__main__ import main as cluster_main
 from mpicnn.cluster.hydra import mpiexec_command, run
@@ -191,14 +202,55 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, argv, message):
     assert err.startswith(f"mpicnn: error: {message}") and err.count("\n") == 1
 
 
+# --- when the tier runs: skipped only for what the machine lacks -------------------------
+
+@pytest.fixture
+def capable(monkeypatch):
+    """A machine that could emulate nodes, whose cluster code fails: ``Cluster.up`` raises."""
+    def broken(self):
+        raise ClusterError("ip link add t1-br type bridge: forced failure")
+
+    monkeypatch.setattr(conftest, "need_node_emulation", lambda: None)
+    monkeypatch.setattr("mpicnn.cluster.netns.free_subnet", lambda seed=0: "10.9.8.0/24")
+    monkeypatch.setattr(Cluster, "up", broken)
+    for name in ("CI", REQUIRE_TIERS):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("required", [("CI", "true"), (REQUIRE_TIERS, "1")],
+                         ids=["ci", "asked"])
+def test_where_the_tier_is_required_a_cluster_error_fails_it(capable, monkeypatch, required):
+    monkeypatch.setenv(*required)
+    with pytest.raises(pytest.fail.Exception, match="forced failure.*a required tier here"):
+        private_cluster("t")
+
+
+def test_elsewhere_a_cluster_error_skips_naming_it(capable):
+    with pytest.raises(pytest.skip.Exception, match="cluster failed: ip link add .* forced"):
+        private_cluster("t")
+
+
+def test_a_machine_without_root_skips_the_tier_even_in_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="cannot emulate nodes here: not root"):
+        private_cluster("t")
+    # a program .ci/run installs is missing only outside CI
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("shutil.which", lambda program: None if program == "tc" else program)
+    with pytest.raises(pytest.fail.Exception, match="tc not found: install iproute2"):
+        need_node_emulation()
+
+
 # --- the harness itself (root) -------------------------------------------------------------
 
 def private_settings(tag: str) -> list[str]:
     """``--name``/``--subnet`` flags for a cluster of this session alone."""
+    need_node_emulation()
     try:
         subnet = free_subnet(os.getpid() % 256 + 64)
     except ClusterError as exc:
-        pytest.skip(f"cannot emulate nodes here: {exc}")
+        cluster_failed(exc)
     return ["--name", f"{tag}{os.getpid() % 100000}", "--subnet", subnet]
 
 

@@ -11,6 +11,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from conftest import skip_unless_required
 
 from mpicnn.data.__main__ import main
 from mpicnn.data.schema import open_dataset
@@ -253,7 +254,8 @@ def test_damaged_cifar_fails_with_one_line(tmp_path, capsys):
     bad = {**files["data_batch_2"], b"labels": files["data_batch_2"][b"labels"][:-1]}
     cases.append(("data_batch_2", pickle.dumps(bad, protocol=2), "holds 9 images but 8 labels"))
     # a pickle that would run code when loaded: refused, nothing runs
-    evil = pickle.dumps(Evil(), protocol=2)
+    pwned = tmp_path / "pwned"
+    evil = pickle.dumps(Evil(pwned), protocol=2)
     cases.append(("data_batch_3", evil, "system is not allowed in a data batch"))
     cut = pickle.dumps(files["test_batch"])[:-100]
     cases.append(("test_batch", cut, "is not a CIFAR python batch"))
@@ -263,24 +265,31 @@ def test_damaged_cifar_fails_with_one_line(tmp_path, capsys):
         for other, content in files.items():
             (folder / other).write_bytes(raw if other == name else pickle.dumps(content, 2))
         assert tool("convert", folder.parent, tmp_path / "x.h5") == 2
+        assert not pwned.exists(), "the pickle's command ran"
         err = capsys.readouterr().err
         assert err.startswith("mpicnn: error: ") and err.count("\n") == 1, err
         assert message in err, err
-    assert not (tmp_path / "pwned").exists() and not (tmp_path / "x.h5").exists()
+    assert not (tmp_path / "x.h5").exists()
     (tmp_path / "cut.tar.gz").write_bytes(b"\x1f\x8b\x08" + b"\0" * 20)
     assert tool("convert", tmp_path / "cut.tar.gz", tmp_path / "x.h5") == 2
     assert "is not a readable tar archive" in capsys.readouterr().err
 
 
 class Evil:
+    """Unpickled, runs ``touch PATH`` (an absolute path: nothing depends on the directory)."""
+
+    def __init__(self, path):
+        self.path = path
+
     def __reduce__(self):
-        return os.system, ("touch pwned",)
+        return os.system, (f"touch '{self.path}'",)
 
 
 # --- the real Fashion-MNIST from Debian ------------------------------------------------
 def test_fashion_mnist_from_the_debian_package(tmp_path, capsys):
     if not os.path.isdir(FASHION):
-        pytest.skip(f"{FASHION} is absent: apt-get install dataset-fashion-mnist")
+        skip_unless_required(f"{FASHION} is absent: apt-get install dataset-fashion-mnist "
+                             f"(.ci/run does)")
     out = tmp_path / "fashion.h5"
     assert tool("convert", FASHION, out) == 0
     assert "60000 train, 10000 val samples; classes T-shirt/top" in capsys.readouterr().out

@@ -92,12 +92,27 @@ def test_steps_between_log_intervals_read_nothing_back(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_steps_between_log_intervals_do_not_synchronize_the_gpu(tmp_path, monkeypatch):
     """On CUDA, any synchronising call between the steps raises."""
+    window = []
+
     def on():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
+        window.append("on")
 
-    with window_between_steps(monkeypatch, on, lambda: torch.cuda.set_sync_debug_mode(0)):
+    def off():
+        window.append(torch.cuda.get_sync_debug_mode())     # still "error" (2) at the end
+        torch.cuda.set_sync_debug_mode(0)
+
+    with window_between_steps(monkeypatch, on, off):
         try:
             run_one_rank(tmp_path, *ARGS, "--device", "cuda")
         finally:
             torch.cuda.set_sync_debug_mode(0)
+    assert window == ["on", 2]
+    # the debug mode raises: a synchronising call inside the window would have failed the run
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            torch.ones((), device="cuda").item()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DIGITS, ListLoader, records, train
+from conftest import DIGITS, ListLoader, mpirun, records, train
 from torch import nn
 
 from mpicnn.checkpoint.state import RunState
@@ -287,6 +287,31 @@ def test_fp16_in_ps_sync_equals_allreduce(tmp_path):
 
 @pytest.mark.mpi
 def test_fp16_in_ps_async_moves_each_workers_scale_by_its_own_pushes(tmp_path):
-    """ps-async: a push is its own update, so a worker's scale follows its own pushes; with
-    one worker that is serial training, scale included."""
+    """ps-async: a push is its own update, so a worker's scale follows its own pushes.
+
+    Two workers and a server; worker 1's 2nd and 3rd backward overflow (injected: the
+    probe model keeps every other gradient far from fp16's limit), worker 0's never do.
+    A staleness bound fixes each worker's shard, so each runs all 5 steps.
+    """
+    log = tmp_path / "scale"
+    common = ["--data", DIGITS, "--model", "tests.custom_model:ScaleProbe", "--amp", "fp16",
+              "--batch-size", 8, "--max-steps", 5, "--optimizer", "sgd", "--lr", 0.1,
+              "--warmup-epochs", 0, "--deterministic", "--mode", "ps-async", "--servers", 1,
+              "--staleness", 4]
+    out, _ = train(tmp_path, "ps", 3, *common, start=lambda n, args: mpirun(
+        n, args, env={"OVERFLOW": "1:2,1:3", "SCALE_LOG": str(log)}))
+    # each line: the worker's own verdict on its gradient, the verdict its scale moved by
+    # (the server's on that push), the scale after the update
+    updates = [[tuple(map(float, line.split())) for line in
+                (tmp_path / f"scale.{w}").read_text().splitlines()] for w in (0, 1)]
+    assert updates[0] == [(0, 0, 2.0 ** 16)] * 5
+    assert updates[1] == [(0, 0, 2.0 ** 16), (1, 1, 2.0 ** 15), (1, 1, 2.0 ** 14),
+                          (0, 0, 2.0 ** 14), (0, 0, 2.0 ** 14)]
+    saved = _final(out)["amp_scaler"]                      # rank 0's: worker 0's scale
+    assert (saved["scale"], saved["overflows"]) == (2.0 ** 16, 0)
+
+
+@pytest.mark.mpi
+def test_fp16_in_ps_async_with_one_worker_is_serial_training(tmp_path):
+    """With one worker, ps-async is serial training, loss scale included."""
     _fp16_ps_equals(tmp_path, "ps-async", steps=4, ps_ranks=2, reference_ranks=1)

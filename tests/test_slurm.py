@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, job_env, read_jsonl
-from slurm_cluster import LocalSlurm, Unavailable, running_slurm
+from conftest import ROOT, job_env, read_jsonl, slurm_tier
+from slurm_cluster import LocalSlurm, running_slurm
 
 from mpicnn.cluster.startup import SHM_DIR, fnv1a
 from mpicnn.config import FIELDS
@@ -34,11 +34,8 @@ JOB_TIMEOUT = 420
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    try:
-        with running_slurm(tmp_path_factory.mktemp("slurm")) as cluster:
-            yield cluster
-    except Unavailable as exc:
-        pytest.skip(f"SLURM not available: {exc}")
+    with slurm_tier(), running_slurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
 
 
 def submit(cluster: LocalSlurm, where: Path, script: str, sbatch_args=(), train_args=(),

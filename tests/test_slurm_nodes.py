@@ -5,8 +5,8 @@ GPUs per node) and only the cores overridden for this machine (1 per rank; the G
 are the test cluster's fake ones, the ranks train on CPU) really spans two nodes via
 ``srun --mpi=pmi2``: MPI crosses the emulated link, ``COMM_TYPE_SHARED`` finds two
 nodes. Then the preemption drill across them: USR1 mid-run, checkpoint, requeue,
-resume, the same final parameters. Needs root, namespaces and SLURM (installed from
-Debian when missing); skips otherwise, naming why.
+resume, the same final parameters. Needs root, namespaces and SLURM (Debian's packages,
+which .ci/run installs); skips otherwise, naming why (in CI a missing package fails).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, job_env, private_cluster, read_jsonl
-from slurm_cluster import LocalSlurm, Unavailable, running_slurm
+from conftest import ROOT, job_env, private_cluster, read_jsonl, slurm_tier
+from slurm_cluster import LocalSlurm, running_slurm
 
 from mpicnn.cluster.hydra import NETMODS
 
@@ -33,10 +33,9 @@ PREEMPTED_EXIT = 75
 def slurm(tmp_path_factory):
     nodes = private_cluster("l", nodes=2)
     try:
-        with running_slurm(tmp_path_factory.mktemp("slurm"), nodes, timeout=120) as cluster:
+        with slurm_tier(), running_slurm(tmp_path_factory.mktemp("slurm"), nodes,
+                                         timeout=120) as cluster:
             yield cluster
-    except Unavailable as exc:
-        pytest.skip(f"SLURM not available: {exc}")
     finally:
         nodes.down()
 
