@@ -11,6 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..cluster.devices import cpu_threads_per_rank
 from ..config import parse_config
 from ..observe.profile import profiler_events, summarize
 from ..training.models import build_model
@@ -29,6 +30,8 @@ class BareLoop:
         training = parse_config([*OPTIMIZER_FLAGS, "--batch-size", str(batch)]).training
         torch.manual_seed(0)
         self.device = torch.device(device)
+        if self.device.type == "cpu":          # the threads a single mpicnn rank takes
+            torch.set_num_threads(cpu_threads_per_rank(1))
         self.model = build_model(model, shape, classes).to(self.device)
         self.x = torch.randn(batch, *shape, device=self.device)
         self.y = torch.randint(0, classes, (batch,), device=self.device)
