@@ -4,7 +4,8 @@ and never read before the kernels writing them have finished.
 GPU tests (marked ``gpu``) skip without CUDA; those that hand device pointers to MPI also
 skip unless the MPI library says it is CUDA-aware (``jobs/gpu/build_cuda_mpi.sh`` builds
 one, ``source jobs/gpu/cuda_mpi_env.sh`` puts it on the paths). The stream-check script's
-host-buffer path runs everywhere.
+host-buffer path runs everywhere, and the MPI that script built is checked wherever it
+lies in ``build/cuda-mpi``.
 
 Where the CUDA-aware path applies: the flat Allreduce, the hierarchical collective
 (Reduce, Allreduce across node leaders, Bcast) and mpicnn's ring across 3 or more nodes
@@ -18,14 +19,19 @@ call on device pointers, so such runs stage whatever ``--cuda-aware`` says.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS, mpirun, param_difference, trained_params
+from conftest import DIGITS, ROOT, mpirun, param_difference, run_command, trained_params
 
 from mpicnn.sync.allreduce.transport import probe_cuda_support
 
 STREAM_CHECK = Path(__file__).resolve().parent / "cuda_stream_check.py"
+BUILT = ROOT / "build" / "cuda-mpi"          # jobs/gpu/build_cuda_mpi.sh's default prefix
+ALLREDUCE = ("from mpi4py import MPI; import numpy as n; c = MPI.COMM_WORLD; "
+             "b = n.full(1 << 20, c.rank + 1.0); c.Allreduce(MPI.IN_PLACE, b); "
+             "c.rank or print('allreduce', b.min(), b.max(), MPI.Get_library_version()[:20])")
 DIRECT = "CUDA buffers to MPI directly"
 STAGED = "CUDA buffers staged through pinned host memory"
 # fp32 arithmetic on every rank (Hopper convolves in TF32 by default) and deterministic
@@ -64,6 +70,22 @@ def require_cuda_aware_mpi() -> str:
         pytest.skip(f"needs a CUDA-aware MPI ({how}): build one with "
                     f"jobs/gpu/build_cuda_mpi.sh, then source jobs/gpu/cuda_mpi_env.sh")
     return how
+
+
+@pytest.mark.mpi
+def test_the_built_mpi_takes_the_mpi4py_wheel_and_was_built_with_cuda():
+    """build/cuda-mpi, relocated through cuda_mpi_env.sh: mpi4py runs on it, and the probe
+    gives one answer in and out of mpirun (yes only where the CUDA driver loads)."""
+    if not (BUILT / "bin" / "mpirun").exists():
+        pytest.skip(f"no CUDA-aware MPI built at {BUILT} (jobs/gpu/build_cuda_mpi.sh)")
+    script = ("source jobs/gpu/cuda_mpi_env.sh && bash jobs/gpu/check_cuda_mpi.sh && "
+              f"mpirun -n 2 --oversubscribe {sys.executable} -c \"{ALLREDUCE}\"")
+    run = run_command(["bash", "-c", script], timeout=240, env={"PYTHON": sys.executable},
+                      check=True)
+    assert "Open MPI built with CUDA support: true" in run.stdout, run.stdout
+    assert "allreduce 3.0 3.0 Open MPI v5.0.7" in run.stdout, run.stdout
+    if "accelerator plug-ins found: cuda" in run.stdout:     # a CUDA driver was loaded
+        assert "CUDA-aware: yes" in run.stdout, run.stdout
 
 
 @pytest.mark.mpi

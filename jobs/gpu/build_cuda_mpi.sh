@@ -124,6 +124,9 @@ rm -rf "$PREFIX"
     # Only what a pip-installed Python job needs: C bindings, shared libraries, the
     # bundled runtime (PRRTE, PMIx, hwloc, libevent), CUDA plug-ins; no network
     # transports beyond TCP and shared memory, which need libraries the GPU machine lacks.
+    # glibc 2.36's arc4random would tie the bundled libevent to glibc >= 2.36: its own is
+    # used instead, so the prefix runs on glibc >= 2.34 (Ubuntu 22.04, RHEL 9 and later)
+    ac_cv_func_arc4random=no ac_cv_func_arc4random_buf=no ac_cv_func_arc4random_addrandom=no \
     ./configure -q --prefix="$PREFIX" \
         --with-cuda="$CUDA" --with-cuda-libdir="$STUB" \
         --with-hwloc=internal --with-libevent=internal --with-pmix=internal \
@@ -140,13 +143,17 @@ rm -rf "$PREFIX"
     nice -n 19 make install-strip >"$WORK/install.log" 2>&1 ||
         { tail -30 "$WORK/install.log"; die "make install failed (see $WORK/install.log)"; }
 )
-# What a job never reads: documentation, man pages, libtool archives, static libraries.
-rm -rf "$PREFIX/share/doc" "$PREFIX/share/man"
+# What a job never reads: documentation, man pages, libtool archives, static libraries,
+# hwloc's own tools (lstopo needs ncurses).
+rm -rf "$PREFIX/share/doc" "$PREFIX/share/man" "$PREFIX/sbin" "$PREFIX"/bin/hwloc-* \
+    "$PREFIX"/bin/lstopo*
 find "$PREFIX" \( -name '*.la' -o -name '*.a' \) -delete
 ls "$PREFIX"/lib/openmpi/mca_accelerator_cuda.so >/dev/null 2>&1 ||
     die "the CUDA accelerator plug-in was not built (see $WORK/make.log)"
 if readelf -d "$PREFIX"/lib/openmpi/mca_accelerator_cuda.so | grep -q "$STUB"; then
     die "the CUDA plug-in points at the build's libcuda stub"
 fi
-say "done in $(( $(date +%s) - started )) s: $(du -sh "$PREFIX" | cut -f1) in $PREFIX"
+glibc=$(objdump -T "$PREFIX"/lib/*.so.*[0-9] "$PREFIX"/lib/openmpi/*.so "$PREFIX"/bin/* 2>/dev/null |
+        grep -oE 'GLIBC_[0-9.]+' | sort -V | tail -1)
+say "done in $(( $(date +%s) - started )) s: $(du -sh "$PREFIX" | cut -f1) in $PREFIX, needs ${glibc:-glibc}"
 say "use it: source jobs/gpu/cuda_mpi_env.sh; jobs/gpu/check_cuda_mpi.sh"

@@ -17,17 +17,21 @@ PYTHON=${PYTHON:-python3}
 launcher=$(command -v mpirun || command -v mpiexec || true)
 echo "launcher: ${launcher:-none on PATH}"
 [ -z "$launcher" ] || "$launcher" --version 2>&1 | sed -n '/./p' | sed -n 1,2p
-if command -v ompi_info >/dev/null; then
+# the build-time answer, from the tools installed beside the launcher
+tools=$( [ -n "$launcher" ] && dirname "$launcher" || true)
+ompi_info=${tools:+$tools/}ompi_info mpichversion=${tools:+$tools/}mpichversion
+flags=()
+if command -v "$ompi_info" >/dev/null; then
+    flags=(--oversubscribe)          # Open MPI will not start more ranks than cores without
     # opal_... in Open MPI 5, mpi_... in 4.x
-    built=$(ompi_info --parsable --all 2>/dev/null |
+    built=$("$ompi_info" --parsable --all 2>/dev/null |
             sed -n -E 's/^(.*:)?(opal|mpi)_built_with_cuda_support:value://p' | head -1)
     echo "Open MPI built with CUDA support: ${built:-unknown}"
-    echo "Open MPI accelerator plug-ins found: $(ompi_info 2>/dev/null |
+    echo "Open MPI accelerator plug-ins found: $("$ompi_info" 2>/dev/null |
           sed -n 's/.*MCA accelerator: \([a-z]*\).*/\1/p' | tr '\n' ' ')"
-fi
-if command -v mpichversion >/dev/null; then
-    mpichversion | sed -n '/Version:/p'
-    if mpichversion | grep -q -- "--with-cuda"; then
+elif command -v "$mpichversion" >/dev/null; then
+    "$mpichversion" | sed -n '/Version:/p'
+    if "$mpichversion" | grep -q -- "--with-cuda"; then
         echo "MPICH configured --with-cuda (it also needs MPIR_CVAR_ENABLE_GPU=1, the default)"
     else
         echo "MPICH configured without --with-cuda"
@@ -40,7 +44,7 @@ print(json.dumps(list(probe_cuda_support())))') ||
 echo "probe in this process: $here"
 if [ -n "$launcher" ]; then
     ranks=$(PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-            "$launcher" -n 2 "$PYTHON" tests/probe_check.py | tail -1)
+            "$launcher" -n 2 "${flags[@]}" "$PYTHON" tests/probe_check.py | tail -1)
     echo "probe in a 2-rank job: $ranks"
     [ "$ranks" = "[$here, $here]" ] ||
         { echo "mpicnn: error: the probe answered differently under $launcher" >&2; exit 2; }

@@ -17,6 +17,12 @@ export OPAL_PREFIX=$_cuda_mpi_prefix
 export PATH=$_cuda_mpi_prefix/bin:$PATH
 export LD_LIBRARY_PATH=$_cuda_mpi_prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export MPI4PY_LIBMPI=$_cuda_mpi_prefix/lib/libmpi.so.40
+if ! "${PYTHON:-python3}" -c 'import ctypes; ctypes.CDLL("libcuda.so.1")' 2>/dev/null; then
+    # no CUDA driver here: the CUDA plug-ins cannot load, as expected; say so once, not
+    # in every rank of every job
+    echo "note: no CUDA driver (libcuda.so.1) here: this MPI runs, but not CUDA-aware" >&2
+    export OMPI_MCA_mca_base_component_show_load_errors=^accelerator/cuda,rcache/gpusm,rcache/rgpusm
+fi
 if [ "$(id -u)" = 0 ]; then       # Open MPI's launcher refuses root without both
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
