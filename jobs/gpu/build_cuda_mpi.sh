@@ -124,9 +124,6 @@ rm -rf "$PREFIX"
     # Only what a pip-installed Python job needs: C bindings, shared libraries, the
     # bundled runtime (PRRTE, PMIx, hwloc, libevent), CUDA plug-ins; no network
     # transports beyond TCP and shared memory, which need libraries the GPU machine lacks.
-    # glibc 2.36's arc4random would tie the bundled libevent to glibc >= 2.36: its own is
-    # used instead, so the prefix runs on glibc >= 2.34 (Ubuntu 22.04, RHEL 9 and later)
-    ac_cv_func_arc4random=no ac_cv_func_arc4random_buf=no ac_cv_func_arc4random_addrandom=no \
     ./configure -q --prefix="$PREFIX" \
         --with-cuda="$CUDA" --with-cuda-libdir="$STUB" \
         --with-hwloc=internal --with-libevent=internal --with-pmix=internal \
