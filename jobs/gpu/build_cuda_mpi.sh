@@ -150,7 +150,7 @@ ls "$PREFIX"/lib/openmpi/mca_accelerator_cuda.so >/dev/null 2>&1 ||
 if readelf -d "$PREFIX"/lib/openmpi/mca_accelerator_cuda.so | grep -q "$STUB"; then
     die "the CUDA plug-in points at the build's libcuda stub"
 fi
-glibc=$(objdump -T "$PREFIX"/lib/*.so.*[0-9] "$PREFIX"/lib/openmpi/*.so "$PREFIX"/bin/* 2>/dev/null |
-        grep -oE 'GLIBC_[0-9.]+' | sort -V | tail -1)
+glibc=$( { objdump -T "$PREFIX"/lib/*.so.*[0-9] "$PREFIX"/lib/openmpi/*.so "$PREFIX"/bin/* \
+            2>/dev/null || true; } | grep -oE 'GLIBC_[0-9.]+' | sort -V | tail -1)
 say "done in $(( $(date +%s) - started )) s: $(du -sh "$PREFIX" | cut -f1) in $PREFIX, needs ${glibc:-glibc}"
 say "use it: source jobs/gpu/cuda_mpi_env.sh; jobs/gpu/check_cuda_mpi.sh"
