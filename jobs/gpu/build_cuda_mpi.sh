@@ -18,22 +18,29 @@
 #   exists (a CUDA toolkit, as on the GPU machine), that one is used instead. Linking
 #   needs a libcuda.so: a stub with the driver API's names, generated from cuda.h, is
 #   linked against and never installed; at run time the real driver is loaded.
-# - How the product reaches the GPU machine: built HERE and carried. That machine cannot
-#   download anything and has 15 minutes of device time per session, start included;
-#   building there would spend most of it (about 9 min on 2 cores here for the build
-#   alone, so several minutes even on 16) on every fresh machine. The prefix, stripped and
-#   without docs, man pages, static or libtool files, is about 25 MiB (the README's
-#   carry limit is 64 MiB with the tree); it needs only glibc >= 2.34 (built on Debian 12,
-#   glibc 2.36; the GPU image is Ubuntu 24.04, glibc 2.39), libm, libdl and libpthread.
-#   It is relocatable: jobs/gpu/cuda_mpi_env.sh sets OPAL_PREFIX to where it lies.
+# - How the product reaches the GPU machine: built HERE and carried (run's carry:
+#   build/cuda-mpi). Measured from a fresh clone on this 2-core machine, nice -n 19 make
+#   -j2: 9 min 19 s (420 CPU-seconds; configure, mostly serial, about 3.5 min of it), and
+#   24 min 48 s while other jobs kept the load near 10. The GPU machine cannot download
+#   and lends 15 minutes a session, start included: even on 16 cores the serial
+#   configure alone would take minutes of it on every fresh machine. The prefix,
+#   stripped, without docs, man pages, static or libtool files, is 14 MiB (451 files;
+#   the carry limit is 64 MiB with the tree). It needs glibc >= 2.36 (the bundled
+#   libevent calls arc4random, and its own fallback does not compile beside glibc 2.36)
+#   and nothing else outside it; the GPU image's Python 3.12.3 is Ubuntu 24.04's, glibc
+#   2.39 (check_cuda_mpi.sh prints it there). On an older glibc, build there instead:
+#   carry build/cuda-mpi-work/openmpi_5.0.7.orig.tar.xz (25 MiB) and run
+#   OMPI_TARBALL=that-file bash jobs/gpu/build_cuda_mpi.sh (its toolkit's cuda.h is used).
+#   The prefix is relocatable: jobs/gpu/cuda_mpi_env.sh sets OPAL_PREFIX to where it lies.
 # - mpi4py: the mpi4py 4 wheel needs no rebuild. It picks its Open MPI or MPICH
 #   extension from the libmpi it finds (MPI4PY_LIBMPI, then LD_LIBRARY_PATH);
 #   cuda_mpi_env.sh points it at this prefix.
 #
 # Environment: PREFIX (install here, default build/cuda-mpi), WORK (sources and objects,
 # default build/cuda-mpi-work), JOBS (make -j, default: the number of cores),
-# CUDA_HOME (a toolkit whose include/cuda.h to build against), OMPI_TARBALL (use this
-# openmpi-5.0.7 tarball instead of fetching one). Run from anywhere; takes no arguments.
+# CUDA_HOME (a toolkit whose include/cuda.h to build against, default /usr/local/cuda),
+# OMPI_TARBALL (this openmpi 5.0.7 tarball instead of fetching one). Run from anywhere;
+# takes no arguments.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -44,6 +51,7 @@ OMPI_VERSION=5.0.7
 OMPI_DEBIAN=5.0.7-1
 OMPI_SHA256=97f10c04e9b9a1771db3fd005009e4c07afa3ce739f940e41eb0fc7397cb9473
 CUDA_WHEEL=nvidia-cuda-runtime==13.0.96
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 
 die() { echo "mpicnn: error: $*" >&2; exit 2; }
 say() { echo "[build_cuda_mpi] $*"; }
@@ -66,17 +74,15 @@ OMPI_TARBALL to an openmpi-$OMPI_VERSION tarball"
         apt-get "${o[@]}" -qq update
         (cd "$WORK" && apt-get "${o[@]}" -qq source --download-only "openmpi=$OMPI_DEBIAN")
     fi
-    if [ -z "${OMPI_TARBALL:-}" ]; then
-        echo "$OMPI_SHA256  $tarball" | sha256sum -c --quiet - ||
-            die "$tarball is not the expected openmpi $OMPI_VERSION source"
-    fi
+    echo "$OMPI_SHA256  $tarball" | sha256sum -c --quiet - ||
+        die "$tarball is not Debian's openmpi_$OMPI_VERSION.orig.tar.xz, which this script builds"
     rm -rf "$WORK/openmpi-$OMPI_VERSION"
     tar -C "$WORK" -xf "$tarball"
     [ -x "$WORK/openmpi-$OMPI_VERSION/configure" ] || die "$tarball holds no openmpi-$OMPI_VERSION/configure"
 }
 
 cuda_headers() {         # a directory whose include/ holds cuda.h
-    if [ -n "${CUDA_HOME:-}" ] && [ -f "$CUDA_HOME/include/cuda.h" ]; then
+    if [ -f "$CUDA_HOME/include/cuda.h" ]; then
         echo "$CUDA_HOME"
         return
     fi

@@ -15,6 +15,7 @@ cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PYTHON=${PYTHON:-python3}
 launcher=$(command -v mpirun || command -v mpiexec || true)
+echo "glibc: $(getconf GNU_LIBC_VERSION)"
 echo "launcher: ${launcher:-none on PATH}"
 [ -z "$launcher" ] || "$launcher" --version 2>&1 | sed -n '/./p' | sed -n 1,2p
 # the build-time answer, from the tools installed beside the launcher
