@@ -17,37 +17,54 @@ MPIX_GPU_SUPPORT_CUDA = 0        # MPICH's mpi.h
 HOST = torch.device("cpu")
 
 
-def _loaded_libmpi():
-    """A ctypes handle on the MPI library this process has loaded (None if not found)."""
+def _initialized_mpi():
+    """mpi4py's MPI library as a job's ranks see it: (a ctypes handle on it, the world's
+    ``mpi_memory_alloc_kinds`` or None)."""
+    from mpi4py import MPI         # loads libmpi and, unless mpi4py.rc says not, MPI_Init
+
+    if not MPI.Is_initialized() or MPI.Is_finalized():
+        raise RuntimeError("MPI is not initialized: the library answers only after MPI_Init")
+    lib = ctypes.CDLL(MPI.__file__)   # its symbol lookup reaches the libmpi it links
     try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if "/libmpi" in path and ".so" in path:
-                    return ctypes.CDLL(path)
-    except OSError:
-        pass
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
+        info = MPI.COMM_WORLD.Get_info()
+        try:
+            kinds = info.Get("mpi_memory_alloc_kinds")
+        finally:
+            info.Free()
+    except MPI.Exception:
+        kinds = None
+    return lib, kinds
 
 
-def probe_cuda_support(lib=None) -> tuple[bool | None, str]:
-    """Ask the loaded MPI library whether it handles CUDA buffers (None: it cannot say)."""
-    lib = lib if lib is not None else _loaded_libmpi()
+def probe_cuda_support(lib=None, kinds: str | None = None) -> tuple[bool | None, str]:
+    """Ask the MPI library whether it takes CUDA buffers (None: it cannot say).
+
+    Asked of the library mpi4py loads, after MPI_Init, so a process that mpirun did not
+    start gets the answer its ranks would (Open MPI chooses its CUDA plug-in in MPI_Init;
+    before it, or before libmpi is loaded at all, no query can answer). ``lib`` and
+    ``kinds`` stand in for the library in tests.
+    """
     if lib is None:
-        return None, "the MPI library could not be opened to ask"
-    query = getattr(lib, "MPIX_Query_cuda_support", None)
+        try:
+            lib, kinds = _initialized_mpi()
+        except (ImportError, OSError, RuntimeError) as exc:
+            return None, f"the MPI library could not be asked ({exc})"
+    query = getattr(lib, "MPIX_Query_cuda_support", None)        # Open MPI, MPICH
     if query is not None:
         query.restype = ctypes.c_int
         answer = int(query())
         return bool(answer), f"MPIX_Query_cuda_support() = {answer}"
-    gpu_query = getattr(lib, "MPIX_GPU_query_support", None)
+    gpu_query = getattr(lib, "MPIX_GPU_query_support", None)     # MPICH
     if gpu_query is not None:
         flag = ctypes.c_int(0)
         if gpu_query(MPIX_GPU_SUPPORT_CUDA, ctypes.byref(flag)) == 0:
             return bool(flag.value), f"MPIX_GPU_query_support(CUDA) = {flag.value}"
+    if kinds is not None:                                         # MPI 4.1
+        cuda = [kind for kind in kinds.split(",") if kind.split(":")[0] == "cuda"]
+        if cuda:
+            return True, f"mpi_memory_alloc_kinds lists {','.join(cuda)}"
+        # a kind a library does not list may still work when asked for: no answer
+        return None, f"the MPI library has no CUDA-support query (alloc kinds: {kinds})"
     return None, "the MPI library has no CUDA-support query"
 
 
