@@ -6,7 +6,8 @@
 #
 #   carry build/cuda-mpi (or wheels/) with the source, then:  bash jobs/gpu/run_on_device.sh
 #
-# Extra arguments go to `python -m mpicnn.bench gpu` (e.g. --skip-tests, --models seednet).
+# Extra arguments go to `python -m mpicnn.bench gpu` (e.g. --parts eager,compiled, --models
+# seednet). jobs/gpu/prepare.sh makes what to carry (build/cuda-mpi, build/fashion.h5).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/runs/gpu}
@@ -32,5 +33,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     mpirun --version | sed -n 1,2p
     PYTHON=python bash jobs/gpu/check_cuda_mpi.sh
 } 2>&1 | tee "$OUT/env.txt" || true
-timeout -s KILL 540 python -m mpicnn.bench gpu --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
+fashion=()
+[ -f build/fashion.h5 ] && fashion=(--fashion build/fashion.h5)
+timeout -s KILL 540 python -m mpicnn.bench gpu --out "$OUT/gpu.json" "${fashion[@]}" "$@" 2>&1 |
+    tee "$OUT/gpu.log"
 exit "${PIPESTATUS[0]}"
