@@ -112,7 +112,7 @@ def test_the_installed_wheel_trains_by_default_from_another_directory(built, tmp
         f"mpicnn {__version__}"
     assert "mpicnn.export" in run_in(work, python, "-m", "mpicnn").stdout
     helped = " ".join(run_in(work, scripts / "mpicnn-train", "--help").stdout.split())
-    assert "(default: the 8x8 digits shipped with mpicnn)" in helped and "site-packages" \
+    assert "(default: the shipped digits dataset)" in helped and "site-packages" \
         not in helped
     assert "as torchscript" in run_in(work, scripts / "mpicnn-export", "run/final.pt",
                                       "m.pt").stdout
