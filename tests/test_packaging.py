@@ -93,7 +93,8 @@ def test_the_wheel_carries_the_dataset_and_the_licence(built):
 
 def test_the_installed_wheel_trains_by_default_from_another_directory(built, tmp_path):
     python = fresh_venv(tmp_path / "venv")
-    pip("install", "--no-deps", "--no-index", built[1], python=python)
+    # the .pth shows pip this checkout's development install: install beside it, not over it
+    pip("install", "--no-deps", "--no-index", "--ignore-installed", built[1], python=python)
     work = tmp_path / "work"
     work.mkdir()
     where = run_in(work, python, "-c", "import mpicnn, mpicnn.config.data as d; "
@@ -125,7 +126,8 @@ def test_the_installed_wheel_trains_by_default_from_another_directory(built, tmp
 
 def test_pip_install_dot_finds_its_dataset(built, tmp_path):
     python = fresh_venv(tmp_path / "venv")
-    pip("install", "--no-deps", "--no-build-isolation", "--no-index", built[0], python=python)
+    pip("install", "--no-deps", "--no-build-isolation", "--no-index", "--ignore-installed",
+        built[0], python=python)
     work = tmp_path / "work"
     work.mkdir()
     found = run_in(work, python, "-c", "from mpicnn.config.data import SHIPPED_DATA as p; "
