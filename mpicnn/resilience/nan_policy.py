@@ -17,15 +17,25 @@ MAX_CONSECUTIVE_SKIPS = 20
 def nonfinite_flag(grads, device=None) -> torch.Tensor:
     """1.0 (a float 0-d tensor on the device) when some element of ``grads`` is NaN or Inf.
 
-    One multi-tensor L1 norm over all gradients (a handful of kernels however many
-    tensors), summed: a sum carries any NaN or Inf through, reads each element once
-    (an elementwise isfinite is ~30x dearer) and also flags sums beyond float32's range
-    (1e38), which only already-diverged gradients reach. Nothing is read back to the host.
+    One multi-tensor pass over all gradients (GradScaler's non-finite check with a scale
+    of 1, which leaves every value as it is): a few kernels however many tensors, and on
+    the CPU 1.3x faster than a sum per tensor (seednet). Nothing is read back to the host.
     """
-    if not grads:
-        return torch.zeros((), device=device)
-    total = torch.stack(torch._foreach_norm(grads, 1)).sum()
-    return (total - total).isnan().float()
+    found = torch.zeros((), device=device if device is not None else
+                        (grads[0].device if grads else None))
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, _one(found.device))
+    return found
+
+
+_ONES: dict = {}
+
+
+def _one(device) -> torch.Tensor:
+    """A float 1 on ``device``, made once (the unscale factor that changes nothing)."""
+    if device not in _ONES:
+        _ONES[device] = torch.ones((), device=device)
+    return _ONES[device]
 
 
 def grads_finite(params) -> bool:
