@@ -101,7 +101,7 @@ class Precision:
 
         Returns (and keeps as ``found``) a float 0-d device tensor, 1.0 when some gradient
         element is NaN or Inf: that update must not land. Under fp16 the unscale is the
-        check; otherwise one multi-tensor norm is (a few kernels for any model).
+        check; otherwise one multi-tensor pass is (a few kernels for any model).
         """
         grads = [p.grad for p in params if p.grad is not None]
         if self.scaler is not None:
