@@ -248,10 +248,11 @@ class Loader:
             return
         rows = self.resident_rows(kind)
         sizes = [len(r) for r in rows_list]
-        plan = to_device(np.concatenate(rows_list) - rows.lo, self.device)
+        every = np.concatenate(rows_list)
+        plan = to_device(every - rows.lo, self.device)
         draws = None
         if epoch is not None and self.augment:
-            draws = to_device(self.augment.draws(np.concatenate(rows_list), epoch), self.device)
+            draws = to_device(self.augment.draws(every, epoch), self.device)
         for first, size in zip(np.cumsum([0] + sizes[:-1]), sizes):
             images, labels = rows.take(plan[first:first + size])
             x = self.normalize(images)
