@@ -4,7 +4,8 @@
 reducers on each collective (flat Allreduce, hierarchical with each rank a node, the
 shared-memory windows, whose bucket lives in a window).
 ``python tests/powersgd_check.py ddp OUT``: DDP's ``powerSGD_hook`` on a 2-process gloo
-group (torch.multiprocessing), fed the same bucket of the same gradients.
+group (torch.multiprocessing), fed the same bucket of the same gradients; then, on three
+buckets a step, the stock hook against ``mpicnn.bench._ddp_powersgd``'s.
 Both write ``{name: tensor[steps, numel]}`` with ``torch.save`` (rank 0 for mpicnn).
 ``mpirun -n 2 python tests/powersgd_check.py train OUT [mpicnn.train flags]``: a real
 ``mpicnn.train`` run whose ranks each save their final parameters to ``OUT.rank<r>``.
@@ -19,6 +20,7 @@ RANK, START, STEPS = 2, 2, 7
 # one that does not (3 x 4 at rank 2: (3 + 4) x 2 x 2 > 12)
 SHAPES = [(16, 8, 3, 3), (16,), (32, 16), (3, 4), (10, 32), (10,), (16, 8, 3, 3)]
 NUMEL = sum(torch.Size(s).numel() for s in SHAPES)
+BUCKETS = [SHAPES[4:], SHAPES[2:4], SHAPES[:2]]     # as DDP buckets them: the last layers first
 
 
 def gradient(rank: int, step: int) -> torch.Tensor:
@@ -84,17 +86,50 @@ def ddp_rank(rank: int, size: int, init: str, out: str) -> None:
         bucket = FakeBucket(gradient(rank, step), SHAPES)
         hook.powerSGD_hook(state, bucket).wait()
         rows.append(bucket.flat.clone())        # the hook averages the bucket in place
+    results = {"ddp": torch.stack(rows)}
+    results.update(bucketed_runs(rank))
     if rank == 0:
-        torch.save({"ddp": torch.stack(rows)}, out)
+        torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
-class FakeBucket:
-    """The part of ``dist.GradBucket`` the hook reads: one flat bucket, always the last."""
+def bucketed_runs(rank: int) -> dict:
+    """Three buckets a step, each hook waited for in bucket order: the stock hook on one
+    state, and ``_ddp_powersgd``'s with a gloo group a bucket."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as hook
 
-    def __init__(self, flat: torch.Tensor, shapes, index: int = 0):
-        self.flat, self.shapes, self._index = flat, shapes, index
+    from mpicnn.bench._ddp_powersgd import PowerSGDPerBucketGroup
+
+    import torch.distributed as dist
+
+    args = {"matrix_approximation_rank": RANK, "start_powerSGD_iter": START}
+    stock = hook.PowerSGDState(None, **args)
+    grouped = PowerSGDPerBucketGroup([dist.new_group(backend="gloo") for _ in BUCKETS], **args)
+    runs = {"stock hook": lambda bucket: hook.powerSGD_hook(stock, bucket),
+            "a group a bucket": grouped}
+    results = {}
+    for name, run in runs.items():
+        rows = []
+        for step in range(STEPS):
+            for index, shapes in enumerate(BUCKETS):
+                bucket = FakeBucket(gradient(rank, step)[:numel(shapes)] * (index + 1),
+                                    shapes, index, last=index == len(BUCKETS) - 1)
+                run(bucket).wait()
+                rows.append(bucket.flat.clone())
+        results[name] = torch.cat(rows)
+    return results
+
+
+def numel(shapes) -> int:
+    return sum(torch.Size(s).numel() for s in shapes)
+
+
+class FakeBucket:
+    """The part of ``dist.GradBucket`` the hook reads: one flat bucket (the last by default)."""
+
+    def __init__(self, flat: torch.Tensor, shapes, index: int = 0, last: bool = True):
+        self.flat, self.shapes, self._index, self._last = flat, shapes, index, last
 
     def buffer(self) -> torch.Tensor:
         return self.flat
@@ -107,7 +142,7 @@ class FakeBucket:
         return self._index
 
     def is_last(self) -> bool:
-        return True
+        return self._last
 
 
 def ddp_side(out: str) -> None:

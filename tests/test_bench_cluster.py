@@ -115,13 +115,15 @@ def test_tiny_cluster_benchmark_and_model_check(tmp_path, emulated_cluster):
     run = run_command([sys.executable, "-m", "mpicnn.bench", "cluster", "--shapes", "2x1",
                        "--rates", "1gbit", "--batches", "4", "--reps", "1", "--steps", "8",
                        "--model", "seednet",       # the plumbing, not resnet18's minutes
-                       "--variants", "mpicnn,DDP gloo fp16,no-comm ceiling", "--json", out],
+                       "--variants", "mpicnn,DDP gloo fp16,DDP gloo powersgd,no-comm ceiling",
+                       "--json", out],
                       timeout=900, env=job_env(), check=True)
     lines = run.stdout.splitlines()
-    assert [line.split()[3] for line in lines[1:4]] == ["mpicnn", "DDP", "no-comm"]
+    assert [line.split()[3] for line in lines[1:5]] == ["mpicnn", "DDP", "DDP", "no-comm"]
     assert "links 1gbit" in run.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["mpicnn", "DDP gloo fp16", "no-comm ceiling"]
+    assert [r["variant"] for r in rows] == ["mpicnn", "DDP gloo fp16", "DDP gloo powersgd",
+                                            "no-comm ceiling"]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert rows[0]["comm_busy_ms"] is not None and rows[0]["link_bound"] > 0
     check = tmp_path / "check.json"
@@ -130,7 +132,7 @@ def test_tiny_cluster_benchmark_and_model_check(tmp_path, emulated_cluster):
                       timeout=600, env=job_env(), check=True)
     assert "scaling model vs bench cluster at 1gbit" in run.stdout
     predicted = json.loads(check.read_text())["runs"]
-    assert [r["variant"] for r in predicted] == ["mpicnn", "DDP gloo fp16"]
+    assert [r["variant"] for r in predicted] == ["mpicnn", "DDP gloo fp16", "DDP gloo powersgd"]
     assert all(r["predicted"] > 0 for r in predicted)
 
 

@@ -87,11 +87,16 @@ def test_two_ranks_equal_ddps_hook_on_every_collective(tmp_path):
     mpirun(2, ["mpicnn", ours], script=script, timeout=300)
     run_command([sys.executable, script, "ddp", theirs], timeout=300, env=job_env(),
                 check=True)
-    results, ddp = torch.load(ours), torch.load(theirs)["ddp"]
+    results, peer = torch.load(ours), torch.load(theirs)
+    ddp = peer["ddp"]
     assert (ddp[-1] - ddp[0]).abs().max() > 0.1       # the steps differ
     for name in ("flat", "hierarchical", "windows"):
         torch.testing.assert_close(results[name], ddp, rtol=1e-6, atol=1e-6)
         assert bool(results[f"{name} equal on ranks"])
+    # the benchmark's DDP peer: the stock hook, a gloo group a bucket, sums and draws alike
+    stock = peer["stock hook"]
+    assert stock.abs().max() > 0
+    assert torch.equal(stock, peer["a group a bucket"])
 
 
 def _steps(powersgd: PowerSGD, grads):

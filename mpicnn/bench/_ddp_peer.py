@@ -7,7 +7,8 @@ across nodes the rendezvous is rank 0's ``MASTER_ADDR`` (and gloo's ``GLOO_SOCKE
 ``--ddp-hook fp16`` compresses gradients with DDP's own ``fp16_compress_hook``;
 ``--ddp-hook powersgd`` with its ``powerSGD_hook``, at the rank and start of mpicnn's
 ``--compression powersgd:RANK`` and ``--powersgd-start`` (``PowerSGDState``'s other
-defaults, which are mpicnn's).
+defaults, which are mpicnn's), each bucket on a gloo group of its own (``_ddp_powersgd``:
+over one group the stock hook's collectives interleave differently on different ranks).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def run(world, argv) -> int:
 
 def register_hook(ddp, hook: str, cfg) -> None:
     """Give ``ddp`` the communication hook named by ``--ddp-hook`` (none: plain allreduce)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     if hook == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
@@ -68,9 +69,10 @@ def register_hook(ddp, hook: str, cfg) -> None:
         if rank is None:
             raise MpicnnError("--ddp-hook powersgd takes its rank from --compression "
                               "powersgd:RANK", collective=True)
-        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=rank,
-                                            start_powerSGD_iter=cfg.sync.powersgd_start)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        from . import _ddp_powersgd   # the stock hook, a gloo group a bucket
+
+        _ddp_powersgd.register(ddp, ddp.parameters(), matrix_approximation_rank=rank,
+                               start_powerSGD_iter=cfg.sync.powersgd_start)
     elif hook != "none":
         raise MpicnnError(f"--ddp-hook: {hook!r} is not fp16, powersgd or none",
                           collective=True)
