@@ -153,3 +153,19 @@ def test_ps_benchmark_across_emulated_nodes_places_ranks_one_per_node(tmp_path,
     assert [(r["mode"], r["straggler"], r["ranks"]) for r in rows] == [
         ("allreduce", 1.0, 2), ("ps-sync", 1.0, 3), ("allreduce", 2.0, 2), ("ps-sync", 2.0, 3)]
     assert all(r["images_per_s"] > 0 and r["val_acc"] > 0 for r in rows)
+
+
+def test_a_failed_run_is_reported_and_the_others_kept():
+    runs = {"mpicnn": [{"images_per_s": 30.0}, {"images_per_s": None, "error": " FAILED: boom"}],
+            "DDP gloo": [{"images_per_s": None, "error": " FAILED: gloo aborted"}],
+            "no-comm ceiling": [{"images_per_s": 40.0}]}
+    rows = bench.summarize(runs, 2, 2, "1gbit", 8, 4 * 10 ** 6)
+    mine, ddp, _ = rows
+    assert mine["images_per_s"] == 30.0 and mine["runs"] == [30.0]
+    assert mine["of_ceiling"] == 0.75 and mine["x_ddp"] is None
+    assert mine["failed"] == ["boom"] and ddp["failed"] == ["gloo aborted"]
+    assert ddp["images_per_s"] is None and ddp["of_link_bound"] is None
+    text = bench.table(rows)
+    assert "failed: gloo aborted" in text and "failed: boom" in text
+    assert scale.predict_cluster_runs(rows, 4 * 10 ** 6, (1e-4, 8e-9), (1e-5, 1e-9),
+                                      "1gbit")[0]["variant"] == "mpicnn"

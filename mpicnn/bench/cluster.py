@@ -284,6 +284,13 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def ratio(medians: dict, variant: str, against: str):
+    """``variant``'s images/s over ``against``'s (None where either is missing)."""
+    if variant == CEILING or not medians.get(variant) or not medians.get(against):
+        return None
+    return medians[variant] / medians[against]
+
+
 def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
               gradient: int, linears=(), shapes=(), rank: int = 2) -> list[dict]:
     """One row per variant: medians, ratios to DDP and to the ceiling, the link bound.
@@ -301,17 +308,16 @@ def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
         row = {"nodes": nodes, "ranks_per_node": per_node, "rate": rate, "batch": batch,
                "variant": variant, "pattern": VARIANTS[variant][3], "wire": wire,
                "images_per_s": med[variant],
-               "runs": [r["images_per_s"] for r in rs],
+               "runs": [r["images_per_s"] for r in rs if r["images_per_s"] is not None],
                "comm_ms": median([r.get("comm_ms") for r in rs]),
                "comm_busy_ms": median([r.get("comm_busy_ms") for r in rs]),
                "comm_in_forward_ms": median([r.get("comm_in_forward_ms") for r in rs]),
-               "x_ddp": (med[variant] / med[peer] if variant != CEILING and med.get(peer)
-                         else None),
-               "x_ddp_fp32": (med[variant] / med["DDP gloo"] if variant != CEILING
-                              and med.get("DDP gloo") else None),
-               "of_ceiling": (med[variant] / med[CEILING] if variant != CEILING
-                              and med.get(CEILING) else None),
-               "link_bound": bound, "of_link_bound": med[variant] / bound if bound else None,
+               "x_ddp": ratio(med, variant, peer),
+               "x_ddp_fp32": ratio(med, variant, "DDP gloo"),
+               "of_ceiling": ratio(med, variant, CEILING),
+               "link_bound": bound,
+               "of_link_bound": med[variant] / bound if bound and med[variant] else None,
+               "failed": [r["error"].split(": ", 1)[1] for r in rs if "error" in r],
                "dense_bytes": dense, "factor_bytes": factors}
         rows.append(row)
     return rows
@@ -333,13 +339,23 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{r['nodes']}x{r['ranks_per_node']:<3} {r['rate']:>7} {r['batch']:>5}  "
-            f"{r['variant']:<23} {r['images_per_s']:>9.1f} {_cell(r['x_ddp'], '6.2f'):>6} "
+            f"{r['variant']:<23} {_cell(r['images_per_s'], '9.1f'):>9} "
+            f"{_cell(r['x_ddp'], '6.2f'):>6} "
             f"{_cell(r.get('x_ddp_fp32'), '6.2f'):>6} "
             f"{_cell(r['of_ceiling'], '6.3f'):>6} {_cell(r['comm_ms'], '8.2f'):>8} "
             f"{_cell(r.get('comm_in_forward_ms'), '8.2f'):>8} "
             f"{_cell(r['comm_busy_ms'], '8.2f'):>8} {_cell(r['link_bound'], '10.0f'):>10} "
-            f"{_cell(r['of_link_bound'], '7.3f'):>7}  {runs_text(r['runs'])}")
+            f"{_cell(r['of_link_bound'], '7.3f'):>7}  {runs_text(r['runs'])}"
+            + (f"  failed: {r['failed'][0]}" if r.get("failed") else ""))
     return "\n".join(lines)
+
+
+def attempt(bench: Bench, variant: str, batch: int) -> dict:
+    """One run; a run that fails is reported and left out, and the benchmark goes on."""
+    try:
+        return bench.run(variant, batch)
+    except MpicnnError as failed:
+        return {"images_per_s": None, "error": " FAILED: " + str(failed).splitlines()[0]}
 
 
 def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, data: Path,
@@ -356,11 +372,11 @@ def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, d
             for batch in batches:
                 shift = rep % len(variants)          # rotate: no variant always first
                 for variant in variants[shift:] + variants[:shift]:
-                    result = bench.run(variant, batch)
+                    result = attempt(bench, variant, batch)
                     runs[batch][variant].append(result)
                     print(f"  {nodes}x{per_node} {rate} rep {rep + 1} batch {batch:>3} "
-                          f"{variant:<23} {result['images_per_s']:8.1f} images/s",
-                          file=sys.stderr, flush=True)
+                          f"{variant:<23} {_cell(result['images_per_s'], '8.1f'):>8} "
+                          f"images/s{result.get('error', '')}", file=sys.stderr, flush=True)
     finally:
         cluster.down()
     rows = [row for b in batches
@@ -403,17 +419,24 @@ def main(argv=None) -> int:
                                                data, work, gradient, linears, tensors)
                 rows += found
                 shapes_seen.append(described)
+                if opts.json:                      # after every cluster: an hour is not lost
+                    write_json(opts, gradient, linears, shapes_seen, rows)
     print(table(rows))
     print("\n" + "\n".join(shapes_seen))
-    if opts.json:
-        Path(opts.json).write_text(json.dumps({"model": opts.model, "gradient_bytes": gradient,
-                                               "linear_shapes": linears,
-                                               "powersgd_rank": opts.powersgd_rank,
-                                               "powersgd_start": opts.powersgd_start,
-                                               "steps": opts.steps, "netmod": opts.netmod,
-                                               "clusters": shapes_seen, "rows": rows},
-                                              indent=1))
-    return 0
+    failed = [r for r in rows if r["failed"]]
+    for r in failed:
+        print(f"bench cluster: {r['nodes']}x{r['ranks_per_node']} {r['rate']} batch "
+              f"{r['batch']} {r['variant']}: {len(r['failed'])} run(s) failed: "
+              f"{r['failed'][0]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_json(opts, gradient: int, linears, clusters, rows) -> None:
+    Path(opts.json).write_text(json.dumps({
+        "model": opts.model, "gradient_bytes": gradient, "linear_shapes": linears,
+        "powersgd_rank": opts.powersgd_rank, "powersgd_start": opts.powersgd_start,
+        "steps": opts.steps, "netmod": opts.netmod, "clusters": clusters, "rows": rows},
+        indent=1))
 
 
 if __name__ == "__main__":

@@ -356,6 +356,7 @@ def predict_cluster_runs(rows: list[dict], nbytes: int, inter: tuple, intra: tup
     ``dense_bytes`` what of the gradient travels whole and ``factor_bytes`` the factors
     that enter each node (an Allgather: one message's latency, then the link).
     """
+    rows = [r for r in rows if r["images_per_s"]]          # runs that failed: nothing to check
     ceilings = {(r["nodes"], r["ranks_per_node"], r["batch"]): r["images_per_s"]
                 for r in rows if r["pattern"] is None and r["rate"] == rate}
     out = []
