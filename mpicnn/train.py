@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from .checkpoint.checkpointer import Checkpointer
 from .cluster.batchjob import job_defaults
 from .cluster.devices import bind_device, describe
+from .cluster.errors import MpicnnError
 from .cluster.world import run_guarded
 from .config import parse_config
 from .data.schema import label_warning, open_dataset
@@ -23,6 +24,14 @@ def main(argv=None) -> int:
     return run_guarded(train, sys.argv[1:] if argv is None else argv)
 
 
+def check_mpi_wait(cfg, world) -> None:
+    """``--mpi-wait`` must be what MPI started with: a config file is read too late."""
+    if cfg.sync.mpi_wait != world.mpi_wait_requested:
+        raise MpicnnError(f"mpi_wait = {cfg.sync.mpi_wait!r} in a config file comes after MPI "
+                          f"has started; give --mpi-wait {cfg.sync.mpi_wait} on the command "
+                          f"line (or MPICNN_MPI_WAIT={cfg.sync.mpi_wait})", collective=True)
+
+
 def train(world, argv) -> int:
     """Build the run, train (or serve the workers), close; local teardown written once.
 
@@ -30,7 +39,9 @@ def train(world, argv) -> int:
     this rank never reaches, and ``run_guarded`` aborts the job instead.
     """
     started = time.perf_counter()
-    cfg = parse_config(argv, defaults=job_defaults(world.job))
+    cfg = parse_config(argv, defaults={**job_defaults(world.job),
+                                       "mpi_wait": world.mpi_wait_requested})
+    check_mpi_wait(cfg, world)
     with ExitStack() as teardown:
         preempt = teardown.enter_context(Preemption(cfg.failure.stop_check_every))  # before setup
         timeline.start(world, cfg.output.timeline, cfg.output.timeline_steps)

@@ -10,6 +10,9 @@ rotating order, and the table reports medians of ``--reps``:
   nodes on, large buffers cross nodes on mpicnn's ring;
 * ``mpicnn MPI across`` - the same with ``--cross-node mpi``: the MPI library's Allreduce
   across nodes instead of the ring;
+* ``mpicnn busy wait``, ``mpicnn yield`` - the defaults with ``--mpi-wait busy`` (MPI
+  polls while it waits, as mpicnn left it before ``--mpi-wait``) and ``yield`` (``auto`` yields where a node's
+  ranks cannot have two cores each);
 * ``mpicnn flat``       - ``--shared-memory off``: one Allreduce over every rank;
 * ``mpicnn hier``       - ``--hierarchical``: Reduce, leaders' Allreduce, Bcast;
 * ``mpicnn hier bf16``  - the same with bf16 on the wire;
@@ -73,6 +76,8 @@ POWERSGD = ["--compression", "powersgd:{rank}", "--powersgd-start", "{start}"]
 VARIANTS = {
     "mpicnn": ("train", [], 1.0, "nodes"),
     "mpicnn MPI across": ("train", ["--cross-node", "mpi"], 1.0, "nodes"),
+    "mpicnn busy wait": ("train", ["--mpi-wait", "busy"], 1.0, "nodes"),
+    "mpicnn yield": ("train", ["--mpi-wait", "yield"], 1.0, "nodes"),
     "mpicnn flat": ("train", ["--shared-memory", "off"], 1.0, "ring"),
     "mpicnn hier": ("train", ["--hierarchical"], 1.0, "nodes"),
     "mpicnn hier bf16": ("train", ["--hierarchical", "--compression", "bf16"], 0.5, "nodes"),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batchjob import BatchJob, batch_job
+from . import mpi_wait
 from .errors import MpicnnError, report_failure
 from .startup import StartWatch
 
@@ -45,6 +46,8 @@ class World:
     device: object = None            # torch.device, set by bind_device()
     log: logging.Logger = None
     job: "BatchJob | None" = None    # the SLURM/PBS job this run belongs to, if any
+    mpi_wait: str = "busy"           # how MPI waits here: busy or yield (``mpi_wait``)
+    mpi_wait_requested: str = "auto"
 
     @property
     def is_root(self) -> bool:
@@ -80,14 +83,18 @@ class World:
         self.comm.Abort(code)
 
 
-def init_world() -> World:
+def init_world(argv=()) -> World:
     """Start MPI (thread-multiple when offered) and find this rank's node, within
-    ``MPICNN_START_TIMEOUT`` seconds (``startup``: a rank stuck there exits)."""
+    ``MPICNN_START_TIMEOUT`` seconds (``startup``: a rank stuck there exits).
+
+    ``argv``: the command line, for ``--mpi-wait`` (read before MPI starts)."""
     with StartWatch():
-        return _start_world()
+        return _start_world(argv)
 
 
-def _start_world() -> World:
+def _start_world(argv=()) -> World:
+    requested = mpi_wait.requested(argv)
+    waits = mpi_wait.prepare(argv)
     import mpi4py
     mpi4py.rc.thread_level = os.environ.get(THREAD_LEVEL_ENV, "multiple")
     from mpi4py import MPI
@@ -108,7 +115,8 @@ def _start_world() -> World:
                   local_rank=local_rank, local_size=local_size,
                   node=node, num_nodes=sum(leaders),
                   even_nodes=len({sizes for _, sizes in seen}) == 1,
-                  job=comm.bcast(batch_job(), root=0))   # rank 0's view, so all agree
+                  job=comm.bcast(batch_job(), root=0),   # rank 0's view, so all agree
+                  mpi_wait=waits, mpi_wait_requested=requested)
     world.log = make_logger(world.is_root)
     announce(world)
     return world
@@ -170,12 +178,14 @@ def reduce_sums(comm, values) -> np.ndarray:
     return buf
 
 
-def run_guarded(main, argv, world_factory=init_world) -> int:
-    """Run ``main(world, argv)``; on failure report once and end every rank."""
+def run_guarded(main, argv, world_factory=None) -> int:
+    """Run ``main(world, argv)``; on failure report once and end every rank.
+
+    ``world_factory()`` makes the world (default: ``init_world(argv)``)."""
     debug = "--debug" in (argv or [])
     world = None
     try:
-        world = world_factory()
+        world = world_factory() if world_factory else init_world(argv)
         return main(world, argv) or 0
     except SystemExit as exc:          # --help and friends
         return exc.code if isinstance(exc.code, int) else 0
