@@ -1,6 +1,7 @@
 """The allreduce engine: bucket layout, threads, compression, staging, hierarchy, accumulation."""
 import json
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -141,7 +142,12 @@ def test_comm_thread_runs_jobs_in_order_off_the_main_thread():
         runner.submit(lambda: 7)                              # later jobs still run
         with pytest.raises(RuntimeError, match="collective failed"):
             runner.wait()
-        assert runner.idle and runner.busy_seconds > 0
+        assert runner.idle and runner.busy.wall > 0
+        before = (runner.busy.wall, runner.busy.cpu)
+        runner.submit(lambda: time.sleep(0.3))             # waiting, not computing
+        runner.wait()
+        wall, cpu = (now - then for now, then in zip((runner.busy.wall, runner.busy.cpu), before))
+        assert wall >= 0.3 and cpu < wall / 2
     finally:
         runner.close()
     assert not runner._thread.is_alive()
@@ -438,8 +444,9 @@ def test_engine_accumulation_and_fallback_match_the_plain_path(tmp_path):
     initial = {k: v.double() for k, v in model.state_dict().items()}
     assert _difference(plain, initial) > 1e-3                 # it did train
     epoch = next(r for r in records if r["event"] == "epoch")
-    assert {"comm_ms", "comm_busy_ms", "backward_ms", "data_ms", "optimizer_ms"} <= set(epoch)
-    assert epoch["comm_busy_ms"] > 0
+    assert {"comm_ms", "comm_busy_ms", "comm_cpu_ms", "backward_ms", "data_ms",
+            "optimizer_ms"} <= set(epoch)
+    assert epoch["comm_busy_ms"] > 0 and epoch["comm_cpu_ms"] > 0
 
     _, accumulated, _ = _train(2, tmp_path, "accum", ["--bucket-mb", 0.05, "--accum-steps", 4])
     assert _difference(accumulated, plain) <= 1e-5            # 4 x 4 samples == 16 samples

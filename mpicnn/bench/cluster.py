@@ -39,7 +39,8 @@ By default (``--variants``) the like-for-like pairs run, with the ceiling. Ratio
 like with like: fp32 variants with ``DDP gloo``, bf16 ones with ``DDP gloo fp16``,
 PowerSGD with ``DDP gloo powersgd`` (``x fp32``: every variant against ``DDP gloo``).
 ``comm_ms`` is the wait for communication that backward did not hide,
-``comm_busy_ms`` the time the reductions ran. The link bound is the images/s at which
+``comm_busy_ms`` the time the reductions ran, ``comm_cpu_ms`` the CPU time the threads
+that ran them used meanwhile (near ``comm_busy_ms``: MPI polled a core while it waited). The link bound is the images/s at which
 the busiest node link would be full: bytes a variant moves through one node's link per
 step (ring model: a flat ring over p ranks moves 2(p-1)/p of the gradient each way
 through every node's link; the leaders of n nodes 2(n-1)/n; a factored layer's factors
@@ -264,7 +265,7 @@ class Bench:
                            self.per_node, self.opts.timeout)
         epoch = run.epochs[-1] if run.epochs else {}
         return {"images_per_s": run.end["images_per_s"], "comm_ms": epoch.get("comm_ms"),
-                "comm_busy_ms": epoch.get("comm_busy_ms"),
+                "comm_busy_ms": epoch.get("comm_busy_ms"), "comm_cpu_ms": epoch.get("comm_cpu_ms"),
                 "comm_in_forward_ms": epoch.get("comm_in_forward_ms")}
 
     def ceiling(self, args) -> dict:
@@ -316,6 +317,7 @@ def summarize(runs: dict, nodes: int, per_node: int, rate: str, batch: int,
                "runs": [r["images_per_s"] for r in rs if r["images_per_s"] is not None],
                "comm_ms": median([r.get("comm_ms") for r in rs]),
                "comm_busy_ms": median([r.get("comm_busy_ms") for r in rs]),
+               "comm_cpu_ms": median([r.get("comm_cpu_ms") for r in rs]),
                "comm_in_forward_ms": median([r.get("comm_in_forward_ms") for r in rs]),
                "x_ddp": ratio(med, variant, peer),
                "x_ddp_fp32": ratio(med, variant, "DDP gloo"),
@@ -339,7 +341,7 @@ def runs_text(runs) -> str:
 def table(rows: list[dict]) -> str:
     head = (f"{'shape':>5} {'rate':>7} {'batch':>5}  {'variant':<23} {'images/s':>9} "
             f"{'x DDP':>6} {'x fp32':>6} {'x ceil':>6} {'comm ms':>8} {'fwd wait':>8} "
-            f"{'busy ms':>8} {'link bound':>10} {'x bound':>7}  runs")
+            f"{'busy ms':>8} {'cpu ms':>7} {'link bound':>10} {'x bound':>7}  runs")
     lines = [head]
     for r in rows:
         lines.append(
@@ -349,7 +351,8 @@ def table(rows: list[dict]) -> str:
             f"{_cell(r.get('x_ddp_fp32'), '6.2f'):>6} "
             f"{_cell(r['of_ceiling'], '6.3f'):>6} {_cell(r['comm_ms'], '8.2f'):>8} "
             f"{_cell(r.get('comm_in_forward_ms'), '8.2f'):>8} "
-            f"{_cell(r['comm_busy_ms'], '8.2f'):>8} {_cell(r['link_bound'], '10.0f'):>10} "
+            f"{_cell(r['comm_busy_ms'], '8.2f'):>8} {_cell(r.get('comm_cpu_ms'), '7.1f'):>7} "
+            f"{_cell(r['link_bound'], '10.0f'):>10} "
             f"{_cell(r['of_link_bound'], '7.3f'):>7}  {runs_text(r['runs'])}"
             + (f"  failed: {r['failed'][0]}" if r.get("failed") else ""))
     return "\n".join(lines)

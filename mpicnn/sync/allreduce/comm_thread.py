@@ -4,6 +4,26 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
+
+
+class BusyTime:
+    """Wall and CPU seconds spent in timed blocks (CPU: of the thread that ran each one).
+
+    CPU close to wall means MPI polled while it waited; far below, it slept or yielded.
+    """
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    @contextmanager
+    def timing(self):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.thread_time() - cpu
 
 
 class CommThread:
@@ -20,7 +40,7 @@ class CommThread:
     def __init__(self, name: str = "mpicnn-comm"):
         self._jobs, self._done = queue.SimpleQueue(), queue.SimpleQueue()
         self._outstanding = 0
-        self.busy_seconds = 0.0
+        self.busy = BusyTime()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -45,12 +65,11 @@ class CommThread:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            start = time.perf_counter()
-            try:
-                result = job()
-            except BaseException as exc:   # noqa: B902 - handed to the waiting thread
-                result = _Failure(exc)
-            self.busy_seconds += time.perf_counter() - start
+            with self.busy.timing():
+                try:
+                    result = job()
+                except BaseException as exc:   # noqa: B902 - handed to the waiting thread
+                    result = _Failure(exc)
             self._done.put(result)
 
 
@@ -65,18 +84,15 @@ class InlineRunner:
 
     def __init__(self):
         self._jobs = []
-        self.busy_seconds = 0.0
+        self.busy = BusyTime()
 
     def submit(self, job) -> None:
         self._jobs.append(job)
 
     def wait(self) -> list:
         jobs, self._jobs = self._jobs, []
-        start = time.perf_counter()
-        try:
+        with self.busy.timing():
             return [job() for job in jobs]
-        finally:
-            self.busy_seconds += time.perf_counter() - start
 
     @property
     def idle(self) -> bool:

@@ -29,7 +29,6 @@ Allreduce after backward, copied back (also the benchmark's simple baseline).
 """
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
@@ -43,7 +42,7 @@ from ..replicas import average_buffers, broadcast_module
 from .buckets import FIRST_BUCKET_BYTES, MB, bucket_plan, build_buckets, same_plan
 from .codec import HALF_DTYPES, Codec
 from .collectives import FlatAllreduce, HierarchicalAllreduce, SharedMemoryAllreduce
-from .comm_thread import make_runner
+from .comm_thread import BusyTime, make_runner
 from .deferred import DeferredUpdate
 from .factors import AUTO_BYTES_GAIN, FactorCapture, FactorExchange, worth_factoring
 from .powersgd import PowerSGD, low_rank
@@ -67,7 +66,7 @@ class AllreduceStrategy(Strategy):
         self.factors = {}                         # param index -> its FactorExchange
         self._watch_landing = nullcontext         # the stall watch's mark for its waits
         self._hooks, self._sync, self._recorded = [], True, None
-        self._steps, self._busy_reported, self._inline_seconds = 0, 0.0, 0.0
+        self._steps, self._reported, self._inline = 0, (0.0, 0.0), BusyTime()
 
     # --- setup -------------------------------------------------------------------
     def attach(self, model, optimizer, scheduler) -> None:
@@ -309,11 +308,10 @@ class AllreduceStrategy(Strategy):
         self._wait_thread()
         # What is left (the last bucket, buckets of unused parameters) runs here, in bucket
         # order after everything the thread did, so all ranks issue the same sequence.
-        start = time.perf_counter()
-        for bucket in self.buckets[self._next:]:
-            reducer = self._channel(bucket.index, len(self.buckets))
-            Reducer.consume(self._job(bucket, reducer)())
-        self._inline_seconds += time.perf_counter() - start
+        with self._inline.timing():
+            for bucket in self.buckets[self._next:]:
+                reducer = self._channel(bucket.index, len(self.buckets))
+                Reducer.consume(self._job(bucket, reducer)())
         self._reset()
         self._step_done()
         if self._recorded is not None:
@@ -324,9 +322,8 @@ class AllreduceStrategy(Strategy):
         last = self.buckets[-1]
         for bucket in self.buckets[self._next:-1]:    # unused parameters: zeros, in order
             self._launch(bucket)
-        start = time.perf_counter()
-        Reducer.consume(self._job(last, self.late)())
-        self._inline_seconds += time.perf_counter() - start
+        with self._inline.timing():
+            Reducer.consume(self._job(last, self.late)())
         self.deferred.hold([p for bucket in self.buckets[:-1] for p in bucket.params])
         self._reset()
         self._step_done()
@@ -395,14 +392,16 @@ class AllreduceStrategy(Strategy):
         average_buffers(self.world.comm, self.model)
 
     def timings_ms(self) -> dict:
-        """Mean milliseconds per step the reductions ran (hidden or not) since the last call."""
+        """Mean milliseconds per step the reductions ran (hidden or not) since the last call,
+        and the CPU time of the threads that ran them."""
         if self.runner is None:
             return {}
-        busy = self.runner.busy_seconds + self._inline_seconds
+        busy = (self.runner.busy.wall + self._inline.wall, self.runner.busy.cpu + self._inline.cpu)
         steps, self._steps = self._steps, 0
-        ms = 1000 * (busy - self._busy_reported) / max(1, steps)
-        self._busy_reported = busy
-        timings = {"comm_busy_ms": round(ms, 3)}
+        wall, cpu = (1000 * (now - before) / max(1, steps)
+                     for now, before in zip(busy, self._reported))
+        self._reported = busy
+        timings = {"comm_busy_ms": round(wall, 3), "comm_cpu_ms": round(cpu, 3)}
         if self.deferred is not None:     # the wait moved into the next forward
             waited, self.deferred.wait_seconds = self.deferred.wait_seconds, 0.0
             timings["comm_in_forward_ms"] = round(1000 * waited / max(1, steps), 3)
