@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
 def check_mpi_wait(cfg, world) -> None:
     """``--mpi-wait`` must be what MPI started with: a config file is read too late."""
-    if cfg.sync.mpi_wait != world.mpi_wait_requested:
+    if cfg.sync.mpi_wait != world.mpi_wait:
         raise MpicnnError(f"mpi_wait = {cfg.sync.mpi_wait!r} in a config file comes after MPI "
                           f"has started; give --mpi-wait {cfg.sync.mpi_wait} on the command "
                           f"line (or MPICNN_MPI_WAIT={cfg.sync.mpi_wait})", collective=True)
@@ -40,7 +40,7 @@ def train(world, argv) -> int:
     """
     started = time.perf_counter()
     cfg = parse_config(argv, defaults={**job_defaults(world.job),
-                                       "mpi_wait": world.mpi_wait_requested})
+                                       "mpi_wait": world.mpi_wait})
     check_mpi_wait(cfg, world)
     with ExitStack() as teardown:
         preempt = teardown.enter_context(Preemption(cfg.failure.stop_check_every))  # before setup

@@ -22,25 +22,8 @@ def test_the_command_line_wins_over_the_environment():
     assert mpi_wait.requested(["--lr", "0.1", "--mpi-wait", "yield"], env) == "yield"
     assert mpi_wait.requested(["--mpi-wait=busy"], {mpi_wait.ENV: "yield"}) == "busy"
     assert mpi_wait.requested(["--lr", "0.1"], env) == "busy"
-    assert mpi_wait.requested([], {}) == "auto"
-    assert mpi_wait.requested(["--mpi-wait"], {}) == "auto"       # argparse says the rest
-
-
-def test_auto_yields_when_ranks_cannot_have_two_cores_each():
-    assert mpi_wait.decide("auto", ranks=2, cores=2) == "yield"
-    assert mpi_wait.decide("auto", ranks=2, cores=4) == "busy"
-    assert mpi_wait.decide("auto", ranks=8, cores=64) == "busy"      # a GPU node
-    assert mpi_wait.decide("auto", ranks=4, cores=4) == "yield"      # a laptop
-    assert mpi_wait.decide("busy", ranks=8, cores=1) == "busy"
-    assert mpi_wait.decide("yield", ranks=1, cores=64) == "yield"
-
-
-def test_the_node_rank_count_comes_from_the_launcher():
-    assert mpi_wait.local_ranks({"MPI_LOCALNRANKS": "3"}) == 3              # hydra
-    assert mpi_wait.local_ranks({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}) == 4   # Open MPI
-    assert mpi_wait.local_ranks({"SLURM_NTASKS_PER_NODE": "8"}) == 8        # srun
-    assert mpi_wait.local_ranks({"MPI_LOCALNRANKS": ""}) == 1
-    assert mpi_wait.local_ranks({}) == 1
+    assert mpi_wait.requested([], {}) == "busy"
+    assert mpi_wait.requested(["--mpi-wait"], {}) == "busy"       # argparse says the rest
 
 
 def test_yield_sets_the_libraries_variables_but_keeps_the_users():
@@ -56,14 +39,10 @@ def test_yield_sets_the_libraries_variables_but_keeps_the_users():
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("flags,env,line,throttle", [
-    ([], {}, "MPI waits: yield (auto)", "1"),                  # 2 ranks on this machine's 2 cores
-    (["--mpi-wait", "busy"], {}, "MPI waits: busy (busy)", None),
-    ([], {mpi_wait.ENV: "yield"}, "MPI waits: yield (yield)", "1")])
+    ([], {}, "MPI waits: busy", None),
+    (["--mpi-wait", "yield"], {}, "MPI waits: yield", "1"),
+    ([], {mpi_wait.ENV: "yield"}, "MPI waits: yield", "1")])
 def test_each_rank_starts_mpi_with_the_choice(tmp_path, flags, env, line, throttle):
-    import os
-
-    if mpi_wait.decide("auto", 2, len(os.sched_getaffinity(0))) != "yield" and not flags:
-        pytest.skip("auto yields only where 2 ranks cannot have 2 cores each")
     probe = tmp_path / "probe.py"                 # mpicnn.train, then what this rank's MPI got
     probe.write_text(PROBE.format(out=tmp_path / "env"))
     run = mpirun(2, [*TRAIN, *flags], script=probe, env=env)
@@ -75,6 +54,6 @@ def test_each_rank_starts_mpi_with_the_choice(tmp_path, flags, env, line, thrott
 @pytest.mark.mpi
 def test_a_config_file_cannot_set_it_after_mpi_has_started(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('[sync]\nmpi_wait = "busy"\n')
+    config.write_text('[sync]\nmpi_wait = "yield"\n')
     outcome = run_job(2, [*TRAIN, "--config", str(config)], timeout=120)
-    assert_one_clean_error(outcome, "give --mpi-wait busy on the command line")
+    assert_one_clean_error(outcome, "give --mpi-wait yield on the command line")

@@ -10,9 +10,8 @@ rotating order, and the table reports medians of ``--reps``:
   nodes on, large buffers cross nodes on mpicnn's ring;
 * ``mpicnn MPI across`` - the same with ``--cross-node mpi``: the MPI library's Allreduce
   across nodes instead of the ring;
-* ``mpicnn busy wait``, ``mpicnn yield`` - the defaults with ``--mpi-wait busy`` (MPI
-  polls while it waits, as mpicnn left it before ``--mpi-wait``) and ``yield`` (``auto`` yields where a node's
-  ranks cannot have two cores each);
+* ``mpicnn yield``     - the defaults with ``--mpi-wait yield``: MPI sleeps after a while
+  without progress instead of polling the core its node's ranks compute on;
 * ``mpicnn flat``       - ``--shared-memory off``: one Allreduce over every rank;
 * ``mpicnn hier``       - ``--hierarchical``: Reduce, leaders' Allreduce, Bcast;
 * ``mpicnn hier bf16``  - the same with bf16 on the wire;
@@ -63,7 +62,7 @@ from pathlib import Path
 
 from ..cluster import hydra, jobs
 from ..cluster.errors import MpicnnError
-from ..cluster.netns import Cluster, free_subnet, rate_bits
+from ..cluster.netns import Cluster, free_subnet, interrupted_by_signals, rate_bits
 from ..observe.report import load_run
 from ..sync.allreduce.factors import AUTO_BYTES_GAIN, factors_pay
 from ..sync.allreduce.powersgd import wire_fraction
@@ -77,7 +76,6 @@ POWERSGD = ["--compression", "powersgd:{rank}", "--powersgd-start", "{start}"]
 VARIANTS = {
     "mpicnn": ("train", [], 1.0, "nodes"),
     "mpicnn MPI across": ("train", ["--cross-node", "mpi"], 1.0, "nodes"),
-    "mpicnn busy wait": ("train", ["--mpi-wait", "busy"], 1.0, "nodes"),
     "mpicnn yield": ("train", ["--mpi-wait", "yield"], 1.0, "nodes"),
     "mpicnn flat": ("train", ["--shared-memory", "off"], 1.0, "ring"),
     "mpicnn hier": ("train", ["--hierarchical"], 1.0, "nodes"),
@@ -394,7 +392,12 @@ def bench_shape(nodes: int, per_node: int, rate: str, opts, variants, batches, d
 
 
 def main(argv=None) -> int:
-    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    """Run the benchmark; Ctrl-C, SIGTERM and SIGHUP take each cluster down on the way out."""
+    with interrupted_by_signals():
+        return run(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run(opts) -> int:
     shapes, variants = shapes_of(opts.shapes), variants_of(opts.variants)
     rates = [r.strip() for r in opts.rates.split(",") if r.strip()]
     for rate in rates:

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shlex
-import signal
 import sys
 
 from .hydra import NETMODS, mpiexec_command, run
-from .netns import MAX_NODES, Cluster, ClusterError
+from .netns import MAX_NODES, Cluster, ClusterError, interrupted_by_signals
 from .world import run_guarded
 
 
@@ -59,25 +57,6 @@ def slow_links(specs) -> dict[int, str]:
 def cluster_of(args) -> Cluster:
     return Cluster(args.name, args.nodes, args.subnet, args.rate,
                    slow_links=slow_links(args.slow_link), pin=not args.no_pin)
-
-
-@contextlib.contextmanager
-def interrupted_by_signals():
-    """Turn Ctrl-C, SIGTERM and SIGHUP into KeyboardInterrupt, which tears the cluster down.
-
-    Ctrl-C too: a shell starts background commands with SIGINT ignored, and Python then
-    raises no KeyboardInterrupt of its own.
-    """
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt)
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def cmd_up(args, command) -> int:

@@ -60,4 +60,4 @@ def describe(world: World) -> str:
     job = f"; {world.job}" if world.job else ""
     return (f"world: {world.num_nodes} node(s) x {world.local_size} rank(s)/node = "
             f"{world.size} rank(s) on {', '.join(hosts)}; devices {', '.join(devices)}{job}; "
-            f"MPI waits: {world.mpi_wait} ({world.mpi_wait_requested})")
+            f"MPI waits: {world.mpi_wait}")

@@ -339,3 +339,22 @@ def ip(*args, check: bool = True, what: str | None = None) -> str:
 def tc(*args, check: bool = True) -> str:
     """Run ``tc ARGS`` like :func:`ip`."""
     return _command("tc", args, check, None)
+
+
+@contextlib.contextmanager
+def interrupted_by_signals():
+    """Turn Ctrl-C, SIGTERM and SIGHUP into KeyboardInterrupt, which tears the cluster down.
+
+    Ctrl-C too: a shell starts background commands with SIGINT ignored, and Python then
+    raises no KeyboardInterrupt of its own.
+    """
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -46,8 +46,7 @@ class World:
     device: object = None            # torch.device, set by bind_device()
     log: logging.Logger = None
     job: "BatchJob | None" = None    # the SLURM/PBS job this run belongs to, if any
-    mpi_wait: str = "busy"           # how MPI waits here: busy or yield (``mpi_wait``)
-    mpi_wait_requested: str = "auto"
+    mpi_wait: str = "busy"           # how MPI waits: busy or yield (``mpi_wait``)
 
     @property
     def is_root(self) -> bool:
@@ -93,7 +92,6 @@ def init_world(argv=()) -> World:
 
 
 def _start_world(argv=()) -> World:
-    requested = mpi_wait.requested(argv)
     waits = mpi_wait.prepare(argv)
     import mpi4py
     mpi4py.rc.thread_level = os.environ.get(THREAD_LEVEL_ENV, "multiple")
@@ -116,7 +114,7 @@ def _start_world(argv=()) -> World:
                   node=node, num_nodes=sum(leaders),
                   even_nodes=len({sizes for _, sizes in seen}) == 1,
                   job=comm.bcast(batch_job(), root=0),   # rank 0's view, so all agree
-                  mpi_wait=waits, mpi_wait_requested=requested)
+                  mpi_wait=waits)
     world.log = make_logger(world.is_root)
     announce(world)
     return world

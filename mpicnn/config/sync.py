@@ -28,11 +28,10 @@ class SyncConfig:
     powersgd_start: int = opt(1000, "--compression powersgd: steps averaged whole before "
                               "compressing (DDP's start_powerSGD_iter)", "distributed",
                               metavar="STEPS")
-    mpi_wait: str = opt("auto", "how MPI waits for messages: busy (poll the core) or yield (give "
-                        "it up after ~1000 idle polls); auto: yield when this node's ranks "
-                        "cannot have two cores each. Read before MPI starts: command line "
-                        "or MPICNN_MPI_WAIT, not a config file", "distributed",
-                        choices=("auto", "busy", "yield"))
+    mpi_wait: str = opt("busy", "how MPI waits for messages: busy (polls the core) or yield "
+                        "(sleeps after ~1000 idle polls: for ranks that share cores with "
+                        "compute). Read before MPI starts: command line or MPICNN_MPI_WAIT",
+                        "distributed", choices=("busy", "yield"))
     cuda_aware: str = opt("auto", "CUDA buffers straight to MPI (on), staged through pinned "
                           "host memory (off), or probe the MPI library (auto)", "distributed",
                           ["auto", "on", "off"], off="off")
