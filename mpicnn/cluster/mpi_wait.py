@@ -5,7 +5,7 @@ collective (or on the other ranks of its node at a barrier) keeps a core busy. W
 node's ranks have spare cores that costs nothing; where they share cores with compute,
 it takes time from the backward pass it waits for. ``--mpi-wait yield`` asks the library
 to sleep after a while without progress. It is not the default: on two emulated nodes
-of 2 ranks sharing one core each it gave resnet18 +11% at batch 8 and -5% at batch 32
+of 2 ranks sharing one core each it gave resnet18 +13% at batch 8 and -7% at batch 32
 (docs/benchmarks.md), so it is a choice to measure, not a rule.
 
 MPI reads these settings once, at ``MPI_Init``, so the choice is made before MPI starts,
