@@ -24,7 +24,8 @@
   kernels, device waits and milliseconds per step, from torch.profiler (``--profile``).
 - ``_bare``: the bare PyTorch loop ``gpu`` and ``overhead`` race.
 - ``_bandwidth``, ``_ddp_peer``: the programs ``comm`` and ``cluster`` start on their
-  ranks (DDP over gloo, optionally with its fp16 or PowerSGD compression hook).
+  ranks (DDP over gloo, optionally with its fp16 or PowerSGD compression hook);
+  ``_ddp_powersgd``: DDP's PowerSGD hook with a gloo group a bucket.
 - ``_tta_ddp``: the DDP + DataLoader script ``tta`` races; ``_gloo``: the DDP peers'
   process group.
 - ``__main__``: ``python -m mpicnn.bench NAME`` runs one of them.
